@@ -1,0 +1,1 @@
+"""The .arch grammar, shipped inside the package as nanollm.grammar."""

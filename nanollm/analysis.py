@@ -1,0 +1,184 @@
+"""Static analysis of a meta-device model: shapes, parameters, FLOPs (fvcore), KV cache, activations.
+
+FLOPs are counted by fvcore's FlopCountAnalysis, one traced call per distinct (module, input shapes):
+identical layers are traced once. fvcore counts multiply-accumulates; everything reported here is
+FLOPs = 2 x MACs, the convention of C = 6ND. Components register handles for ops fvcore lacks
+(attention counts only the (query, key) pairs really attended; grouped expert matmuls count only
+the routed rows).
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from fvcore.nn import FlopCountAnalysis
+from torch import fx, nn
+
+from .components import Component
+from .ir import Arch
+
+KV_CACHE_BYTES = 2  # bf16 cache entries
+LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+@dataclass
+class LayerReport:
+    """Per-layer figures."""
+
+    index: int
+    mixer: str
+    ffn: str
+    params: int
+    params_active: int
+    flops_per_token_fwd: float
+    kv_cache_bytes_per_token: float
+
+
+@dataclass
+class Analysis:
+    """Whole-model figures at one sequence length (batch 1)."""
+
+    seq_len: int
+    n_layers: int
+    params_total: int
+    params_active: int
+    params_embedding: int
+    flops_per_token_fwd: float
+    flops_per_token_train: float
+    kv_cache_bytes_per_token: float
+    activation_bytes: int
+    layers: list[LayerReport]
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-data form (the `nanollm compile --json` schema)."""
+        return asdict(self)
+
+
+class _Call(nn.Module):
+    """Wraps a graph's call_function node so fvcore can trace it as a module."""
+
+    def __init__(self, function: Callable, kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.function, self.kwargs = function, kwargs
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.function(*args, **self.kwargs)
+
+
+def shape_key(values: Any) -> tuple:
+    """Hashable shapes/dtypes of a call's arguments."""
+    return tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v) for v in values)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph on meta tensors: shapes for every node, each call's inputs, and the bytes autograd saves.
+
+    A call identical to an earlier one (same module configuration, same input shapes) is not run
+    again: its output and saved bytes are reused, so a stack of identical layers costs one layer.
+    """
+
+    def __init__(self, model: fx.GraphModule, seq_len: int) -> None:
+        super().__init__(model)
+        self.seq_len = seq_len
+        self.calls: list[tuple[fx.Node, tuple, tuple]] = []  # (node, tensor args, call key)
+        self.memo: dict[tuple, tuple[Any, int]] = {}
+        self.activation_bytes = 0
+        self._saved: dict[int, int] = {}
+
+    def key(self, node: fx.Node, args: tuple, kwargs: dict) -> tuple:
+        """What determines a call's output shapes and FLOPs."""
+        if node.op == "call_module":
+            module = self.module.get_submodule(node.target)
+            params = tuple(tuple(p.shape) for p in module.parameters())
+            return (type(module), module.extra_repr(), params, shape_key(args))
+        return (node.target, shape_key(args), shape_key(kwargs.values()))
+
+    def run_node(self, node: fx.Node) -> Any:
+        if node.op not in ("call_module", "call_function"):
+            return super().run_node(node)
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        if not all(isinstance(a, torch.Tensor) for a in args):
+            return super().run_node(node)  # tuple indexing and other plumbing
+        key = self.key(node, args, kwargs)
+        if key not in self.memo:
+            self._saved = {}
+            output = super().run_node(node)
+            self.memo[key] = (output, sum(self._saved.values()))
+        output, saved = self.memo[key]
+        self.calls.append((node, args, key))
+        self.activation_bytes += saved
+        return output
+
+    def save(self, tensor: torch.Tensor) -> torch.Tensor:
+        """saved_tensors_hooks pack hook: note each saved activation storage once per call."""
+        weight = tensor.is_leaf and tensor.requires_grad
+        # On meta, SDPA runs its math decomposition and saves (T, T) score matrices; the fused kernels
+        # a real run uses never keep them, so they are left out of the estimate.
+        scores = tensor.dim() >= 2 and tuple(tensor.shape[-2:]) == (self.seq_len, self.seq_len)
+        if not (weight or scores):
+            storage = tensor.untyped_storage()
+            self._saved[storage._cdata] = storage.nbytes()
+        return tensor
+
+
+def count_macs(module: nn.Module, args: tuple, handles: dict[str, Callable]) -> int:
+    """Multiply-accumulates of one forward call, counted by fvcore (torch.jit trace)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = FlopCountAnalysis(module, args).set_op_handle(**handles)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        return int(analysis.total())
+
+
+def analyze(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
+    """Analyse a meta-device model built from `arch` for one sequence of `seq_len` tokens."""
+    recorder = _Recorder(model, seq_len)
+    input_ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(recorder.save, lambda t: t):
+        recorder.run(input_ids)
+
+    macs: dict[tuple, int] = {}
+    node_macs: dict[str, int] = {}
+    for node, args, key in recorder.calls:
+        if key not in macs:
+            if node.op == "call_module":
+                module = model.get_submodule(node.target)
+                handles = module.flop_handles(seq_len) if isinstance(module, Component) else {}
+            else:
+                module, handles = _Call(node.target, dict(node.kwargs)), {}
+            macs[key] = count_macs(module, args, handles)
+        node_macs[node.name] = macs[key]
+
+    layer_macs = [0] * len(arch.layers)
+    for node, _, _ in recorder.calls:
+        match = LAYER.match(str(node.target)) if node.op == "call_module" else None
+        if match:
+            layer_macs[int(match.group(1))] += node_macs.get(node.name, 0)
+
+    kv_bytes = KV_CACHE_BYTES / seq_len
+    layers = []
+    for i, spec in enumerate(arch.layers):
+        block = model.get_submodule(f"layers.{i}")
+        params = sum(p.numel() for p in block.parameters())
+        inactive = sum(sum(p.numel() for p in c.parameters()) - c.active_params() for c in (block.mixer, block.ffn))
+        kv = sum(c.kv_cache_elements(seq_len) for c in (block.mixer, block.ffn)) * kv_bytes
+        layers.append(LayerReport(i, str(spec.mixer), str(spec.ffn), params, params - inactive, 2 * layer_macs[i] / seq_len, kv))
+
+    params_total = sum(p.numel() for p in model.parameters())
+    embedding = model.embed.weight.numel() + (0 if arch.config.tie_embeddings else model.lm_head.weight.numel())
+    flops_fwd = 2 * sum(node_macs.values()) / seq_len
+    return Analysis(
+        seq_len=seq_len,
+        n_layers=len(arch.layers),
+        params_total=params_total,
+        params_active=params_total - sum(r.params - r.params_active for r in layers),
+        params_embedding=embedding,
+        flops_per_token_fwd=flops_fwd,
+        flops_per_token_train=3 * flops_fwd,
+        kv_cache_bytes_per_token=sum(r.kv_cache_bytes_per_token for r in layers),
+        activation_bytes=recorder.activation_bytes,
+        layers=layers,
+    )

@@ -1,0 +1,258 @@
+"""Resolution: a parsed file (and the base files it uses) -> the typed IR, with every semantic check."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .components import REGISTRY, Param
+from .errors import ArchError, Pos, did_you_mean
+from .ir import Arch, Call, Layer, ModelConfig
+from .syntax import ArchFile, Attr, LayerItem, LayerStmt, Let, Repeat, Setting, Term, Value, parse
+
+DEFAULT_MIXER = "global"
+DEFAULT_FFN = "swiglu"
+SLOT_NAMES = {"mixer": "a mixer", "ffn": "an ffn"}
+ATTRIBUTES = ("ffn",)  # per-layer slots written as attributes; the mixer is the layer statement itself
+SUFFIXES = {"k": 1024, "M": 1024**2, "G": 1024**3}
+SHORTHAND = re.compile(r"^([A-Za-z_]+?)(\d+)$")  # `top2` means top=2
+
+
+def read(path_or_text: str | os.PathLike) -> ArchFile:
+    """Parse a file path (str or Path) or, for any other string, the .arch text itself."""
+    is_path = isinstance(path_or_text, os.PathLike) or (
+        "\n" not in path_or_text and (path_or_text.endswith(".arch") or os.path.isfile(path_or_text))
+    )
+    if not is_path:
+        return parse(path_or_text)
+    path = Path(path_or_text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ArchError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from None
+    return parse(text, str(path))
+
+
+def load(path_or_text: str | os.PathLike, **overrides: Any) -> Arch:
+    """Read, merge with bases, expand and check a model description; keyword overrides replace settings."""
+    return resolve(read(path_or_text), overrides)
+
+
+@dataclass
+class Merged:
+    """A file merged with the chain of files it uses: later files override by name."""
+
+    settings: dict[str, Setting]
+    lets: dict[str, Let]
+    layers: list[LayerItem]
+
+
+def merge(arch: ArchFile, chain: tuple[str, ...] = ()) -> Merged:
+    """Merge `arch` over its base: settings and lets by name; its layer list, if any, replaces the base's."""
+    base = Merged({}, {}, [])
+    for extra in arch.uses[1:]:
+        raise ArchError("a file may use only one base", extra.pos)
+    if arch.uses:
+        use = arch.uses[0]
+        here = Path(arch.source.name).parent if not arch.source.name.startswith("<") else Path.cwd()
+        path = (here / use.path).resolve()
+        if str(path) in chain:
+            raise ArchError(f"'{use.path}' is already being read: files use each other in a cycle", use.pos)
+        if not path.is_file():
+            raise ArchError(f"base file '{use.path}' not found (looked for {path})", use.pos)
+        base = merge(read(path), chain + (str(Path(arch.source.name).resolve()), str(path)))
+    settings, lets = dict(base.settings), dict(base.lets)
+    for kind, items, merged in (("setting", arch.settings, settings), ("definition", arch.lets, lets)):
+        first: dict[str, Any] = {}
+        for item in items:
+            if item.name in first:
+                raise ArchError(f"{kind} '{item.name}' given twice (first on line {first[item.name].pos.line})", item.pos)
+            first[item.name] = merged[item.name] = item
+    return Merged(settings, lets, arch.layers or base.layers)
+
+
+def resolve(arch: ArchFile, overrides: dict[str, Any] | None = None) -> Arch:
+    """Check and expand a parsed file into the IR."""
+    merged = merge(arch)
+    config = make_config(merged.settings, overrides or {})
+    layers = Expander(config, merged.lets).layers(merged.layers)
+    if merged.layers:
+        stated = merged.settings.get("n_layers")
+        count = (overrides or {}).get("n_layers", stated and config.n_layers)
+        if count is not None and count != len(layers):
+            raise ArchError(
+                f"n_layers = {count} but the layer list has {len(layers)} layers",
+                None if "n_layers" in (overrides or {}) else stated.pos,
+                "the layer list is the model: drop n_layers or make the list match it",
+            )
+        config = dataclasses.replace(config, n_layers=len(layers))
+    else:
+        ffn = Expander(config, merged.lets).call(Term(DEFAULT_FFN, None, None), "ffn")
+        layers = [Layer(Call(DEFAULT_MIXER), ffn)] * config.n_layers
+    return Arch(config, tuple(layers))
+
+
+def make_config(settings: dict[str, Setting], overrides: dict[str, Any]) -> ModelConfig:
+    """Typed, range-checked ModelConfig from the merged settings and keyword overrides."""
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    values: dict[str, Any] = {}
+    for name, item in settings.items():
+        if name not in fields:
+            raise ArchError(f"unknown setting '{name}'", item.pos, did_you_mean(name, fields) or f"settings: {', '.join(fields)}")
+        values[name] = convert(item.value, fields[name].type, name, fields[name].metadata["minimum"])
+    for name, value in overrides.items():
+        if name not in fields:
+            raise ArchError(f"unknown setting '{name}' in overrides", None, did_you_mean(name, fields))
+        kind = {"int": int, "float": float, "bool": bool}[fields[name].type]
+        if not isinstance(value, kind) and not (kind is float and isinstance(value, int) and not isinstance(value, bool)):
+            raise ArchError(f"override {name}={value!r}: expected {kind.__name__}")
+        values[name] = kind(value)
+    config = ModelConfig(**values)
+
+    def where(name: str) -> Pos | None:
+        return settings[name].pos if name in settings and name not in overrides else None
+
+    if config.n_heads % config.n_kv_heads:
+        raise ArchError(f"n_kv_heads = {config.n_kv_heads} does not divide n_heads = {config.n_heads}", where("n_kv_heads") or where("n_heads"))
+    if config.d_model % config.n_heads:
+        raise ArchError(f"n_heads = {config.n_heads} does not divide d_model = {config.d_model}", where("n_heads") or where("d_model"))
+    if config.head_dim % 2:
+        raise ArchError(f"head_dim = {config.head_dim} must be even for RoPE", where("head_dim"))
+    return config
+
+
+def convert(value: Value, kind: str | type, what: str, minimum: float | None = None) -> Any:
+    """A literal converted to int, float, bool or str, or an ArchError naming what was expected."""
+    kind = kind if isinstance(kind, str) else kind.__name__
+    if kind == "bool":
+        if value.kind == "name" and value.text in ("true", "false"):
+            return value.text == "true"
+        raise ArchError(f"{what} takes true or false, not {value.text}", value.pos)
+    if kind == "str":
+        return value.text.strip('"')
+    if value.kind != "number":
+        raise ArchError(f"{what} takes a number, not {value.text}", value.pos)
+    number = parse_number(value.text)
+    if kind == "int":
+        if number != int(number):
+            raise ArchError(f"{what} takes a whole number, not {value.text}", value.pos)
+        number = int(number)
+    else:
+        number = float(number)
+    if minimum is not None and number < minimum:
+        bound = "positive" if minimum == 1 and kind == "int" else f"at least {minimum}"
+        raise ArchError(f"{what} must be {bound}, got {value.text}", value.pos)
+    return number
+
+
+def parse_number(text: str) -> int | float:
+    """`4096`, `1e6`, `0.02`, `32k` (x1024), `1M`, `1_000`."""
+    text = text.replace("_", "")
+    scale = SUFFIXES.get(text[-1], 1)
+    if scale != 1:
+        text = text[:-1]
+    number = float(text) if any(c in text for c in ".eE") else int(text)
+    return number * scale
+
+
+class Expander:
+    """Expands repeats, applies attributes and definitions, and resolves every component call."""
+
+    def __init__(self, config: ModelConfig, lets: dict[str, Let]) -> None:
+        self.config, self.lets = config, lets
+        self.carried: dict[tuple[str, str], Any] = {}
+
+    def layers(self, items: list[LayerItem]) -> list[Layer]:
+        """Resolved layers in model order."""
+        flat: list[tuple[Term, dict[str, Attr]]] = []
+        self.expand(items, {}, flat)
+        result = []
+        for mixer, attrs in flat:
+            ffn = attrs["ffn"].term if "ffn" in attrs else Term(DEFAULT_FFN, None, None)
+            result.append(Layer(self.call(mixer, "mixer"), self.call(ffn, "ffn")))
+        return result
+
+    def expand(self, items: tuple[LayerItem, ...] | list[LayerItem], inherited: dict[str, Attr], out: list) -> None:
+        for item in items:
+            for attr in item.attrs:
+                if attr.name not in ATTRIBUTES:
+                    hint = did_you_mean(attr.name, ATTRIBUTES) or f"layer attributes: {', '.join(ATTRIBUTES)}"
+                    raise ArchError(f"unknown layer attribute '{attr.name}'", attr.pos, hint)
+            attrs = {**inherited, **{a.name: a for a in item.attrs}}
+            if isinstance(item, LayerStmt):
+                out.append((item.mixer, attrs))
+            else:
+                count = convert(item.count, "int", "repeat count", minimum=1)
+                for _ in range(count):
+                    self.expand(item.body, attrs, out)
+
+    def deref(self, term: Term, seen: tuple[str, ...] = ()) -> Term:
+        """Follow `let` names to the component call they stand for."""
+        if term.name not in self.lets:
+            return term
+        if term.args is not None:
+            raise ArchError(f"'{term.name}' is a definition (let) and takes no arguments", term.pos)
+        if term.name in seen:
+            raise ArchError(f"definition '{term.name}' refers to itself", term.pos)
+        return self.deref(self.lets[term.name].term, seen + (term.name,))
+
+    def call(self, term: Term, slot: str) -> Call:
+        """Resolve one call: name, slot, arguments, defaults, ranges and the component's own check."""
+        term = self.deref(term)
+        spec = REGISTRY.get(term.name)
+        if spec is None:
+            names = [n for n, s in REGISTRY.items() if s.slot == slot] + list(self.lets)
+            hint = did_you_mean(term.name, names) or f"known {slot}s: {', '.join(n for n, s in REGISTRY.items() if s.slot == slot)}"
+            raise ArchError(f"unknown {slot} '{term.name}'", term.pos, hint)
+        if spec.slot != slot:
+            raise ArchError(f"'{term.name}' is {SLOT_NAMES[spec.slot]}, not {SLOT_NAMES[slot]}", term.pos)
+        given = self.bind(term, spec.params)
+        args: dict[str, Any] = {}
+        for param in spec.params:
+            if param.name in given:
+                arg = given[param.name]
+                args[param.name] = convert(arg.value, param.type, f"{term.name}: {param.name}", param.minimum)
+            elif param.carry and (term.name, param.name) in self.carried:
+                args[param.name] = self.carried[term.name, param.name]
+            else:
+                args[param.name] = param.default_for(self.config)
+                if args[param.name] is None:
+                    raise ArchError(f"{term.name} needs argument '{param.name}' ({param.doc})", term.pos)
+        problem = spec.module.check(self.config, **args)
+        if problem:
+            raise ArchError(f"{term.name}: {problem}", term.pos)
+        for param in spec.params:
+            if param.carry:
+                self.carried[term.name, param.name] = args[param.name]
+        return Call(term.name, tuple((p.name, args[p.name]) for p in spec.params))
+
+    def bind(self, term: Term, params: tuple[Param, ...]) -> dict[str, Any]:
+        """Match written arguments to parameters: positional in order, `key=value`, or `key<number>`."""
+        names = [p.name for p in params]
+        given: dict[str, Any] = {}
+        positional, keywords = 0, False
+        for arg in term.args or ():
+            name = arg.name
+            shorthand = SHORTHAND.match(arg.value.text) if name is None and arg.value.kind == "name" else None
+            if shorthand and shorthand.group(1) in names:
+                keywords = True
+                name, arg = shorthand.group(1), dataclasses.replace(arg, value=Value(shorthand.group(2), "number", arg.value.pos))
+            elif name is None:
+                if keywords:
+                    raise ArchError("positional argument after keyword arguments", arg.pos)
+                if positional >= len(names):
+                    raise ArchError(f"{term.name} takes {len(names)} argument(s): {', '.join(names) or 'none'}", arg.pos)
+                name = names[positional]
+                positional += 1
+            else:
+                keywords = True
+                if name not in names:
+                    hint = did_you_mean(name, names) or f"{term.name} takes: {', '.join(names) or 'no arguments'}"
+                    raise ArchError(f"{term.name} has no argument '{name}'", arg.pos, hint)
+            if name in given:
+                raise ArchError(f"argument '{name}' given twice", arg.pos)
+            given[name] = arg
+        return given

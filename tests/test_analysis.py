@@ -1,0 +1,147 @@
+"""Static analysis against closed-form formulas, FlopCounterMode, and fvcore on the whole graph."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fvcore.nn import FlopCountAnalysis
+from torch.utils.flop_counter import FlopCounterMode
+
+import nanollm
+import nanollm.analysis
+
+ROOT = Path(__file__).parent.parent
+TINY = "vocab_size = 512\nd_model = 64\nn_heads = 4\nn_kv_heads = 2\nhead_dim = 32\nd_ff = 96\n"
+
+
+def qwen3_macs(seq_len: int, layers: int = 28, d: int = 1024, heads: int = 16, kv: int = 8, hd: int = 128, ff: int = 3072, vocab: int = 151936) -> int:
+    """Closed-form forward multiply-accumulates of a tied Qwen3 over one causal sequence."""
+    projections = d * heads * hd + 2 * d * kv * hd + heads * hd * d
+    mlp = 3 * d * ff
+    attention = heads * (seq_len * (seq_len + 1) // 2) * 2 * hd  # QK^T and AV over the causal triangle
+    return seq_len * (layers * (projections + mlp) + d * vocab) + layers * attention
+
+
+def window_pairs(seq_len: int, window: int) -> int:
+    """(query, key) pairs under a causal window, by definition."""
+    return sum(min(window, t) for t in range(1, seq_len + 1))
+
+
+@pytest.mark.parametrize("seq_len", [512, 4096])
+def test_baseline_flops_match_the_closed_form(seq_len):
+    analysis = nanollm.compile(ROOT / "archs/qwen3_0_6b.arch").analyze(seq_len)
+    assert analysis.flops_per_token_fwd * seq_len == pytest.approx(2 * qwen3_macs(seq_len), rel=1e-13)
+    assert analysis.flops_per_token_train == 3 * analysis.flops_per_token_fwd
+
+
+def test_baseline_params_and_kv_cache():
+    analysis = nanollm.compile(ROOT / "archs/qwen3_0_6b.arch").analysis
+    assert analysis.params_total == 596_049_920 == analysis.params_active
+    assert analysis.params_embedding == 151936 * 1024
+    assert analysis.kv_cache_bytes_per_token == 28 * 2 * 8 * 128 * 2
+    assert analysis.n_layers == 28 and analysis.seq_len == 4096
+
+
+def test_sliding_window_flops_count_only_the_window():
+    seq_len, window = 1024, 100
+    full = nanollm.compile(TINY + "n_layers = 2").analyze(seq_len)
+    slid = nanollm.compile(TINY + "sliding(100); sliding").analyze(seq_len)
+    saved_pairs = seq_len * (seq_len + 1) // 2 - window_pairs(seq_len, window)
+    saved_flops = 2 * 2 * 4 * saved_pairs * (32 + 32)  # 2 layers, 4 heads, QK^T + AV
+    assert (full.flops_per_token_fwd - slid.flops_per_token_fwd) * seq_len == pytest.approx(saved_flops, rel=1e-12)
+    assert slid.kv_cache_bytes_per_token == pytest.approx(2 * (2 * 2 * 32 * 2) * window / seq_len)
+    short = nanollm.compile(TINY + "sliding(100); global").analyze(64)  # window longer than the sequence
+    assert short.flops_per_token_fwd == nanollm.compile(TINY + "global; global").analyze(64).flops_per_token_fwd
+
+
+def test_moe_counts_active_experts_only():
+    seq_len = 128
+    dense = nanollm.compile(TINY + "global ffn=swiglu(d_ff=32)").analyze(seq_len)
+    moe = nanollm.compile(TINY + "global ffn=moe(top=3, experts=8, d_ff=32)").analyze(seq_len)
+    router = 2 * 64 * 8
+    assert moe.flops_per_token_fwd - dense.flops_per_token_fwd == pytest.approx(router + 2 * 2 * 3 * 64 * 32)
+    expert = 3 * 64 * 32
+    assert moe.params_total - dense.params_total == 64 * 8 + 7 * expert
+    assert moe.params_active - dense.params_active == 64 * 8 + 2 * expert
+    assert moe.layers[0].params - moe.layers[0].params_active == 5 * expert
+
+
+def test_untied_head_is_counted_once():
+    tied = nanollm.compile(TINY + "global").analyze(16)
+    untied = nanollm.compile(TINY + "tie_embeddings = false\nglobal").analyze(16)
+    assert untied.params_total - tied.params_total == 512 * 64
+    assert untied.params_embedding == 2 * 512 * 64
+    assert untied.flops_per_token_fwd == tied.flops_per_token_fwd
+
+
+def test_layer_figures_add_up_to_the_totals():
+    analysis = nanollm.compile(TINY + "repeat 2 < sliding(8); global ffn=moe(top=2, experts=4) >").analyze(64)
+    head = 2 * 64 * 512
+    assert sum(r.flops_per_token_fwd for r in analysis.layers) + head == pytest.approx(analysis.flops_per_token_fwd)
+    embedding_and_norm = 512 * 64 + 64
+    assert sum(r.params for r in analysis.layers) + embedding_and_norm == analysis.params_total
+    assert [r.mixer for r in analysis.layers] == ["sliding(window=8)", "global"] * 2
+
+
+def attention_flops(compiled: nanollm.Compiled, seq_len: int) -> int:
+    """Attention score and AV FLOPs by our causal/window definition, from the IR."""
+    config, total = compiled.config, 0
+    for layer in compiled.arch.layers:
+        window = layer.mixer.kwargs().get("window", seq_len)
+        total += 2 * config.n_heads * window_pairs(seq_len, window) * 2 * config.head_dim
+    return total
+
+
+def test_matmul_flops_agree_exactly_with_flop_counter_mode():
+    seq_len = 64
+    compiled = nanollm.compile(TINY + "tie_embeddings = false\nrepeat 2 < sliding(8) ffn=moe(top=2, experts=4); global >")
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+
+    def grouped_mm(a_shape, b_shape, *args, **kwargs):  # FlopCounterMode has no formula for it
+        return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten._grouped_mm: grouped_mm}) as counter:
+        compiled.graph(ids)
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    # On meta, SDPA runs as its math decomposition: two bmm per layer (4 layers) over the full T x T square.
+    full_square = 4 * 2 * 2 * compiled.config.n_heads * seq_len * seq_len * compiled.config.head_dim
+    assert counts["aten.bmm"] == full_square
+    ours = compiled.analyze(seq_len).flops_per_token_fwd * seq_len
+    assert round(ours) - attention_flops(compiled, seq_len) == counter.get_total_flops() - full_square
+
+
+def test_whole_graph_fvcore_equals_the_per_component_count():
+    seq_len = 128
+    compiled = nanollm.compile(TINY + "repeat 3 < global ffn=moe(top=2, experts=4) >")
+    handles = {
+        **compiled.graph.get_submodule("layers.0.mixer").flop_handles(seq_len),
+        **compiled.graph.get_submodule("layers.0.ffn").flop_handles(seq_len),
+    }
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    whole = FlopCountAnalysis(compiled.graph, (ids,)).set_op_handle(**handles)
+    whole.unsupported_ops_warnings(False).tracer_warnings("none")
+    assert 2 * whole.total() / seq_len == compiled.analyze(seq_len).flops_per_token_fwd
+
+
+def test_identical_layers_are_traced_once(monkeypatch):
+    traced = []
+    original = nanollm.analysis.count_macs
+    monkeypatch.setattr(nanollm.analysis, "count_macs", lambda *args: traced.append(args) or original(*args))
+    nanollm.compile(TINY + "n_layers = 2").analyze(32)
+    two = len(traced)
+    traced.clear()
+    nanollm.compile(TINY + "n_layers = 12").analyze(32)
+    assert len(traced) == two
+
+
+def test_activation_estimate_is_linear_in_length():
+    compiled = nanollm.compile(TINY + "repeat 2 < sliding(8); global >")
+    short, long = compiled.analyze(256).activation_bytes, compiled.analyze(512).activation_bytes
+    assert short > 0 and 1.9 < long / short < 2.1  # no T x T score matrices in the estimate
+
+
+def test_analysis_allocates_no_weights():
+    compiled = nanollm.compile(ROOT / "archs/hybrid_moe.arch")
+    compiled.analysis
+    assert {p.device.type for p in compiled.graph.parameters()} == {"meta"}

@@ -1,0 +1,332 @@
+"""Every component checked against an implementation written outside this repo, fp32 on CPU.
+
+References: Hugging Face transformers (Qwen3 / Llama / Qwen3-MoE modules with copied weights,
+Mixtral's load-balancing loss) and, for the sliding window, an explicit-mask attention written
+below straight from the definition "query i sees key j iff i - window < j <= i".
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
+from transformers.models.llama.modeling_llama import LlamaAttention
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+from transformers.models.qwen3.modeling_qwen3 import (
+    Qwen3Attention,
+    Qwen3MLP,
+    Qwen3RMSNorm,
+    Qwen3RotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+from nanollm.compiler import initialize
+from nanollm.components import REGISTRY
+from nanollm.components.ffn.moe import moe_reference
+from nanollm.components.norm.rmsnorm import RMSNorm
+from nanollm.components.position.rope import RotaryEmbedding, apply_rope
+from nanollm.ir import ModelConfig
+
+CONFIG = ModelConfig(
+    vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, seq_len=32
+)
+ATOL = 1e-5
+MATRIX_SCALE = 10.0  # init std 0.02 -> 0.2: unit-scale activations in a 64-wide model
+SMALL_ARGS = {"window": 3}  # overrides of registry defaults that would make a tiny test vacuous
+MIXERS = sorted(name for name, spec in REGISTRY.items() if spec.slot == "mixer")
+ROUTINGS = [(1, 4), (2, 4), (4, 4), (3, 8)]  # (top, experts): top=1 and top=experts are the edges
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL) -> None:
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
+
+
+def build(name: str, config: ModelConfig = CONFIG, **args):
+    """A registered component with default arguments (SMALL_ARGS first), initialised as the compiler does.
+
+    Matrices are then scaled by MATRIX_SCALE so outputs are O(1) and ATOL is a tight relative bound too,
+    and norm scales jittered away from 1 so that a weight that fails to be copied shows up.
+    """
+    spec = REGISTRY[name]
+    kwargs = {p.name: SMALL_ARGS.get(p.name, p.default_for(config)) for p in spec.params} | args
+    module = spec.module(config, **kwargs)
+    initialize(module)
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.dim() > 1:
+                param.mul_(MATRIX_SCALE)
+    for norm in module.modules():
+        if isinstance(norm, RMSNorm):
+            torch.nn.init.normal_(norm.weight, mean=1.0, std=0.3)
+    return module.eval()
+
+
+def hf_config(config: ModelConfig, cls=Qwen3Config):
+    """The transformers config (Qwen3 or Llama) describing the same dense model, eager attention."""
+    return cls(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.d_ff,
+        num_hidden_layers=1,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        attn_implementation="eager",
+    )
+
+
+def mix(module, x: torch.Tensor) -> torch.Tensor:
+    """Run any mixer on x (B, T, d) with the position tables it needs; the output only."""
+    ids = torch.zeros(x.shape[:2], dtype=torch.long)
+    rope = RotaryEmbedding(CONFIG.head_dim, CONFIG.rope_theta)(ids) if module.uses_rope else ()
+    out = module(x, *rope)
+    return out[0] if module.returns_aux else out
+
+
+# --- norm, position, dense FFN ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [16, 64])
+@pytest.mark.parametrize("eps", [1e-6, 1e-5])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])  # 1e-3: the variance is of the order of eps
+def test_rmsnorm_matches_qwen3(dim, eps, scale):
+    ours = RMSNorm(dim, eps)
+    torch.nn.init.normal_(ours.weight, mean=1.0, std=0.3)
+    theirs = Qwen3RMSNorm(dim, eps=eps)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, dim) * scale
+    close(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("head_dim", [16, 128])
+@pytest.mark.parametrize("theta", [1e4, 1e6])
+def test_rope_matches_qwen3(head_dim, theta):
+    config = dataclasses.replace(CONFIG, head_dim=head_dim, rope_theta=theta)
+    batch, length = 2, 300
+    x = torch.randn(batch, length, config.d_model)
+    cos, sin = RotaryEmbedding(head_dim, theta)(torch.zeros(batch, length, dtype=torch.long))
+    positions = torch.arange(length).expand(batch, length)
+    hf_cos, hf_sin = Qwen3RotaryEmbedding(hf_config(config))(x, position_ids=positions)  # (B, T, head_dim)
+    close(cos.expand_as(hf_cos), hf_cos, atol=0)
+    close(sin.expand_as(hf_sin), hf_sin, atol=0)
+
+    q = torch.randn(batch, config.n_heads, length, head_dim)
+    k = torch.randn(batch, config.n_kv_heads, length, head_dim)
+    hf_q, hf_k = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)  # unsqueeze_dim=1: (B, H, T, head_dim) layout
+    close(apply_rope(q, cos, sin), hf_q, atol=0)
+    close(apply_rope(k, cos, sin), hf_k, atol=0)
+
+
+@pytest.mark.parametrize("d_ff", [128, 48])
+def test_swiglu_matches_qwen3_mlp(d_ff):
+    ours = build("swiglu", d_ff=d_ff)
+    theirs = Qwen3MLP(hf_config(dataclasses.replace(CONFIG, d_ff=d_ff)))
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 7, CONFIG.d_model)
+    close(ours(x), theirs(x))
+
+
+# --- attention ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qwen3", "llama"])
+def test_global_attention_matches_hf(n_kv_heads, qk_norm):
+    config = dataclasses.replace(CONFIG, n_kv_heads=n_kv_heads, qk_norm=qk_norm)
+    ours = build("global", config)
+    # Without QK-norm the reference is Llama's attention (same projections, no q_norm/k_norm).
+    theirs = Qwen3Attention(hf_config(config), 0) if qk_norm else LlamaAttention(hf_config(config, LlamaConfig), 0)
+    theirs.load_state_dict(ours.state_dict())  # strict: every projection and norm is copied
+    theirs.eval()
+
+    batch, length = 2, 11
+    x = torch.randn(batch, length, config.d_model)
+    positions = torch.arange(length).expand(batch, length)
+    rope = Qwen3RotaryEmbedding(hf_config(config))(x, position_ids=positions)
+    causal = torch.full((length, length), float("-inf")).triu(1).expand(batch, 1, length, length)
+    expected, _ = theirs(x, position_embeddings=rope, attention_mask=causal)
+    close(mix(ours, x), expected)
+
+
+def window_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """softmax(QK^T / sqrt(d) + mask) V, the mask built entry by entry from the definition."""
+    length = q.shape[-2]
+    mask = torch.full((length, length), float("-inf"))
+    for i in range(length):
+        for j in range(length):
+            if i - window < j <= i:
+                mask[i, j] = 0.0
+    groups = q.shape[1] // k.shape[1]  # query head h reads key/value head h // groups
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + mask).softmax(dim=-1) @ v
+
+
+def random_qkv(length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = torch.randn(2, CONFIG.n_heads, length, CONFIG.head_dim)
+    k, v = (torch.randn(2, CONFIG.n_kv_heads, length, CONFIG.head_dim) for _ in range(2))
+    return q, k, v
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 7, 23, 24, 30])
+def test_sliding_matches_explicit_mask(window):
+    q, k, v = random_qkv(24)
+    close(build("sliding", window=window).attend_masked(q, k, v), window_reference(q, k, v, window))
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 16, 23])
+def test_sliding_window_is_exact(window):
+    """Changing token 0 changes exactly the outputs at positions 0..window-1."""
+    module, length = build("sliding", window=window), 16
+    x = torch.randn(2, length, CONFIG.d_model)
+    changed = x.clone()
+    changed[:, 0] = torch.randn(CONFIG.d_model)
+    moved = (mix(module, changed) - mix(module, x)).abs().amax(dim=(0, 2)) > 0
+    assert moved.tolist() == (torch.arange(length) < window).tolist()
+
+
+# Length 300 spans three 128-blocks, so with a small window whole blocks are skipped.
+@pytest.mark.parametrize("window", [1, 3, 130, 300, 512])
+def test_sliding_flex_matches_masked(window):
+    module = build("sliding", window=window)
+    q, k, v = random_qkv(300)
+    with torch.no_grad():
+        close(module.attend_flex(q, k, v), module.attend_masked(q, k, v))
+
+
+@pytest.mark.parametrize("window", [16, 17, 4096])
+def test_sliding_with_long_window_is_global(window):
+    sliding, full = build("sliding", window=window), build("global")
+    full.load_state_dict(sliding.state_dict())
+    x = torch.randn(2, 16, CONFIG.d_model)
+    close(mix(sliding, x), mix(full, x))
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_mixer_is_causal(name):
+    """Changing token t never changes an output before t, and does change the output at t."""
+    module, length = build(name), 12
+    x = torch.randn(2, length, CONFIG.d_model)
+    base = mix(module, x)
+    for t in range(length):
+        changed = x.clone()
+        changed[:, t] = torch.randn(CONFIG.d_model)
+        out = mix(module, changed)
+        assert torch.equal(out[:, :t], base[:, :t]), f"output before {t} depends on token {t}"
+        assert not torch.allclose(out[:, t], base[:, t]), f"output at {t} ignores token {t}"
+
+
+# --- mixture of experts ---------------------------------------------------------------------------
+
+
+def moe(top: int, experts: int, norm_topk: bool = True, aux: float = 0.01):
+    return build("moe", top=top, experts=experts, d_ff=32, aux=aux, norm_topk=norm_topk)
+
+
+@pytest.mark.parametrize("top,experts", ROUTINGS)
+@pytest.mark.parametrize("norm_topk", [True, False])
+@pytest.mark.parametrize("shape", [(2, 8), (1, 1)])
+def test_moe_grouped_matches_reference(top, experts, norm_topk, shape):
+    module = moe(top, experts, norm_topk)
+    x = torch.randn(*shape, CONFIG.d_model)
+    close(module(x)[0], moe_reference(module, x))
+
+
+def test_moe_with_idle_experts_matches_reference():
+    """Experts that receive no token make empty groups in the grouped matmul."""
+    module = moe(2, 4)
+    x = torch.randn(2, 8, CONFIG.d_model)
+    x[..., 0] = 1.0
+    with torch.no_grad():
+        module.router.weight[[0, 3], 0] = -100.0  # experts 0 and 3 lose every routing decision
+    y, _ = module(x)
+    assert set(module.route(x.reshape(-1, CONFIG.d_model))[2].unique().tolist()) == {1, 2}
+    close(y, moe_reference(module, x))
+
+
+@pytest.mark.parametrize("top,experts", ROUTINGS)
+@pytest.mark.parametrize("norm_topk", [True, False])
+def test_moe_matches_qwen3_moe(top, experts, norm_topk):
+    ours = moe(top, experts, norm_topk)
+    hf = Qwen3MoeConfig(
+        hidden_size=CONFIG.d_model,
+        moe_intermediate_size=32,
+        num_experts=experts,
+        num_experts_per_tok=top,
+        norm_topk_prob=norm_topk,
+        experts_implementation="eager",
+    )
+    theirs = Qwen3MoeSparseMoeBlock(hf)
+    # HF stores (out, in) matrices: gate_up_proj (E, 2I, d), down_proj (E, d, I); ours are (E, in, out).
+    theirs.load_state_dict(
+        {
+            "gate.weight": ours.router.weight,
+            "experts.gate_up_proj": ours.gate_up.transpose(1, 2),
+            "experts.down_proj": ours.down.transpose(1, 2),
+        }
+    )
+    x = torch.randn(2, 8, CONFIG.d_model)
+    close(ours(x)[0], theirs(x))
+
+
+@pytest.mark.parametrize("top,experts", ROUTINGS)
+@pytest.mark.parametrize("aux", [0.01, 1.0])
+def test_moe_balance_loss_matches_mixtral(top, experts, aux):
+    module = moe(top, experts, aux=aux)
+    x = torch.randn(2, 16, CONFIG.d_model)
+    _, loss = module(x)
+    logits = module.router(x.reshape(-1, CONFIG.d_model))
+    expected = aux * load_balancing_loss_func((logits,), num_experts=experts, top_k=top)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+
+
+def test_moe_gradients_reach_every_weight():
+    module = moe(2, 4)
+    x = torch.randn(2, 8, CONFIG.d_model)
+    probe = torch.randn_like(x)
+    names = ["router.weight", "gate_up", "down"]
+
+    def grads(output: torch.Tensor) -> dict[str, torch.Tensor]:
+        params = [module.get_parameter(name) for name in names]
+        return dict(zip(names, torch.autograd.grad(output, params, materialize_grads=True)))
+
+    dispatched = grads((module(x)[0] * probe).sum())
+    reference = grads((moe_reference(module, x) * probe).sum())
+    for name in names:
+        assert dispatched[name].abs().sum() > 0, name
+        # Sums over 16 tokens of unit-scale terms, accumulated in another order: a relative bound.
+        torch.testing.assert_close(dispatched[name], reference[name], atol=ATOL, rtol=1e-5)
+    assert grads(module(x)[1])["router.weight"].abs().sum() > 0  # the balance loss trains the router too
+
+
+def test_moe_runs_on_meta_in_bf16():
+    with torch.device("meta"):
+        module = build("moe").to(torch.bfloat16)
+        x = torch.randn(2, 8, CONFIG.d_model, dtype=torch.bfloat16)
+    y, aux = module(x)
+    assert (y.device.type, y.dtype, y.shape) == ("meta", torch.bfloat16, x.shape)
+    assert (aux.device.type, aux.shape) == ("meta", ())
+
+
+@pytest.mark.parametrize("d_model,d_ff", [(64, 6), (64, 12), (60, 32)])
+def test_moe_refuses_or_runs_any_width(d_model, d_ff):
+    """Widths the language accepts must be refused by MoE.check or run: fp32 on CPU and bf16 on meta (analysis)."""
+    config = dataclasses.replace(CONFIG, d_model=d_model)
+    args = dict(top=2, experts=4, d_ff=d_ff, aux=0.01, norm_topk=True)
+    if REGISTRY["moe"].module.check(config, **args) is not None:
+        return
+    module = build("moe", config, **args)
+    x = torch.randn(2, 8, d_model)
+    close(module(x)[0], moe_reference(module, x))
+    with torch.device("meta"):
+        meta = build("moe", config, **args).to(torch.bfloat16)
+        assert meta(x.to("meta", torch.bfloat16))[0].shape == x.shape

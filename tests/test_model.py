@@ -1,0 +1,76 @@
+"""The compiled GraphModule as a model: materialisation, outputs, causality and training on CPU."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import nanollm
+
+HYBRID = (
+    "vocab_size = 128\nd_model = 64\nn_heads = 4\nn_kv_heads = 2\nhead_dim = 16\nd_ff = 128\nseq_len = 32\n"
+    "repeat 2 < sliding(8); global ffn=moe(top=2, experts=4, d_ff=64) >\n"
+)
+
+
+def test_build_materialises_the_same_graph():
+    compiled = nanollm.compile(HYBRID)
+    model = compiled.build()
+    assert str(model.graph) == str(compiled.graph.graph)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert sum(p.numel() for p in model.parameters()) == compiled.analysis.params_total
+    assert {p.device.type for p in compiled.graph.parameters()} == {"meta"}  # the analysed graph stays on meta
+    again = compiled.build()
+    assert not torch.equal(model.embed.weight, again.embed.weight)
+
+
+def test_forward_returns_logits_and_the_summed_aux_loss():
+    model = nanollm.compile(HYBRID).build()
+    ids = torch.randint(0, 128, (2, 32))
+    logits, aux_loss = model(ids)
+    assert logits.shape == (2, 32, 128) and aux_loss.shape == ()
+    moe_losses = [model.get_submodule(f"layers.{i}.ffn") for i in (1, 3)]
+    # each layer's Switch loss is aux * E * sum f_i P_i >= aux * k (equality at perfect balance)
+    assert aux_loss.item() >= len(moe_losses) * 0.01 * 2 - 1e-6
+    dense_logits, dense_aux = nanollm.compile("vocab_size = 128\nd_model = 64\nn_heads = 4\nn_kv_heads = 2\nhead_dim = 16\nn_layers = 1").build()(ids)
+    assert dense_aux.item() == 0.0 and dense_logits.shape == (2, 32, 128)
+
+
+def test_tied_head_uses_the_embedding_matrix():
+    model = nanollm.compile(HYBRID).build()
+    ids = torch.randint(0, 128, (1, 8))
+    logits, _ = model(ids)
+    hidden = {}
+    model.norm.register_forward_hook(lambda module, args, out: hidden.setdefault("h", out))
+    model(ids)
+    torch.testing.assert_close(logits, F.linear(hidden["h"], model.embed.weight))
+
+
+def test_whole_model_is_causal():
+    torch.manual_seed(0)
+    model = nanollm.compile(HYBRID).build()
+    ids = torch.randint(0, 128, (1, 32))
+    changed = ids.clone()
+    changed[0, 20] = (changed[0, 20] + 1) % 128
+    with torch.no_grad():
+        a, _ = model(ids)
+        b, _ = model(changed)
+    assert torch.equal(a[:, :20], b[:, :20])
+    assert not torch.allclose(a[:, 20:], b[:, 20:])
+
+
+def test_trains_on_cpu():
+    torch.manual_seed(0)
+    model = nanollm.compile(HYBRID).build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 128, (4, 32))
+    losses = []
+    for _ in range(30):
+        logits, aux_loss = model(ids)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, 128), ids[:, 1:].reshape(-1))
+        (loss + aux_loss).backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
