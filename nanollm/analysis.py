@@ -83,7 +83,7 @@ class _Recorder(fx.Interpreter):
     def __init__(self, model: fx.GraphModule, seq_len: int) -> None:
         super().__init__(model)
         self.seq_len = seq_len
-        self.calls: list[tuple[fx.Node, tuple, tuple]] = []  # (node, tensor args, call key)
+        self.calls: list[tuple[fx.Node, tuple, dict, tuple]] = []  # (node, tensor args, kwargs, call key)
         self.memo: dict[tuple, tuple[Any, int]] = {}
         self.activation_bytes = 0
         self._saved: dict[int, int] = {}
@@ -108,7 +108,7 @@ class _Recorder(fx.Interpreter):
             output = super().run_node(node)
             self.memo[key] = (output, sum(self._saved.values()))
         output, saved = self.memo[key]
-        self.calls.append((node, args, key))
+        self.calls.append((node, args, kwargs, key))
         self.activation_bytes += saved
         return output
 
@@ -142,18 +142,18 @@ def analyze(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
 
     macs: dict[tuple, int] = {}
     node_macs: dict[str, int] = {}
-    for node, args, key in recorder.calls:
+    for node, args, kwargs, key in recorder.calls:
         if key not in macs:
             if node.op == "call_module":
                 module = model.get_submodule(node.target)
                 handles = module.flop_handles(seq_len) if isinstance(module, Component) else {}
             else:
-                module, handles = _Call(node.target, dict(node.kwargs)), {}
+                module, handles = _Call(node.target, kwargs), {}
             macs[key] = count_macs(module, args, handles)
         node_macs[node.name] = macs[key]
 
     layer_macs = [0] * len(arch.layers)
-    for node, _, _ in recorder.calls:
+    for node, *_ in recorder.calls:
         match = LAYER.match(str(node.target)) if node.op == "call_module" else None
         if match:
             layer_macs[int(match.group(1))] += node_macs.get(node.name, 0)
