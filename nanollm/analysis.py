@@ -21,6 +21,7 @@ from .components import Component
 from .ir import Arch
 
 KV_CACHE_BYTES = 2  # bf16 cache entries
+_MACS: dict[tuple, int] = {}  # fvcore counts by call key, shared by every analysis in the process
 LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
@@ -140,17 +141,16 @@ def analyze(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
     with torch.autograd.graph.saved_tensors_hooks(recorder.save, lambda t: t):
         recorder.run(input_ids)
 
-    macs: dict[tuple, int] = {}
     node_macs: dict[str, int] = {}
     for node, args, kwargs, key in recorder.calls:
-        if key not in macs:
+        if key not in _MACS:
             if node.op == "call_module":
                 module = model.get_submodule(node.target)
                 handles = module.flop_handles(seq_len) if isinstance(module, Component) else {}
             else:
                 module, handles = _Call(node.target, kwargs), {}
-            macs[key] = count_macs(module, args, handles)
-        node_macs[node.name] = macs[key]
+            _MACS[key] = count_macs(module, args, handles)
+        node_macs[node.name] = _MACS[key]
 
     layer_macs = [0] * len(arch.layers)
     for node, *_ in recorder.calls:

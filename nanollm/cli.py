@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .components import REGISTRY
+from .budget import Solution, solve
 from .errors import ArchError
 from .ir import Call, ModelConfig
 
@@ -23,7 +25,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def human(number: float, unit: str = "") -> str:
-    """1234567 -> '1.23M'."""
+    """1234567 -> '1.23M'; past tera, scientific notation (1.00e+20)."""
+    if abs(number) >= 1e15:
+        return f"{number:.2e}{unit}"
     for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(number) >= scale:
             return f"{number / scale:.2f}{suffix}{unit}"
@@ -46,9 +50,34 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_number(text: str) -> float:
+    """argparse type: a number > 0 such as 1e20."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number such as 1e20, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def console() -> Console:
+    """Rich console; pipes get full-width tables, not ellipses."""
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+BUDGET_ONLY = ("law", "tokens", "params", "devices", "output")
+
+
 def cmd_compile(args: argparse.Namespace) -> None:
     from . import compile
 
+    if args.budget is None:
+        given = [f"--{name}" if name != "output" else "-o" for name in BUDGET_ONLY if getattr(args, name) not in (None, 1)]
+        if given:
+            raise ArchError(f"{', '.join(given)} needs --budget")
+    else:
+        return cmd_budget(args)
     compiled = compile(Path(args.file))
     analysis = compiled.analyze(args.seq_len or compiled.config.seq_len)
     if args.json:
@@ -73,9 +102,86 @@ def cmd_compile(args: argparse.Namespace) -> None:
         ("activations saved (batch 1)", human(analysis.activation_bytes, "B")),
     ):
         totals.add_row(name, value)
-    console = Console(width=None if sys.stdout.isatty() else 160)  # pipes get full call names, not ellipses
-    console.print(table)
-    console.print(totals)
+    out = console()
+    out.print(table)
+    out.print(totals)
+
+
+def solve_file(args: argparse.Namespace, path: str) -> Solution:
+    """Size one file to the command's budget."""
+    tokens = None if args.tokens is None else round(args.tokens)
+    params = None if args.params is None else round(args.params)
+    return solve(Path(path), args.budget, law=args.law, tokens=tokens, params=params, seq_len=args.seq_len)
+
+
+def budget_rows(solution: Solution, devices: int) -> list[tuple[str, float, str]]:
+    """(label, value, unit) for every figure a sized model is judged by."""
+    a, memory = solution.analysis, solution.memory(devices)
+    config = solution.arch.config
+    return [
+        ("d_model", config.d_model, "n"),
+        ("layers", config.n_layers, "n"),
+        ("heads / kv heads", config.n_heads, f"/{config.n_kv_heads}"),
+        ("d_ff", config.d_ff, "n"),
+        ("parameters", a.params_total, ""),
+        ("active parameters", a.params_active, ""),
+        ("non-embedding parameters", solution.params_non_embedding, ""),
+        ("tokens", solution.tokens, ""),
+        ("tokens per active parameter", solution.tokens / a.params_active, "ratio"),
+        ("training FLOPs/token", a.flops_per_token_train, ""),
+        ("training compute", solution.train_flops, ""),
+        ("compute vs budget", solution.train_flops / solution.budget - 1, "percent"),
+        ("KV cache/token", a.kv_cache_bytes_per_token, "B"),
+        (f"training memory/device ({devices} device{'s' if devices > 1 else ''})", memory["per_device"], "B"),
+    ]
+
+
+def show(value: float, unit: str) -> str:
+    """A figure for a table cell."""
+    if unit == "n":
+        return str(int(value))
+    if unit.startswith("/"):
+        return f"{int(value)}{unit}"
+    if unit == "ratio":
+        return f"{value:.1f}"
+    if unit == "percent":
+        return f"{value * 100:+.4f}%"
+    return human(value, unit)
+
+
+def cmd_budget(args: argparse.Namespace) -> None:
+    solution = solve_file(args, args.file)
+    if args.output:
+        Path(args.output).write_text(solution.text, encoding="utf-8")
+    if args.json:
+        print(json.dumps(solution.to_json(args.devices), indent=2))
+        return
+    table = Table(title=f"{args.file} sized to {args.budget:.3g} FLOPs ({solution.law}, seq_len {solution.analysis.seq_len})", title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for label, value, unit in budget_rows(solution, args.devices):
+        table.add_row(label, show(value, unit))
+    console().print(table)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    solutions = [solve_file(args, path) for path in args.files]
+    if args.json:
+        print(json.dumps([{"file": path, **s.to_json(args.devices)} for path, s in zip(args.files, solutions)], indent=2))
+        return
+    table = Table(title=f"sized to {args.budget:.3g} FLOPs ({solutions[0].law}); ratios to the first column", title_justify="left")
+    table.add_column("figure")
+    for path in args.files:
+        table.add_column(Path(path).name, justify="right")
+    rows = [budget_rows(s, args.devices) for s in solutions]
+    for i, (label, first, unit) in enumerate(rows[0]):
+        cells = [show(first, unit)]
+        for other in rows[1:]:
+            value = other[i][1]
+            ratio = f" (x{value / first:.2f})" if first and unit not in ("percent", "/") else ""
+            cells.append(show(value, other[i][2]) + ratio)
+        table.add_row(label, *cells)
+    console().print(table)
 
 
 def cmd_graph(args: argparse.Namespace) -> None:
@@ -97,6 +203,16 @@ def cmd_fmt(args: argparse.Namespace) -> None:
         sys.stdout.write(text)
 
 
+def add_budget_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    """--budget and the options that shape how it is spent."""
+    parser.add_argument("--budget", type=positive_number, required=required, help="training compute in FLOPs, e.g. 1e20")
+    parser.add_argument("--law", help="chinchilla (default), chinchilla-paper, deepseek, or tokens-per-param=R")
+    pinned = parser.add_mutually_exclusive_group()
+    pinned.add_argument("--tokens", type=positive_number, help="pin the token count; the budget sets the size")
+    pinned.add_argument("--params", type=positive_number, help="pin the (active) parameter count; the budget sets the tokens")
+    parser.add_argument("--devices", type=positive_int, default=1, help="devices to shard training memory over (FSDP)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `nanollm` console script."""
     parser = _Parser(prog="nanollm", description="Declarative LLM architecture compiler.")
@@ -105,7 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     compile_cmd.add_argument("file")
     compile_cmd.add_argument("--seq-len", type=positive_int, help="sequence length for the analysis (default: the file's seq_len)")
     compile_cmd.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    add_budget_options(compile_cmd, required=False)
+    compile_cmd.add_argument("-o", "--output", help="with --budget: write the sized model as a concrete .arch file")
     compile_cmd.set_defaults(run=cmd_compile)
+    compare_cmd = commands.add_parser("compare", help="size several .arch files to one budget, side by side")
+    compare_cmd.add_argument("files", nargs="+")
+    compare_cmd.add_argument("--seq-len", type=positive_int, help="sequence length (default: each file's seq_len)")
+    compare_cmd.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
+    add_budget_options(compare_cmd, required=True)
+    compare_cmd.set_defaults(run=cmd_compare)
     graph_cmd = commands.add_parser("graph", help="print the torch.fx graph")
     graph_cmd.add_argument("file")
     graph_cmd.set_defaults(run=cmd_graph)

@@ -11,12 +11,13 @@ from typing import Any
 from .components import REGISTRY, Param
 from .errors import ArchError, Pos, did_you_mean
 from .ir import Arch, Call, Layer, ModelConfig
-from .syntax import ArchFile, Attr, LayerItem, LayerStmt, Let, Repeat, Setting, Term, Value, parse
+from .syntax import Arg, ArchFile, Attr, LayerItem, LayerStmt, Let, Repeat, Setting, Term, Value, parse
 
 DEFAULT_MIXER = "global"
 DEFAULT_FFN = "swiglu"
 SLOT_NAMES = {"mixer": "a mixer", "ffn": "an ffn"}
 ATTRIBUTES = ("ffn",)  # per-layer slots written as attributes; the mixer is the layer statement itself
+AUTO = "auto"  # a size left free for budget sizing
 SUFFIXES = {"k": 1024, "M": 1024**2, "G": 1024**3}
 SHORTHAND = re.compile(r"^([A-Za-z_]+?)(\d+)$")  # `top2` means top=2
 
@@ -133,6 +134,8 @@ def convert(value: Value, kind: str | type, what: str, minimum: float | None = N
         raise ArchError(f"{what} takes true or false, not {value.text}", value.pos)
     if kind == "str":
         return value.text.strip('"')
+    if value.text == AUTO:
+        raise ArchError(f"{what} is auto: only `nanollm compile --budget` can choose it", value.pos)
     if value.kind != "number":
         raise ArchError(f"{what} takes a number, not {value.text}", value.pos)
     number = parse_number(value.text)
@@ -185,6 +188,8 @@ class Expander:
             if isinstance(item, LayerStmt):
                 out.append((item.mixer, attrs))
             else:
+                if not item.body:
+                    raise ArchError("repeat group has no layers", item.pos)
                 count = convert(item.count, "int", "repeat count", minimum=1)
                 for _ in range(count):
                     self.expand(item.body, attrs, out)
@@ -209,7 +214,7 @@ class Expander:
             raise ArchError(f"unknown {slot} '{term.name}'", term.pos, hint)
         if spec.slot != slot:
             raise ArchError(f"'{term.name}' is {SLOT_NAMES[spec.slot]}, not {SLOT_NAMES[slot]}", term.pos)
-        given = self.bind(term, spec.params)
+        given = {name: arg for name, (_, arg) in bind(term, spec.params).items()}
         args: dict[str, Any] = {}
         for param in spec.params:
             if param.name in given:
@@ -229,30 +234,31 @@ class Expander:
                 self.carried[term.name, param.name] = args[param.name]
         return Call(term.name, tuple((p.name, args[p.name]) for p in spec.params))
 
-    def bind(self, term: Term, params: tuple[Param, ...]) -> dict[str, Any]:
-        """Match written arguments to parameters: positional in order, `key=value`, or `key<number>`."""
-        names = [p.name for p in params]
-        given: dict[str, Any] = {}
-        positional, keywords = 0, False
-        for arg in term.args or ():
-            name = arg.name
-            shorthand = SHORTHAND.match(arg.value.text) if name is None and arg.value.kind == "name" else None
-            if shorthand and shorthand.group(1) in names:
-                keywords = True
-                name, arg = shorthand.group(1), dataclasses.replace(arg, value=Value(shorthand.group(2), "number", arg.value.pos))
-            elif name is None:
-                if keywords:
-                    raise ArchError("positional argument after keyword arguments", arg.pos)
-                if positional >= len(names):
-                    raise ArchError(f"{term.name} takes {len(names)} argument(s): {', '.join(names) or 'none'}", arg.pos)
-                name = names[positional]
-                positional += 1
-            else:
-                keywords = True
-                if name not in names:
-                    hint = did_you_mean(name, names) or f"{term.name} takes: {', '.join(names) or 'no arguments'}"
-                    raise ArchError(f"{term.name} has no argument '{name}'", arg.pos, hint)
-            if name in given:
-                raise ArchError(f"argument '{name}' given twice", arg.pos)
-            given[name] = arg
-        return given
+
+def bind(term: Term, params: tuple[Param, ...]) -> dict[str, tuple[int, Arg]]:
+    """Match written arguments to parameters (positional in order, `key=value`, `key<number>`): name -> (index, arg)."""
+    names = [p.name for p in params]
+    given: dict[str, tuple[int, Arg]] = {}
+    positional, keywords = 0, False
+    for index, arg in enumerate(term.args or ()):
+        name = arg.name
+        shorthand = SHORTHAND.match(arg.value.text) if name is None and arg.value.kind == "name" else None
+        if shorthand and shorthand.group(1) in names:
+            keywords = True
+            name, arg = shorthand.group(1), dataclasses.replace(arg, value=Value(shorthand.group(2), "number", arg.value.pos))
+        elif name is None:
+            if keywords:
+                raise ArchError("positional argument after keyword arguments", arg.pos)
+            if positional >= len(names):
+                raise ArchError(f"{term.name} takes {len(names)} argument(s): {', '.join(names) or 'none'}", arg.pos)
+            name = names[positional]
+            positional += 1
+        else:
+            keywords = True
+            if name not in names:
+                hint = did_you_mean(name, names) or f"{term.name} takes: {', '.join(names) or 'no arguments'}"
+                raise ArchError(f"{term.name} has no argument '{name}'", arg.pos, hint)
+        if name in given:
+            raise ArchError(f"argument '{name}' given twice", arg.pos)
+        given[name] = (index, arg)
+    return given

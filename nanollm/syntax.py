@@ -197,7 +197,7 @@ class _Builder:
         count, *rest = node.children
         body = tuple(self.layer_item(c) for c in rest if c.data in ("layer", "repeat"))
         attrs = tuple(self.attr(c) for c in rest if c.data == "attr")
-        return Repeat(Value(str(count), "number", self.pos(count)), body, attrs, self.pos(node))
+        return Repeat(self.value(count), body, attrs, self.pos(node))
 
     def attr(self, node: lark.Tree) -> Attr:
         name, term = node.children

@@ -128,11 +128,16 @@ def test_identical_layers_are_traced_once(monkeypatch):
     traced = []
     original = nanollm.analysis.count_macs
     monkeypatch.setattr(nanollm.analysis, "count_macs", lambda *args: traced.append(args) or original(*args))
+    monkeypatch.setattr(nanollm.analysis, "_MACS", {})
     nanollm.compile(TINY + "n_layers = 2").analyze(32)
     two = len(traced)
+    monkeypatch.setattr(nanollm.analysis, "_MACS", {})
     traced.clear()
     nanollm.compile(TINY + "n_layers = 12").analyze(32)
     assert len(traced) == two
+    traced.clear()
+    nanollm.compile(TINY + "n_layers = 7").analyze(32)  # every call already counted in this process
+    assert traced == []
 
 
 def test_activation_estimate_is_linear_in_length():

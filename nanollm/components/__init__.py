@@ -30,6 +30,7 @@ class Param:
     default: Any = None  # a value, a ModelConfig field name (str) for type int/float, or None = required
     minimum: float | None = None
     carry: bool = False  # a call leaving it out takes it from the nearest preceding call of the same component
+    width: bool = False  # a hidden width: budget sizing keeps it a fixed multiple of d_model
 
     def default_for(self, config: ModelConfig) -> Any:
         """The value used when a call leaves this argument out (None if it is required)."""

@@ -29,7 +29,7 @@ def grouped_mm_handle(inputs: list, outputs: list) -> int:
     "ffn",
     Param("top", int, "experts per token (k)", default=2, minimum=1),
     Param("experts", int, "routed experts (E)", default=8, minimum=1),
-    Param("d_ff", int, "hidden width of each expert", default="d_ff", minimum=1),
+    Param("d_ff", int, "hidden width of each expert", default="d_ff", minimum=1, width=True),
     Param("aux", float, "load-balancing loss coefficient", default=0.01, minimum=0),
     Param("norm_topk", bool, "renormalise the k routing weights to sum to 1", default=True),
 )

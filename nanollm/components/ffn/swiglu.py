@@ -9,7 +9,7 @@ from .. import Component, Param, register
 from ...ir import ModelConfig
 
 
-@register("swiglu", "ffn", Param("d_ff", int, "hidden width", default="d_ff", minimum=1))
+@register("swiglu", "ffn", Param("d_ff", int, "hidden width", default="d_ff", minimum=1, width=True))
 class SwiGLU(Component):
     """Gated SiLU MLP without biases."""
 
