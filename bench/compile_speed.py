@@ -55,7 +55,7 @@ def main() -> None:
             start = time.perf_counter()
             compiled = nanollm.compile(path)
             lowered = time.perf_counter()
-            compiled.analysis
+            compiled.analyze(compiled.config.seq_len)
             lowers.append(lowered - start)
             analyses.append(time.perf_counter() - lowered)
         rows.append((path.name, compiled.config.n_layers, statistics.median(lowers), statistics.median(analyses)))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import functools
 import os
 import re
 from dataclasses import dataclass
@@ -18,10 +17,10 @@ from typing import Any, Callable
 from .analysis import Analysis, analyze
 from .compiler import lower
 from .components import REGISTRY
-from .errors import ArchError, Source
+from .errors import ArchError
 from .ir import Arch, ModelConfig
 from .resolve import AUTO, bind, convert, merge, parse_number, read, resolve
-from .syntax import Arg, ArchFile, LayerItem, LayerStmt, Let, Repeat, Setting, Term, Value, format_file
+from .syntax import Arg, ArchFile, LayerItem, LayerStmt, Repeat, Setting, Term, Value, format_file
 
 WIDTH_MULTIPLE = 64  # d_model, d_ff and every hidden width are multiples of this
 MAX_D_MODEL = 1 << 16

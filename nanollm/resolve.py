@@ -11,7 +11,7 @@ from typing import Any
 from .components import REGISTRY, Param
 from .errors import ArchError, Pos, did_you_mean
 from .ir import Arch, Call, Layer, ModelConfig
-from .syntax import Arg, ArchFile, Attr, LayerItem, LayerStmt, Let, Repeat, Setting, Term, Value, parse
+from .syntax import Arg, ArchFile, Attr, LayerItem, LayerStmt, Let, Setting, Term, Value, parse
 
 DEFAULT_MIXER = "global"
 DEFAULT_FFN = "swiglu"
