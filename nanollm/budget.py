@@ -33,11 +33,10 @@ DEFAULT_ASPECT = 1024 / 28  # Qwen3-0.6B's d_model per layer, when a file fixes 
 
 @dataclass(frozen=True)
 class Target:
-    """What the search matches: `metric` of the sized model nearest `value`; `tokens` pins D if set."""
+    """What the search matches: the size whose `metric` is nearest `value`."""
 
     metric: str  # "params" | "non_embedding_flops" | "params_x_flops" | "flops"
     value: float
-    tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -423,7 +422,7 @@ def solve(
     chosen = parse_law(law or "chinchilla")
     target = (
         Target("params", params) if params is not None
-        else Target("flops", budget / tokens, tokens) if tokens is not None
+        else Target("flops", budget / tokens) if tokens is not None
         else chosen.target(budget)
     )
     if family.free_width:
@@ -449,9 +448,10 @@ def solve(
             f"the budget is {budget:.3g}"
         )
     if budget < one_sequence:
+        which = "the smallest model this file allows" if (width, depth) == smallest else "the sized model"
         raise ArchError(
-            f"budget {budget:.3g} FLOPs is too small: the smallest model this file allows ({arch.config.d_model} wide, "
-            f"{len(arch.layers)} layers) needs {one_sequence:.3g} FLOPs to train on one sequence of {arch.config.seq_len} tokens"
+            f"budget {budget:.3g} FLOPs is too small: {which} ({arch.config.d_model} wide, {len(arch.layers)} layers) "
+            f"needs {one_sequence:.3g} FLOPs to train on one sequence of {arch.config.seq_len} tokens"
         )
     solved_tokens = tokens if tokens is not None else round(budget / per_token)
     name = "tokens" if tokens is not None else "params" if params is not None else chosen.name

@@ -54,7 +54,11 @@ REGISTRY: dict[str, Spec] = {}
 
 
 class Component(nn.Module):
-    """Base class of registered components: default accounting for a dense, cache-free block."""
+    """Base class of registered components: default accounting for a dense, cache-free block.
+
+    Subclasses are built as `Cls(config, **args)` and must name every argument in `extra_repr()`: the
+    analysis reuses shapes and FLOP counts between calls whose repr and input shapes are equal.
+    """
 
     spec: Spec
     returns_aux = False  # forward returns (output, weighted auxiliary loss)
