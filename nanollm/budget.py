@@ -244,6 +244,16 @@ class Family:
         return resolve(self.file(width, depth))
 
 
+def validate(arch_file: ArchFile) -> None:
+    """Check a file that may leave sizes free (`auto`): at its reference size if it does."""
+    merged = merge(arch_file)
+    free = any(s.value.text == AUTO for s in merged.settings.values()) or any(r.count.text == AUTO for r in _repeats(merged.layers))
+    if free:
+        Family(arch_file)
+    else:
+        resolve(arch_file)
+
+
 def _default_stack(settings: dict[str, Setting]) -> Repeat:
     """`repeat n_layers < global >`, the layer list of a file that has none."""
     count = settings["n_layers"].value if "n_layers" in settings else Value(str(ModelConfig.n_layers), "number", None)

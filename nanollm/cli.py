@@ -116,9 +116,9 @@ def solve_file(args: argparse.Namespace, path: str) -> Solution:
 
 def budget_rows(solution: Solution, devices: int) -> list[tuple[str, float, str]]:
     """(label, value, unit) for every figure a sized model is judged by."""
-    a, memory = solution.analysis, solution.memory(devices)
-    config = solution.arch.config
-    return [
+    a, config = solution.analysis, solution.arch.config
+    single = solution.memory(1)
+    rows = [
         ("d_model", config.d_model, "n"),
         ("layers", config.n_layers, "n"),
         ("heads / kv heads", config.n_heads, f"/{config.n_kv_heads}"),
@@ -132,8 +132,13 @@ def budget_rows(solution: Solution, devices: int) -> list[tuple[str, float, str]
         ("training compute", solution.train_flops, ""),
         ("compute vs budget", solution.train_flops / solution.budget - 1, "percent"),
         ("KV cache/token", a.kv_cache_bytes_per_token, "B"),
-        (f"training memory/device ({devices} device{'s' if devices > 1 else ''})", memory["per_device"], "B"),
+        ("weights + grads + AdamW state", single["weights"] + single["gradients"] + single["optimizer"], "B"),
+        ("activations (one sequence)", single["activations"], "B"),
+        ("training memory, 1 device", single["per_device"], "B"),
     ]
+    if devices > 1:
+        rows.append((f"training memory/device, FSDP over {devices}", solution.memory(devices)["per_device"], "B"))
+    return rows
 
 
 def show(value: float, unit: str) -> str:
@@ -191,11 +196,12 @@ def cmd_graph(args: argparse.Namespace) -> None:
 
 
 def cmd_fmt(args: argparse.Namespace) -> None:
-    from .resolve import read, resolve
+    from .budget import validate
+    from .resolve import read
     from .syntax import format_file
 
     parsed = read(Path(args.file))
-    resolve(parsed)  # only well-formed models are formatted
+    validate(parsed)  # only well-formed models are formatted
     text = format_file(parsed, ModelConfig.setting_names())
     if args.write:
         Path(args.file).write_text(text, encoding="utf-8")

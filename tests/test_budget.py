@@ -190,3 +190,19 @@ def test_cli_budget_flag_errors(capsys, argv, message):
         code = exit.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_fmt_keeps_free_sizes(capsys, tmp_path):
+    path = tmp_path / "free.arch"
+    path.write_text("d_model=auto\nrepeat 2<repeat auto<sliding(512)>;global>\n")
+    assert main(["fmt", str(path)]) == 0
+    canonical = capsys.readouterr().out
+    assert "d_model = auto" in canonical and "repeat auto < sliding(512) >" in canonical
+    assert solve(canonical, 1e21).arch == solve(path, 1e21).arch
+
+
+def test_cli_budget_table_shows_memory_on_one_and_many_devices(capsys):
+    assert main(["compile", str(ROOT / "archs/dense.arch"), "--budget", "1e20", "--devices", "8"]) == 0
+    table = capsys.readouterr().out
+    assert "training memory, 1 device" in table and "training memory/device, FSDP over 8" in table
+    assert "compute vs budget" in table and "tokens per active parameter" in table
