@@ -1,4 +1,4 @@
-"""The `nanollm` command line: compile, graph, fmt."""
+"""The `nanollm` command line: compile (and size to a budget), compare, graph, fmt."""
 from __future__ import annotations
 
 import argparse
@@ -10,10 +10,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from . import compile
+from .budget import Solution, solve, validate
 from .components import REGISTRY
-from .budget import Solution, solve
 from .errors import ArchError
 from .ir import Call, ModelConfig
+from .resolve import read
+from .syntax import format_file
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,14 +73,11 @@ BUDGET_ONLY = ("law", "tokens", "params", "devices", "output")
 
 
 def cmd_compile(args: argparse.Namespace) -> None:
-    from . import compile
-
-    if args.budget is None:
-        given = [f"--{name}" if name != "output" else "-o" for name in BUDGET_ONLY if getattr(args, name) not in (None, 1)]
-        if given:
-            raise ArchError(f"{', '.join(given)} needs --budget")
-    else:
+    if args.budget is not None:
         return cmd_budget(args)
+    given = [f"--{name}" if name != "output" else "-o" for name in BUDGET_ONLY if getattr(args, name) is not None]
+    if given:
+        raise ArchError(f"{', '.join(given)} needs --budget")
     compiled = compile(Path(args.file))
     analysis = compiled.analyze(args.seq_len or compiled.config.seq_len)
     if args.json:
@@ -155,30 +155,30 @@ def show(value: float, unit: str) -> str:
 
 
 def cmd_budget(args: argparse.Namespace) -> None:
-    solution = solve_file(args, args.file)
+    solution, devices = solve_file(args, args.file), args.devices or 1
     if args.output:
         Path(args.output).write_text(solution.text, encoding="utf-8")
     if args.json:
-        print(json.dumps(solution.to_json(args.devices), indent=2))
+        print(json.dumps(solution.to_json(devices), indent=2))
         return
     table = Table(title=f"{args.file} sized to {args.budget:.3g} FLOPs ({solution.law}, seq_len {solution.analysis.seq_len})", title_justify="left")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    for label, value, unit in budget_rows(solution, args.devices):
+    for label, value, unit in budget_rows(solution, devices):
         table.add_row(label, show(value, unit))
     console().print(table)
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    solutions = [solve_file(args, path) for path in args.files]
+    solutions, devices = [solve_file(args, path) for path in args.files], args.devices or 1
     if args.json:
-        print(json.dumps([{"file": path, **s.to_json(args.devices)} for path, s in zip(args.files, solutions)], indent=2))
+        print(json.dumps([{"file": path, **s.to_json(devices)} for path, s in zip(args.files, solutions)], indent=2))
         return
     table = Table(title=f"sized to {args.budget:.3g} FLOPs ({solutions[0].law}); ratios to the first column", title_justify="left")
     table.add_column("figure")
     for path in args.files:
         table.add_column(Path(path).name, justify="right")
-    rows = [budget_rows(s, args.devices) for s in solutions]
+    rows = [budget_rows(s, devices) for s in solutions]
     for i, (label, first, unit) in enumerate(rows[0]):
         cells = [show(first, unit)]
         for other in rows[1:]:
@@ -190,16 +190,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_graph(args: argparse.Namespace) -> None:
-    from . import compile
-
     print(compile(Path(args.file)).graph.graph)
 
 
 def cmd_fmt(args: argparse.Namespace) -> None:
-    from .budget import validate
-    from .resolve import read
-    from .syntax import format_file
-
     parsed = read(Path(args.file))
     validate(parsed)  # only well-formed models are formatted
     text = format_file(parsed, ModelConfig.setting_names())
@@ -216,7 +210,7 @@ def add_budget_options(parser: argparse.ArgumentParser, required: bool) -> None:
     pinned = parser.add_mutually_exclusive_group()
     pinned.add_argument("--tokens", type=positive_number, help="pin the token count; the budget sets the size")
     pinned.add_argument("--params", type=positive_number, help="pin the (active) parameter count; the budget sets the tokens")
-    parser.add_argument("--devices", type=positive_int, default=1, help="devices to shard training memory over (FSDP)")
+    parser.add_argument("--devices", type=positive_int, help="devices to shard training memory over with FSDP (default 1)")
 
 
 def main(argv: list[str] | None = None) -> int:
