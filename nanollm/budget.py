@@ -134,8 +134,7 @@ class Family:
         self.settings = {n: s for n, s in merged.settings.items() if n != "n_layers"}  # the list is the model
         self.lets = merged.lets
         layers = merged.layers or [_default_stack(merged.settings)]
-        auto_width = "d_model" in self.settings and self.settings["d_model"].value.text == AUTO
-        auto_depth = [r for r in _repeats(layers) if r.count.text == AUTO]
+        auto_width, auto_depth = _free_sizes(merged.settings, layers)
         for extra in auto_depth[1:]:
             raise ArchError("only one repeat count may be auto", extra.count.pos)
         if auto_depth and "n_layers" in merged.settings:
@@ -195,8 +194,6 @@ class Family:
         """The depth count holding the aspect ratio at this width (or the file's own when depth is fixed)."""
         if not self.free_depth:
             return self.reference_depth
-        if not self.free_width:
-            raise ValueError("depth alone is searched directly")
         return max(1, round((width[2] / self.aspect - self.other_layers) / self.unit_layers))
 
     def scaled(self, value: float, d_model: int) -> int:
@@ -232,8 +229,9 @@ class Family:
         if spec is None or not term.args:
             return term
         args = list(term.args)
+        widths = {p.name for p in spec.params if p.width}
         for name, (index, arg) in bind(term, spec.params).items():
-            if next(p for p in spec.params if p.name == name).width:
+            if name in widths:
                 keyword = arg.name or (name if term.args[index].value.kind == "name" else None)  # `d_ff2048` shorthand
                 value = Value(str(self.scaled(parse_number(arg.value.text), d_model)), "number", arg.value.pos)
                 args[index] = Arg(keyword, value, arg.pos)
@@ -247,8 +245,8 @@ class Family:
 def validate(arch_file: ArchFile) -> None:
     """Check a file that may leave sizes free (`auto`): at its reference size if it does."""
     merged = merge(arch_file)
-    free = any(s.value.text == AUTO for s in merged.settings.values()) or any(r.count.text == AUTO for r in _repeats(merged.layers))
-    if free:
+    auto_width, auto_depth = _free_sizes(merged.settings, merged.layers)
+    if auto_width or auto_depth:
         Family(arch_file)
     else:
         resolve(arch_file)
@@ -258,6 +256,12 @@ def _default_stack(settings: dict[str, Setting]) -> Repeat:
     """`repeat n_layers < global >`, the layer list of a file that has none."""
     count = settings["n_layers"].value if "n_layers" in settings else Value(str(ModelConfig.n_layers), "number", None)
     return Repeat(count, (LayerStmt(Term("global", None, None), (), None),), (), None)
+
+
+def _free_sizes(settings: dict[str, Setting], layers: list[LayerItem]) -> tuple[bool, list[Repeat]]:
+    """Whether d_model is auto, and the repeat groups whose count is auto."""
+    auto_width = "d_model" in settings and settings["d_model"].value.text == AUTO
+    return auto_width, [r for r in _repeats(layers) if r.count.text == AUTO]
 
 
 def _repeats(items: list[LayerItem] | tuple[LayerItem, ...]) -> list[Repeat]:
@@ -340,12 +344,11 @@ class Solution:
 class _Figures:
     """Exact figures of one width as affine functions of the depth count.
 
-    One analysis at depth 1; a layer's figures depend only on the layer and the settings, so the depth
+    One analysis of the IR at depth 1; a layer's figures depend only on the layer and the settings, so the depth
     unit's share follows from the IR of depth 2 without analysing it.
     """
 
-    def __init__(self, family: Family, width: Width) -> None:
-        one = family.arch(width, 1)
+    def __init__(self, one: Arch, two: Arch) -> None:
         analysis = analyze(one, lower(one), one.config.seq_len)
         per_layer = dict(zip(one.layers, analysis.layers))
 
@@ -354,7 +357,7 @@ class _Figures:
             flops = 3 * sum(r.flops_per_token_fwd for r in reports)
             return {"params": sum(r.params_active for r in reports), "flops": flops, "non_embedding_flops": flops}
 
-        first, second = layers(one), layers(family.arch(width, 2))
+        first, second = layers(one), layers(two)
         total = {"params": analysis.params_active, "flops": analysis.flops_per_token_train, "non_embedding_flops": first["flops"]}
         self.unit = {k: second[k] - first[k] for k in total}
         self.base = {k: total[k] - self.unit[k] for k in total}
@@ -374,7 +377,7 @@ def figures(family: Family, width: Width) -> _Figures:
     """The (cached) figures of one width of a family."""
     key = (family.arch(width, 1), family.arch(width, 2))
     if key not in _FIGURES:
-        _FIGURES[key] = _Figures(family, width)
+        _FIGURES[key] = _Figures(*key)
     return _FIGURES[key]
 
 
