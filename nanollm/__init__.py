@@ -52,7 +52,7 @@ def compile(path_or_text: str | os.PathLike | Arch, **overrides: Any) -> Compile
 
 
 def from_hf(model: Any) -> fx.GraphModule:
-    """A nanollm model carrying the weights of a transformers Qwen3ForCausalLM (or a path/hub id to one)."""
+    """A nanollm model carrying the weights of a transformers Qwen3, Qwen3-MoE or Mixtral causal LM (or a path/hub id to one)."""
     from .hf import from_hf as convert  # transformers is imported only here
 
     return convert(model)

@@ -1,8 +1,8 @@
 """Every component checked against an implementation written outside this repo, fp32 on CPU.
 
-References: Hugging Face transformers (Qwen3 / Llama / Qwen3-MoE modules with copied weights,
-Mixtral's load-balancing loss) and, for the sliding window, an explicit-mask attention written
-below straight from the definition "query i sees key j iff i - window < j <= i".
+References: Hugging Face transformers (Qwen3 / Llama modules with copied weights) and, for the
+sliding window, an explicit-mask attention written below straight from the definition "query i sees
+key j iff i - window < j <= i". The mixture of experts has its own file, test_moe.py.
 """
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, Qwen3Config, Qwen3MoeConfig
+from transformers import LlamaConfig, Qwen3Config
 from transformers.models.llama.modeling_llama import LlamaAttention
-from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3Attention,
     Qwen3MLP,
@@ -21,11 +20,9 @@ from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3RotaryEmbedding,
     apply_rotary_pos_emb,
 )
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 from nanollm.compiler import initialize
 from nanollm.components import REGISTRY
-from nanollm.components.ffn.moe import moe_reference
 from nanollm.components.norm.rmsnorm import RMSNorm
 from nanollm.components.position.rope import RotaryEmbedding, apply_rope
 from nanollm.ir import ModelConfig
@@ -37,7 +34,6 @@ ATOL = 1e-5
 MATRIX_SCALE = 10.0  # init std 0.02 -> 0.2: unit-scale activations in a 64-wide model
 SMALL_ARGS = {"window": 3}  # overrides of registry defaults that would make a tiny test vacuous
 MIXERS = sorted(name for name, spec in REGISTRY.items() if spec.slot == "mixer")
-ROUTINGS = [(1, 4), (2, 4), (4, 4), (3, 8)]  # (top, experts): top=1 and top=experts are the edges
 
 
 @pytest.fixture(autouse=True)
@@ -223,110 +219,3 @@ def test_mixer_is_causal(name):
         out = mix(module, changed)
         assert torch.equal(out[:, :t], base[:, :t]), f"output before {t} depends on token {t}"
         assert not torch.allclose(out[:, t], base[:, t]), f"output at {t} ignores token {t}"
-
-
-# --- mixture of experts ---------------------------------------------------------------------------
-
-
-def moe(top: int, experts: int, norm_topk: bool = True, aux: float = 0.01):
-    return build("moe", top=top, experts=experts, d_ff=32, aux=aux, norm_topk=norm_topk)
-
-
-@pytest.mark.parametrize("top,experts", ROUTINGS)
-@pytest.mark.parametrize("norm_topk", [True, False])
-@pytest.mark.parametrize("shape", [(2, 8), (1, 1)])
-def test_moe_grouped_matches_reference(top, experts, norm_topk, shape):
-    module = moe(top, experts, norm_topk)
-    x = torch.randn(*shape, CONFIG.d_model)
-    close(module(x)[0], moe_reference(module, x))
-
-
-def test_moe_with_idle_experts_matches_reference():
-    """Experts that receive no token make empty groups in the grouped matmul."""
-    module = moe(2, 4)
-    x = torch.randn(2, 8, CONFIG.d_model)
-    x[..., 0] = 1.0
-    with torch.no_grad():
-        module.router.weight[[0, 3], 0] = -100.0  # experts 0 and 3 lose every routing decision
-    y, _ = module(x)
-    assert set(module.route(x.reshape(-1, CONFIG.d_model))[2].unique().tolist()) == {1, 2}
-    close(y, moe_reference(module, x))
-
-
-@pytest.mark.parametrize("top,experts", ROUTINGS)
-@pytest.mark.parametrize("norm_topk", [True, False])
-def test_moe_matches_qwen3_moe(top, experts, norm_topk):
-    ours = moe(top, experts, norm_topk)
-    hf = Qwen3MoeConfig(
-        hidden_size=CONFIG.d_model,
-        moe_intermediate_size=32,
-        num_experts=experts,
-        num_experts_per_tok=top,
-        norm_topk_prob=norm_topk,
-        experts_implementation="eager",
-    )
-    theirs = Qwen3MoeSparseMoeBlock(hf)
-    # HF stores (out, in) matrices: gate_up_proj (E, 2I, d), down_proj (E, d, I); ours are (E, in, out).
-    theirs.load_state_dict(
-        {
-            "gate.weight": ours.router.weight,
-            "experts.gate_up_proj": ours.gate_up.transpose(1, 2),
-            "experts.down_proj": ours.down.transpose(1, 2),
-        }
-    )
-    x = torch.randn(2, 8, CONFIG.d_model)
-    close(ours(x)[0], theirs(x))
-
-
-@pytest.mark.parametrize("top,experts", ROUTINGS)
-@pytest.mark.parametrize("aux", [0.01, 1.0])
-def test_moe_balance_loss_matches_mixtral(top, experts, aux):
-    module = moe(top, experts, aux=aux)
-    x = torch.randn(2, 16, CONFIG.d_model)
-    _, loss = module(x)
-    logits = module.router(x.reshape(-1, CONFIG.d_model))
-    expected = aux * load_balancing_loss_func((logits,), num_experts=experts, top_k=top)
-    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
-
-
-def test_moe_gradients_reach_every_weight():
-    module = moe(2, 4)
-    x = torch.randn(2, 8, CONFIG.d_model)
-    probe = torch.randn_like(x)
-    names = ["router.weight", "gate_up", "down"]
-
-    def grads(output: torch.Tensor) -> dict[str, torch.Tensor]:
-        params = [module.get_parameter(name) for name in names]
-        return dict(zip(names, torch.autograd.grad(output, params, materialize_grads=True)))
-
-    dispatched = grads((module(x)[0] * probe).sum())
-    reference = grads((moe_reference(module, x) * probe).sum())
-    for name in names:
-        assert dispatched[name].abs().sum() > 0, name
-        # Sums over 16 tokens of unit-scale terms, accumulated in another order: a relative bound.
-        torch.testing.assert_close(dispatched[name], reference[name], atol=ATOL, rtol=1e-5)
-    assert grads(module(x)[1])["router.weight"].abs().sum() > 0  # the balance loss trains the router too
-
-
-def test_moe_runs_on_meta_in_bf16():
-    with torch.device("meta"):
-        module = build("moe").to(torch.bfloat16)
-        x = torch.randn(2, 8, CONFIG.d_model, dtype=torch.bfloat16)
-    y, aux = module(x)
-    assert (y.device.type, y.dtype, y.shape) == ("meta", torch.bfloat16, x.shape)
-    assert (aux.device.type, aux.shape) == ("meta", ())
-
-
-@pytest.mark.parametrize("d_model,d_ff", [(64, 6), (64, 12), (60, 32)])
-def test_moe_refuses_or_runs_any_width(d_model, d_ff):
-    """Widths the language accepts must be refused by MoE.check or run: fp32 on CPU and bf16 on meta (analysis)."""
-    config = dataclasses.replace(CONFIG, d_model=d_model)
-    args = dict(top=2, experts=4, d_ff=d_ff, aux=0.01, norm_topk=True)
-    if REGISTRY["moe"].module.check(config, **args) is not None:
-        return
-    module = build("moe", config, **args)
-    x = torch.randn(2, 8, d_model)
-    close(module(x)[0], moe_reference(module, x))
-    with torch.device("meta"):
-        meta = build("moe", config, **args).to(torch.bfloat16)
-        assert meta(x.to("meta", torch.bfloat16))[0].shape == x.shape

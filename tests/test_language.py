@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from nanollm.components import REGISTRY
 from nanollm.errors import ArchError
 from nanollm.ir import Call, Layer, ModelConfig
 from nanollm.resolve import load, read, resolve
@@ -20,7 +21,8 @@ def sliding(window: int) -> Call:
 
 
 def moe(top: int = 2, experts: int = 8, d_ff: int = 3072, aux: float = 0.01) -> Call:
-    return Call("moe", (("top", top), ("experts", experts), ("d_ff", d_ff), ("aux", aux), ("norm_topk", True)))
+    given = {"top": top, "experts": experts, "d_ff": d_ff, "aux": aux}  # the other arguments at their defaults
+    return Call("moe", tuple((p.name, given.get(p.name, p.default)) for p in REGISTRY["moe"].params))
 
 
 def test_empty_file_is_the_qwen3_baseline():

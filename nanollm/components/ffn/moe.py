@@ -1,21 +1,28 @@
-"""Top-k softmax-routed mixture of SwiGLU experts with a Switch-style load-balancing loss.
+"""Mixture of SwiGLU experts: token-choice top-k routing, optional shared experts, balancing, capacity.
 
-Routing follows Mixtral/Qwen3-MoE: softmax over all experts in fp32, keep the top k, optionally
-renormalise their weights. Dispatch is dropless: the N*k (token, expert) assignments are sorted by
-expert and run through two grouped matmuls, so shapes never depend on the routing (the same code
-runs on the meta device, and fvcore sees exactly the active expert compute).
+The router (router.py) picks k of E experts per token; the dispatch (dispatch.py) runs each token through
+its experts, dropless by default. `shared` always-on experts (DeepSeekMoE) form one dense SwiGLU of width
+shared * d_ff, added unweighted. While training, every forward pass adds its expert loads, drops and
+losses to buffers; `finish_step` turns them into the step's metrics and, under balance=bias, nudges the
+selection bias towards balance (DeepSeek-V3).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
-from .. import INIT_STD, Component, Param, register
+from .. import INIT_STD, Component, Param, collects_statistics, register, sum_over_processes
 from ...ir import ModelConfig
+from .dispatch import DROPS, capacity_limited, dropless
+from .router import BALANCES, ROUTERS, Router
+from .swiglu import SwiGLU
+
+# Per-step accumulators, one float64 vector: the E expert loads, then these (float64 counts stay exact).
+DROPPED, PASSES, BALANCE, Z_LOSS = range(4)
 
 
 def grouped_mm_handle(inputs: list, outputs: list) -> int:
@@ -24,32 +31,83 @@ def grouped_mm_handle(inputs: list, outputs: list) -> int:
     return rows * inner * get_shape(inputs[1])[-1]
 
 
+def load_metrics(load: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Balance of a vector of expert loads: max/mean, coefficient of variation, entropy / log E (all 0 if empty)."""
+    load = load.double()
+    mean = load.mean().clamp_min(1e-30)
+    usage = load / load.sum().clamp_min(1e-30)
+    entropy = torch.special.xlogy(usage, usage).sum().abs()  # -sum p log p >= 0; abs avoids printing -0.0
+    return {
+        "max_load": (load.max() / mean).float(),
+        "cv": (load.std(correction=0) / mean).float(),
+        "entropy": (entropy / math.log(load.numel()) if load.numel() > 1 else usage.sum()).float(),
+    }
+
+
 @register(
     "moe",
     "ffn",
     Param("top", int, "experts per token (k)", default=2, minimum=1),
     Param("experts", int, "routed experts (E)", default=8, minimum=1),
     Param("d_ff", int, "hidden width of each expert", default="d_ff", minimum=1, width=True),
-    Param("aux", float, "load-balancing loss coefficient", default=0.01, minimum=0),
+    Param("shared", int, "always-on shared experts, each of width d_ff", default=0, minimum=0),
+    Param("router", str, "scoring: softmax over experts, or sigmoid per expert", default="softmax", choices=ROUTERS),
     Param("norm_topk", bool, "renormalise the k routing weights to sum to 1", default=True),
+    Param("scale", float, "factor on the routing weights (DeepSeek-V3's routed_scaling_factor)", default=1.0, minimum=0),
+    Param("groups", int, "expert groups for group-limited routing (1 = off)", default=1, minimum=1),
+    Param("top_groups", int, "groups a token may route to", default=1, minimum=1),
+    Param("balance", str, "load balancing: aux, seq_aux, none or bias", default="aux", choices=BALANCES),
+    Param("aux", float, "balance-loss coefficient (aux, seq_aux)", default=0.01, minimum=0),
+    Param("bias_rate", float, "selection-bias update per step (bias)", default=0.001, minimum=0),
+    Param("z_loss", float, "router z-loss coefficient", default=0.0, minimum=0),
+    Param("jitter", float, "router-input noise while training: x * U(1 - jitter, 1 + jitter)", default=0.0, minimum=0),
+    Param("capacity", float, "capacity factor; 0 = dropless", default=0.0, minimum=0),
+    Param("drop", str, "which assignments go over capacity: lowest score, or latest position", default="score", choices=DROPS),
 )
 class MoE(Component):
-    """Dropless top-k MoE of SwiGLU experts; returns (output, weighted balance loss)."""
+    """Top-k routed mixture of SwiGLU experts (+ shared experts); returns (output, weighted router losses)."""
 
     returns_aux = True
 
-    def __init__(self, config: ModelConfig, top: int, experts: int, d_ff: int, aux: float, norm_topk: bool) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        top: int,
+        experts: int,
+        d_ff: int,
+        shared: int,
+        balance: str,
+        bias_rate: float,
+        capacity: float,
+        drop: str,
+        **routing: Any,  # the Router's own arguments: router, norm_topk, scale, groups, top_groups, aux, z_loss, jitter
+    ) -> None:
         super().__init__()
-        self.top, self.experts, self.aux, self.norm_topk = top, experts, aux, norm_topk
-        self.router = nn.Linear(config.d_model, experts, bias=False)
-        # (E, in, out) layouts, as grouped_mm takes them; gate and up are the two halves of gate_up.
-        self.gate_up = nn.Parameter(torch.empty(experts, config.d_model, 2 * d_ff))
-        self.down = nn.Parameter(torch.empty(experts, d_ff, config.d_model))
+        self.top, self.experts, self.shared, self.balance = top, experts, shared, balance
+        self.bias_rate, self.capacity, self.drop = bias_rate, capacity, drop
+        self.router = Router(config.d_model, experts, top, balance, **routing)
+        # (E, out, in) stacks, as nn.Linear, transformers and torchtitan lay them out; gate_up = [gate; up].
+        self.gate_up = nn.Parameter(torch.empty(experts, 2 * d_ff, config.d_model))
+        self.down = nn.Parameter(torch.empty(experts, config.d_model, d_ff))
+        self.shared_experts = SwiGLU(config, shared * d_ff) if shared else None
+        if balance == "bias":
+            # Persistent (checkpointed) and kept fp32 by _apply: its updates are ~1e-3 steps that bf16 would round away.
+            self.register_buffer("selection_bias", torch.zeros(experts, dtype=torch.float32))
+        self.register_buffer("statistics", torch.zeros(experts + 4, dtype=torch.float64), persistent=False)
 
     @classmethod
     def check(cls, config: ModelConfig, **args: Any) -> str | None:
-        if args["top"] > args["experts"]:
-            return f"top={args['top']} is more than experts={args['experts']}"
+        top, experts, groups, top_groups = args["top"], args["experts"], args["groups"], args["top_groups"]
+        if top > experts:
+            return f"top={top} is more than experts={experts}"
+        if experts % groups:
+            return f"groups={groups} does not divide experts={experts}"
+        if top_groups > groups:
+            return f"top_groups={top_groups} is more than groups={groups}"
+        if top > top_groups * (experts // groups):
+            return f"top={top} is more than the {top_groups * (experts // groups)} experts in top_groups={top_groups} of groups={groups}"
+        if args["jitter"] >= 1:
+            return f"jitter={args['jitter']} must be below 1 (the router input would change sign)"
         for name, width in (("d_ff", args["d_ff"]), ("d_model", config.d_model)):
             if width % 8:  # grouped_mm wants 16-byte-aligned rows, i.e. widths in multiples of 8 bf16 values
                 return f"{name}={width} is not a multiple of 8, as the grouped expert matmuls need"
@@ -58,57 +116,72 @@ class MoE(Component):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.gate_up, std=INIT_STD)
         nn.init.normal_(self.down, std=INIT_STD)
-
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router probabilities (N, E) in fp32, and the top-k weights and expert ids (N, k)."""
-        probs = self.router(x).float().softmax(dim=-1)
-        weights, experts = probs.topk(self.top, dim=-1)
-        if self.norm_topk:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return probs, weights, experts
-
-    def balance_loss(self, probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Switch/GShard loss aux * E * sum_i f_i P_i, f_i = assignments to i per token, P_i = mean probability."""
-        fraction = counts.float() / probs.shape[0]
-        return self.aux * self.experts * (fraction * probs.mean(dim=0)).sum()
+        for buffer in self.buffers(recurse=False):
+            buffer.zero_()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        probs, weights, experts = self.route(x)
-        flat = experts.flatten()
-        order = flat.argsort(stable=True)
-        token = order // self.top
-        counts = torch.zeros(self.experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-        offsets = counts.cumsum(0).to(torch.int32)
-        gate, up = F.grouped_mm(x[token], self.gate_up, offs=offsets).chunk(2, dim=-1)
-        out = F.grouped_mm(F.silu(gate) * up, self.down, offs=offsets)
-        out = out * weights.flatten()[order].unsqueeze(-1).to(out.dtype)
-        y = torch.zeros_like(x).index_add_(0, token, out)
-        return y.view(shape), self.balance_loss(probs, counts)
+        routing = self.router(x.reshape(-1, x.shape[-2], x.shape[-1]), getattr(self, "selection_bias", None))
+        flat = x.reshape(-1, x.shape[-1])
+        if self.capacity:
+            y, dropped = capacity_limited(flat, routing.experts, routing.weights, self.gate_up, self.down, self.capacity, self.drop)
+        else:
+            y, dropped = dropless(flat, routing.experts, routing.weights, self.gate_up, self.down), None
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        if collects_statistics(self):
+            self.record(routing.experts, dropped, routing.balance_loss, routing.z_loss)
+        return y.view(x.shape), routing.balance_loss + routing.z_loss
+
+    @torch.no_grad()
+    def record(self, experts: torch.Tensor, dropped: torch.Tensor | None, balance: torch.Tensor, z_loss: torch.Tensor) -> None:
+        """Add one forward pass's loads, drops and losses to this step's accumulators."""
+        load = torch.zeros(self.experts, dtype=torch.float64, device=experts.device)
+        load.scatter_add_(0, experts.flatten(), torch.ones_like(experts.flatten(), dtype=torch.float64))
+        dropped = dropped if dropped is not None else torch.zeros((), device=experts.device)
+        extra = torch.stack([dropped.double(), torch.ones_like(balance, dtype=torch.float64), balance.double(), z_loss.double()])
+        self.statistics += torch.cat([load, extra])
+
+    def finish_step(self) -> dict[str, torch.Tensor]:
+        totals = sum_over_processes(self.statistics.clone())  # cloned: the accumulators are reset next
+        self.statistics.zero_()
+        load, extra = totals[: self.experts], totals[self.experts :]
+        if self.balance == "bias":  # DeepSeek-V3's auxiliary-loss-free balancing: b_i += rate * sign(mean load - load_i)
+            self.selection_bias += self.bias_rate * torch.sign(load.mean() - load).float()
+        passes = extra[PASSES].clamp_min(1)
+        return {
+            "load": load.float(),
+            **load_metrics(load),
+            "dropped": (extra[DROPPED] / load.sum().clamp_min(1)).float(),
+            "balance_loss": (extra[BALANCE] / passes).float(),
+            "z_loss": (extra[Z_LOSS] / passes).float(),
+        }
+
+    def summarize(self, totals: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+        row = {name: value.item() for name, value in load_metrics(totals["load"]).items()}
+        return row | {name: totals[name].item() / max(steps, 1) for name in ("dropped", "balance_loss", "z_loss")}
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> MoE:
+        # Casting the model (e.g. to bf16) must not cast the fp32 selection bias or the float64 statistics.
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:  # recast; copy the exact old values where they exist (not on meta)
+                self._buffers[name] = new.to(old.dtype) if old.is_meta or new.is_meta else old.to(new.device)
+        return self
 
     def active_params(self) -> int:
         expert = self.gate_up[0].numel() + self.down[0].numel()
-        return self.router.weight.numel() + self.top * expert
+        shared = sum(p.numel() for p in self.shared_experts.parameters()) if self.shared_experts is not None else 0
+        return self.router.weight.numel() + shared + self.top * expert
 
     def flop_handles(self, seq_len: int) -> dict[str, Callable]:
         return {"aten::_grouped_mm": grouped_mm_handle}
 
     def extra_repr(self) -> str:
-        return f"top={self.top}, experts={self.experts}, d_ff={self.down.shape[1]}, aux={self.aux}, norm_topk={self.norm_topk}"
-
-
-def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """Plain reference: for every token, the weighted sum of its k experts, one token at a time."""
-    flat = x.reshape(-1, x.shape[-1])
-    _, weights, experts = moe.route(flat)
-    d_ff = moe.down.shape[1]
-    rows = []
-    for token in range(flat.shape[0]):
-        total = torch.zeros_like(flat[token])
-        for slot in range(moe.top):
-            e = experts[token, slot]
-            hidden = flat[token] @ moe.gate_up[e]
-            total = total + weights[token, slot].to(x.dtype) * ((F.silu(hidden[:d_ff]) * hidden[d_ff:]) @ moe.down[e])
-        rows.append(total)
-    return torch.stack(rows).view(x.shape)
+        r = self.router
+        return (
+            f"top={self.top}, experts={self.experts}, d_ff={self.down.shape[-1]}, shared={self.shared}, router={r.kind}, "
+            f"norm_topk={r.norm_topk}, scale={r.scale}, groups={r.groups}, top_groups={r.top_groups}, balance={self.balance}, "
+            f"aux={r.aux}, bias_rate={self.bias_rate}, z_loss={r.z_coef}, jitter={r.jitter}, capacity={self.capacity}, drop={self.drop}"
+        )

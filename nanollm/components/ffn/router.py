@@ -1,0 +1,110 @@
+"""Token-choice top-k routing for the MoE: scores, group-limited selection, selection bias, router losses.
+
+Two scoring functions: softmax over all experts (Switch, Mixtral, Qwen3-MoE) or an independent sigmoid
+per expert (DeepSeek-V3). Experts are chosen by score (plus DeepSeek-V3's selection bias when balancing by
+bias, which never enters the weights), optionally only among the best groups of experts (DeepSeek-V3's
+group-limited routing); the chosen scores, optionally renormalised and scaled, weight the experts' outputs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import INIT_STD
+
+ROUTERS = ("softmax", "sigmoid")
+BALANCES = ("aux", "seq_aux", "none", "bias")
+
+
+@dataclass
+class Routing:
+    """One forward pass's routing of N tokens: k experts each, their weights, and the weighted losses."""
+
+    experts: torch.Tensor  # (N, k) expert ids
+    weights: torch.Tensor  # (N, k) fp32 weights of those experts' outputs
+    balance_loss: torch.Tensor  # coefficient-weighted load-balancing loss (0-d)
+    z_loss: torch.Tensor  # coefficient-weighted router z-loss (0-d)
+
+
+class Router(nn.Module):
+    """Scores every expert for every token and picks each token's top k."""
+
+    def __init__(
+        self,
+        d_model: int,
+        experts: int,
+        top: int,
+        balance: str,
+        router: str,
+        norm_topk: bool,
+        scale: float,
+        groups: int,
+        top_groups: int,
+        aux: float,
+        z_loss: float,
+        jitter: float,
+    ) -> None:
+        super().__init__()
+        self.experts, self.top, self.kind, self.norm_topk, self.scale = experts, top, router, norm_topk, scale
+        self.groups, self.top_groups, self.balance, self.aux, self.z_coef, self.jitter = groups, top_groups, balance, aux, z_loss, jitter
+        self.weight = nn.Parameter(torch.empty(experts, d_model))
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=INIT_STD)
+
+    def forward(self, x: torch.Tensor, selection_bias: torch.Tensor | None = None) -> Routing:
+        """Route x of shape (B, T, d) (sequences matter only to the sequence-wise balance loss)."""
+        if self.training and self.jitter > 0:  # Switch Transformer: multiplicative noise on the router input only
+            x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
+        logits = F.linear(x.reshape(-1, x.shape[-1]), self.weight).float()
+        scores = logits.softmax(dim=-1) if self.kind == "softmax" else logits.sigmoid()
+        experts = self.select(scores.detach(), selection_bias)
+        weights = scores.gather(1, experts)
+        if self.norm_topk:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # the epsilon guards all-zero sigmoids
+        weights = weights * self.scale
+        # Affinities as a distribution over experts: softmax already is one; sigmoid scores are normalised.
+        affinity = scores if self.kind == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
+        balance = self.balance_loss(affinity.view(x.shape[0], -1, self.experts), experts.view(x.shape[0], -1))
+        z_loss = self.z_coef * logits.logsumexp(dim=-1).square().mean() if self.z_coef > 0 else logits.new_zeros(())
+        return Routing(experts, weights, balance, z_loss)
+
+    def select(self, scores: torch.Tensor, selection_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Each token's top-k expert ids (N, k), by score plus selection bias, within its best groups."""
+        if selection_bias is not None:
+            scores = scores + selection_bias
+        if self.groups > 1:
+            grouped = scores.view(scores.shape[0], self.groups, -1)
+            # DeepSeek-V3: a group scores the sum of its two best experts; keep the best top_groups groups.
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+            kept = group_scores.topk(self.top_groups, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, kept, torch.ones_like(kept, dtype=torch.bool))
+            scores = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(scores)
+        return scores.topk(self.top, dim=-1).indices
+
+    def balance_loss(self, affinity: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The weighted balance loss from affinities (B, T, E) and choices (B, T*k).
+
+        aux (Switch/GShard): aux * E * sum_i f_i P_i over all tokens, f_i = assignments to i per token,
+        P_i = mean affinity. seq_aux (DeepSeek-V2/V3): aux * sum_i f_i P_i per sequence, with
+        f_i = E / (k T) * assignments to i in the sequence, averaged over sequences.
+        """
+        if self.balance not in ("aux", "seq_aux") or self.aux == 0:
+            return affinity.new_zeros(())
+        batch, length, _ = affinity.shape
+        counts = torch.zeros(batch, self.experts, device=affinity.device).scatter_add_(1, experts, torch.ones_like(experts, dtype=torch.float))
+        if self.balance == "aux":
+            fraction = counts.sum(dim=0) / (batch * length)
+            return self.aux * self.experts * (fraction * affinity.mean(dim=(0, 1))).sum()
+        fraction = counts * self.experts / (self.top * length)
+        return self.aux * (fraction * affinity.mean(dim=1)).sum(dim=1).mean()
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.experts}, top={self.top}, kind={self.kind}, norm_topk={self.norm_topk}, scale={self.scale}, "
+            f"groups={self.groups}, top_groups={self.top_groups}, balance={self.balance}, aux={self.aux}, "
+            f"z_loss={self.z_coef}, jitter={self.jitter}"
+        )
