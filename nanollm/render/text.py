@@ -1,0 +1,121 @@
+"""Diagrams as networks of labelled nodes in nested clusters, written as Graphviz DOT and Mermaid text."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+NEUTRAL = ("#f1f3f4", "#80868b")  # fill and stroke of what is no component: norms, embedding, head, plumbing
+CLUSTER_STROKE = "#9aa0a6"
+
+
+@dataclass
+class Network:
+    """A diagram for the text formats and the graph view.
+
+    Each node of `graph` has `lines` (its label), `pair` (fill, stroke), `shape` ("box", "circle" or
+    "text") and `clusters` (the ids of the clusters it sits in, outermost first); each edge has `dashed`.
+    """
+
+    direction: str  # "BT": drawn bottom to top; "TB": top to bottom
+    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    clusters: dict[str, list[str]] = field(default_factory=dict)  # id -> label lines
+
+    def node(self, name: str, lines: list[str], pair: tuple[str, str] = NEUTRAL, shape: str = "box", clusters: tuple[str, ...] = ()) -> str:
+        """Add a node; returns its name."""
+        self.graph.add_node(name, lines=lines, pair=pair, shape=shape, clusters=clusters)
+        return name
+
+    def edge(self, source: str, target: str, dashed: bool = False) -> None:
+        """Add an edge."""
+        self.graph.add_edge(source, target, dashed=dashed)
+
+    def nesting(self) -> dict[tuple[str, ...], list[tuple[str, object]]]:
+        """Cluster path -> its contents in order: ("node", name) and ("cluster", path) entries."""
+        tree: dict[tuple[str, ...], list[tuple[str, object]]] = {(): []}
+        for name, clusters in self.graph.nodes(data="clusters"):
+            for depth in range(1, len(clusters) + 1):
+                if clusters[:depth] not in tree:
+                    tree[clusters[:depth]] = []
+                    tree[clusters[:depth - 1]].append(("cluster", clusters[:depth]))
+            tree[clusters].append(("node", name))
+        return tree
+
+
+def dot_string(text: str) -> str:
+    """A DOT double-quoted string."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def dot(network: Network) -> str:
+    """Graphviz DOT source."""
+    out = [
+        "digraph nanollm {",
+        f"  rankdir={network.direction};",
+        '  graph [fontname="Helvetica", fontsize=12, labeljust=l, labelloc=b, nodesep=0.3, ranksep=0.3];',
+        '  node [fontname="Helvetica", fontsize=11, shape=box, style="rounded,filled"];',
+        '  edge [color="#3c4043", arrowsize=0.7];',
+    ]
+    tree = network.nesting()
+
+    def emit(path: tuple[str, ...], indent: str) -> None:
+        for kind, entry in tree[path]:
+            if kind == "cluster":
+                out.append(f"{indent}subgraph {dot_string('cluster_' + entry[-1])} {{")
+                out.append(f'{indent}  label={dot_string(chr(10).join(network.clusters[entry[-1]]))}; style="rounded,dashed"; color="{CLUSTER_STROKE}";')
+                emit(entry, indent + "  ")
+                out.append(f"{indent}}}")
+                continue
+            attrs = network.graph.nodes[entry]
+            fill, stroke = attrs["pair"]
+            style = {
+                "box": f'fillcolor="{fill}", color="{stroke}"',
+                "circle": f'shape=circle, width=0.3, fixedsize=true, fillcolor="#ffffff", color="{stroke}"',
+                "text": "shape=plaintext, style=solid",
+            }[attrs["shape"]]
+            out.append(f"{indent}{dot_string(entry)} [label={dot_string(chr(10).join(attrs['lines']))}, {style}];")
+
+    emit((), "  ")
+    for source, target, dashed in network.graph.edges(data="dashed"):
+        out.append(f"  {dot_string(source)} -> {dot_string(target)}{' [style=dashed]' if dashed else ''};")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def mermaid_text(text: str) -> str:
+    """Label text safe inside Mermaid's ["..."] (entity codes for the characters it would read as syntax)."""
+    for char, code in (("#", "#35;"), ('"', "#quot;"), ("<", "#lt;"), (">", "#gt;")):
+        text = text.replace(char, code)
+    return text
+
+
+def mermaid(network: Network) -> str:
+    """Mermaid flowchart source (renders in GitHub and GitLab markdown)."""
+    out = [f"flowchart {network.direction}"]
+    styles: dict[tuple[str, str], str] = {}
+    for pair in dict.fromkeys(pair for _, pair in network.graph.nodes(data="pair")):
+        styles[pair] = f"c{len(styles)}"
+        out.append(f"  classDef {styles[pair]} fill:{pair[0]},stroke:{pair[1]},color:#222222")
+    out.append("  classDef text fill:none,stroke:none,color:#5f6368")
+    tree = network.nesting()
+    ids = {name: f"n{k}" for k, name in enumerate(network.graph.nodes)}  # Mermaid reserves words like `end`
+
+    def emit(path: tuple[str, ...], indent: str) -> None:
+        for kind, entry in tree[path]:
+            if kind == "cluster":
+                label = "<br>".join(mermaid_text(line) for line in network.clusters[entry[-1]])
+                out.append(f'{indent}subgraph {entry[-1]} ["{label}"]')
+                emit(entry, indent + "  ")
+                out.append(f"{indent}end")
+                continue
+            attrs = network.graph.nodes[entry]
+            label = "<br>".join(mermaid_text(line) for line in attrs["lines"])
+            shape = '(("{}"))' if attrs["shape"] == "circle" else '["{}"]'
+            out.append(f"{indent}{ids[entry]}{shape.format(label)}")
+
+    emit((), "  ")
+    for source, target, dashed in network.graph.edges(data="dashed"):
+        out.append(f"  {ids[source]} {'-.->' if dashed else '-->'} {ids[target]}")
+    for name, attrs in network.graph.nodes(data=True):
+        out.append(f"  class {ids[name]} {'text' if attrs['shape'] == 'text' else styles[attrs['pair']]}")
+    return "\n".join(out) + "\n"
