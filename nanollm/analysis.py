@@ -69,6 +69,16 @@ class _Call(nn.Module):
         return self.function(*args, **self.kwargs)
 
 
+def human(number: float, unit: str = "") -> str:
+    """A figure for people: 1234567 -> '1.23M'; past tera, scientific notation (1.00e+20)."""
+    if abs(number) >= 1e15:
+        return f"{number:.2e}{unit}"
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(number) >= scale:
+            return f"{number / scale:.2f}{suffix}{unit}"
+    return f"{number:g}{unit}"
+
+
 def shape_key(values: Any) -> tuple:
     """Hashable shapes/dtypes of a call's arguments."""
     return tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v) for v in values)
@@ -82,12 +92,14 @@ class _Recorder(fx.Interpreter):
     """
 
     def __init__(self, model: fx.GraphModule, seq_len: int) -> None:
-        super().__init__(model)
+        super().__init__(model, garbage_collect_values=False)  # keep every node's output for `shapes`
         self.seq_len = seq_len
         self.calls: list[tuple[fx.Node, tuple, dict, tuple]] = []  # (node, tensor args, kwargs, call key)
         self.memo: dict[tuple, tuple[Any, int]] = {}
         self.activation_bytes = 0
         self._saved: dict[int, int] = {}
+        # Backward keeps weights too, often as views (linear saves weight.t()): known by their storage.
+        self._weights = {p.untyped_storage()._cdata for p in model.parameters()}
 
     def key(self, node: fx.Node, args: tuple, kwargs: dict) -> tuple:
         """What determines a call's output shapes and FLOPs."""
@@ -113,14 +125,23 @@ class _Recorder(fx.Interpreter):
         self.activation_bytes += saved
         return output
 
+    def shapes(self) -> dict[fx.Node, Any]:
+        """Each node's output shape after a run: a tuple, a tuple of them for a node that returns several, or None."""
+
+        def shape(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return tuple(value.shape)
+            return tuple(shape(v) for v in value) if isinstance(value, (tuple, list)) else None
+
+        return {node: shape(value) for node, value in self.env.items()}
+
     def save(self, tensor: torch.Tensor) -> torch.Tensor:
         """saved_tensors_hooks pack hook: note each saved activation storage once per call."""
-        weight = tensor.is_leaf and tensor.requires_grad
+        storage = tensor.untyped_storage()
         # On meta, SDPA runs its math decomposition and saves (T, T) score matrices; the fused kernels
         # a real run uses never keep them, so they are left out of the estimate.
         scores = tensor.dim() >= 2 and tuple(tensor.shape[-2:]) == (self.seq_len, self.seq_len)
-        if not (weight or scores):
-            storage = tensor.untyped_storage()
+        if not (storage._cdata in self._weights or scores):
             self._saved[storage._cdata] = storage.nbytes()
         return tensor
 
@@ -134,12 +155,18 @@ def count_macs(module: nn.Module, args: tuple, handles: dict[str, Callable]) -> 
         return int(analysis.total())
 
 
-def analyze(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
-    """Analyse a meta-device model built from `arch` for one sequence of `seq_len` tokens."""
+def record(model: fx.GraphModule, seq_len: int) -> _Recorder:
+    """Run a meta-device model on one sequence of `seq_len` tokens (batch 1), recording what `analyze` needs."""
     recorder = _Recorder(model, seq_len)
     input_ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
     with torch.autograd.graph.saved_tensors_hooks(recorder.save, lambda t: t):
         recorder.run(input_ids)
+    return recorder
+
+
+def analyze(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
+    """Analyse a meta-device model built from `arch` for one sequence of `seq_len` tokens."""
+    recorder = record(model, seq_len)
 
     node_macs: dict[str, int] = {}
     for node, args, kwargs, key in recorder.calls:

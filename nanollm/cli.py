@@ -1,4 +1,4 @@
-"""The `nanollm` command line: compile (and size to a budget), compare, graph, fmt."""
+"""The `nanollm` command line: compile (and size to a budget), compare, render, graph, fmt."""
 from __future__ import annotations
 
 import argparse
@@ -11,10 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from . import compile
+from .analysis import Analysis, human
 from .budget import Solution, solve, validate
 from .components import REGISTRY
 from .errors import ArchError
-from .ir import Call, ModelConfig
+from .ir import Arch, Call, ModelConfig
+from .render import VIEWS, Subject, check_output, write
 from .resolve import read
 from .syntax import format_file
 
@@ -25,16 +27,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(2)
-
-
-def human(number: float, unit: str = "") -> str:
-    """1234567 -> '1.23M'; past tera, scientific notation (1.00e+20)."""
-    if abs(number) >= 1e15:
-        return f"{number:.2e}{unit}"
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(number) >= scale:
-            return f"{number / scale:.2f}{suffix}{unit}"
-    return f"{number:g}{unit}"
 
 
 def brief(call: Call, config: ModelConfig) -> str:
@@ -69,30 +61,30 @@ def console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 160)
 
 
-BUDGET_ONLY = ("law", "tokens", "params", "devices", "output")
+BUDGET_OPTIONS = ("law", "tokens", "params", "devices")
+BUDGET_ONLY = (*BUDGET_OPTIONS, "output")
+LAYER_COLUMNS = ("layer", "mixer", "ffn", "params", "active", "FLOPs/token", "KV bytes/token")
 
 
-def cmd_compile(args: argparse.Namespace) -> None:
-    if args.budget is not None:
-        return cmd_budget(args)
-    given = [f"--{name}" if name != "output" else "-o" for name in BUDGET_ONLY if getattr(args, name) is not None]
+def require_budget(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """An error naming the budget options given without --budget."""
+    given = [f"--{name}" if name != "output" else "-o" for name in names if getattr(args, name) is not None]
     if given:
         raise ArchError(f"{', '.join(given)} needs --budget")
-    compiled = compile(Path(args.file))
-    analysis = compiled.analyze(args.seq_len or compiled.config.seq_len)
-    if args.json:
-        print(json.dumps(analysis.to_json(), indent=2))
-        return
-    table = Table(title=f"{args.file}  (seq_len {analysis.seq_len}, batch 1)", title_justify="left")
-    for name in ("layer", "mixer", "ffn", "params", "active", "FLOPs/token", "KV bytes/token"):
-        table.add_column(name, justify="left" if name in ("mixer", "ffn") else "right")
-    for r, layer in zip(analysis.layers, compiled.arch.layers):
-        mixer, ffn = (brief(call, compiled.config) for call in (layer.mixer, layer.ffn))
-        table.add_row(str(r.index), mixer, ffn, human(r.params), human(r.params_active), human(r.flops_per_token_fwd), human(r.kv_cache_bytes_per_token))
-    totals = Table(show_header=False, box=None)
-    totals.add_column(justify="left")
-    totals.add_column(justify="right")
-    for name, value in (
+
+
+def layer_rows(arch: Arch, analysis: Analysis) -> list[tuple[str, ...]]:
+    """A row per layer, under LAYER_COLUMNS."""
+    return [
+        (str(r.index), brief(layer.mixer, arch.config), brief(layer.ffn, arch.config), human(r.params), human(r.params_active),
+         human(r.flops_per_token_fwd), human(r.kv_cache_bytes_per_token))
+        for r, layer in zip(analysis.layers, arch.layers)
+    ]
+
+
+def total_rows(analysis: Analysis) -> list[tuple[str, str]]:
+    """The whole model's figures: (name, value)."""
+    return [
         ("parameters", human(analysis.params_total)),
         ("active per token", human(analysis.params_active)),
         ("embedding", human(analysis.params_embedding)),
@@ -100,7 +92,27 @@ def cmd_compile(args: argparse.Namespace) -> None:
         ("training FLOPs/token (3x)", human(analysis.flops_per_token_train)),
         ("KV cache/token", human(analysis.kv_cache_bytes_per_token, "B")),
         ("activations saved (batch 1)", human(analysis.activation_bytes, "B")),
-    ):
+    ]
+
+
+def cmd_compile(args: argparse.Namespace) -> None:
+    if args.budget is not None:
+        return cmd_budget(args)
+    require_budget(args, BUDGET_ONLY)
+    compiled = compile(Path(args.file))
+    analysis = compiled.analyze(args.seq_len or compiled.config.seq_len)
+    if args.json:
+        print(json.dumps(analysis.to_json(), indent=2))
+        return
+    table = Table(title=f"{args.file}  (seq_len {analysis.seq_len}, batch 1)", title_justify="left")
+    for name in LAYER_COLUMNS:
+        table.add_column(name, justify="left" if name in ("mixer", "ffn") else "right")
+    for row in layer_rows(compiled.arch, analysis):
+        table.add_row(*row)
+    totals = Table(show_header=False, box=None)
+    totals.add_column(justify="left")
+    totals.add_column(justify="right")
+    for name, value in total_rows(analysis):
         totals.add_row(name, value)
     out = console()
     out.print(table)
@@ -189,6 +201,21 @@ def cmd_compare(args: argparse.Namespace) -> None:
     console().print(table)
 
 
+def cmd_render(args: argparse.Namespace) -> None:
+    check_output(Path(args.output))  # before the work, so a wrong suffix fails at once
+    if args.budget is None:
+        require_budget(args, BUDGET_OPTIONS)
+        compiled = compile(Path(args.file))
+        analysis, notes, tables = compiled.analyze(args.seq_len or compiled.config.seq_len), (), ()
+    else:
+        solution = solve_file(args, args.file)
+        compiled, analysis = compile(solution.arch), solution.analysis
+        notes = (f"sized to {args.budget:.3g} training FLOPs ({solution.law}): {human(solution.tokens)} tokens",)
+        tables = (("budget", ("figure", "value"), [(label, show(value, unit)) for label, value, unit in budget_rows(solution, args.devices or 1)]),)
+    tables = (("layers", LAYER_COLUMNS, layer_rows(compiled.arch, analysis)), ("totals", ("figure", "value"), total_rows(analysis)), *tables)
+    write(Path(args.output), Subject(Path(args.file).name, compiled.arch, compiled.graph, analysis, notes, tables), args.view)
+
+
 def cmd_graph(args: argparse.Namespace) -> None:
     print(compile(Path(args.file)).graph.graph)
 
@@ -201,6 +228,68 @@ def cmd_fmt(args: argparse.Namespace) -> None:
         Path(args.file).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train.recipe import KEYS
+    from .train.trainer import train
+
+    overrides = {name: getattr(args, name) for name in KEYS if getattr(args, name, None) is not None}
+    out = Path(args.out) if args.out else None
+    train(Path(args.file), args.recipe, overrides, out, Path(args.resume) if args.resume else None)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .train.trainer import evaluate_run
+
+    result = evaluate_run(Path(args.path), args.eval_tokens)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"held-out evaluation of {result['checkpoint']} (step {result['step']})", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for label, value in (("tokens", f"{result['tokens']:,}"), ("bytes", f"{result['bytes']:,}"), ("loss (nats/token)", f"{result['loss']:.4f}"),
+                         ("perplexity", f"{result['perplexity']:.3f}"), ("bits per byte", f"{result['bits_per_byte']:.4f}")):
+        table.add_row(label, value)
+    console().print(table)
+
+
+def recipe_flag_type(name: str):
+    """argparse type for one recipe key: YAML-style text checked against the key's type."""
+    from .train.recipe import parse_value
+
+    def convert(text: str):
+        try:
+            return parse_value(name, text)
+        except ArchError as error:
+            raise argparse.ArgumentTypeError(error.message.removeprefix(f"command line: {name} ")) from None
+
+    return convert
+
+
+def add_train_commands(commands: argparse._SubParsersAction) -> None:
+    """`nanollm train` (every recipe key is also a flag) and `nanollm eval`."""
+    from .train.recipe import KEYS
+
+    train_cmd = commands.add_parser("train", help="train a model: embedded CPU default, or a recipe with overrides")
+    train_cmd.add_argument("file", help="the .arch file of the model")
+    train_cmd.add_argument("--recipe", help="a training recipe (YAML), e.g. runtime/train/pretrain_muon.yaml")
+    train_cmd.add_argument("--out", help="the run directory (default: runs/<arch>-<time>)")
+    train_cmd.add_argument("--resume", help="continue the run in this directory from its latest checkpoint")
+    for name, field in KEYS.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = field.metadata["doc"]
+        if field.type.startswith("bool"):
+            train_cmd.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            train_cmd.add_argument(flag, dest=name, type=recipe_flag_type(name), metavar=name.upper(), help=help_text)
+    train_cmd.set_defaults(run=cmd_train)
+    eval_cmd = commands.add_parser("eval", help="held-out perplexity and bits per byte of a run or checkpoint")
+    eval_cmd.add_argument("path", help="a run directory (its latest checkpoint) or a checkpoint folder")
+    eval_cmd.add_argument("--eval-tokens", type=positive_int, help="held-out tokens to score (default: the run's eval_tokens)")
+    eval_cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    eval_cmd.set_defaults(run=cmd_eval)
 
 
 def add_budget_options(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -237,6 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     fmt_cmd.add_argument("file")
     fmt_cmd.add_argument("-w", "--write", action="store_true", help="rewrite the file in place")
     fmt_cmd.set_defaults(run=cmd_fmt)
+    render_cmd = commands.add_parser("render", help="draw the architecture: .svg, .html, .mmd (Mermaid), .dot, .png/.pdf (Graphviz)")
+    render_cmd.add_argument("file")
+    render_cmd.add_argument("-o", "--output", required=True, help="the file to write; its suffix picks the format")
+    render_cmd.add_argument("--view", choices=VIEWS, default="stack", help="stack: the layer stack as a block diagram (default); graph: the fx graph with shapes")
+    render_cmd.add_argument("--seq-len", type=positive_int, help="sequence length of the figures and shapes (default: the file's seq_len)")
+    add_budget_options(render_cmd, required=False)
+    render_cmd.set_defaults(run=cmd_render)
+    add_train_commands(commands)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -62,11 +62,24 @@ class Layer:
 
 
 @dataclass(frozen=True)
+class Group:
+    """A `repeat count < body >` group as written; its repetitions are layers[start:stop]."""
+
+    count: int
+    start: int
+    stop: int
+    body: tuple[int | Group, ...]  # the first repetition: layer indices and nested groups
+
+
+@dataclass(frozen=True)
 class Arch:
     """A whole model: settings plus the expanded layer list."""
 
     config: ModelConfig
     layers: tuple[Layer, ...]
+    # The layer list as written (layer indices and repeat groups), for diagrams. Not part of the model's
+    # identity: the same layers written differently, or read from a transformers config (no outline), are equal.
+    outline: tuple[int | Group, ...] = field(default=(), compare=False)
 
 
 def format_value(value: Any) -> str:
@@ -79,3 +92,20 @@ def format_value(value: Any) -> str:
     if isinstance(value, str):
         return value
     return str(value)
+
+
+def arch_to_json(arch: Arch) -> dict[str, Any]:
+    """The IR as plain data: settings, and each layer's calls with every argument."""
+    return {
+        "config": {f.name: getattr(arch.config, f.name) for f in fields(ModelConfig)},
+        "layers": [{slot: {"name": call.name, "args": dict(call.args)} for slot, call in (("mixer", l.mixer), ("ffn", l.ffn))} for l in arch.layers],
+    }
+
+
+def arch_from_json(data: dict[str, Any]) -> Arch:
+    """The IR back from `arch_to_json`'s plain data."""
+    def call(entry: dict[str, Any]) -> Call:
+        return Call(entry["name"], tuple(entry["args"].items()))
+
+    layers = tuple(Layer(call(layer["mixer"]), call(layer["ffn"])) for layer in data["layers"])
+    return Arch(ModelConfig(**data["config"]), layers)

@@ -10,7 +10,7 @@ from typing import Any
 
 from .components import REGISTRY, Param
 from .errors import ArchError, Pos, did_you_mean
-from .ir import Arch, Call, Layer, ModelConfig
+from .ir import Arch, Call, Group, Layer, ModelConfig
 from .syntax import Arg, ArchFile, Attr, LayerItem, LayerStmt, Let, Setting, Term, Value, parse
 
 DEFAULT_MIXER = "global"
@@ -79,7 +79,7 @@ def resolve(arch: ArchFile, overrides: dict[str, Any] | None = None) -> Arch:
     """Check and expand a parsed file into the IR."""
     merged = merge(arch)
     config = make_config(merged.settings, overrides or {})
-    layers = Expander(config, merged.lets).layers(merged.layers)
+    layers, outline = Expander(config, merged.lets).layers(merged.layers)
     if merged.layers:
         stated = merged.settings.get("n_layers")
         count = (overrides or {}).get("n_layers", stated and config.n_layers)
@@ -93,7 +93,8 @@ def resolve(arch: ArchFile, overrides: dict[str, Any] | None = None) -> Arch:
     else:
         ffn = Expander(config, merged.lets).call(Term(DEFAULT_FFN, None, None), "ffn")
         layers = [Layer(Call(DEFAULT_MIXER), ffn)] * config.n_layers
-    return Arch(config, tuple(layers))
+        outline = (Group(config.n_layers, 0, config.n_layers, (0,)),)  # `repeat n_layers < global >`
+    return Arch(config, tuple(layers), outline)
 
 
 def make_config(settings: dict[str, Setting], overrides: dict[str, Any]) -> ModelConfig:
@@ -168,17 +169,19 @@ class Expander:
         self.config, self.lets = config, lets
         self.carried: dict[tuple[str, str], Any] = {}
 
-    def layers(self, items: list[LayerItem]) -> list[Layer]:
-        """Resolved layers in model order."""
+    def layers(self, items: list[LayerItem]) -> tuple[list[Layer], tuple[int | Group, ...]]:
+        """Resolved layers in model order, and the outline of the list as written."""
         flat: list[tuple[Term, dict[str, Attr]]] = []
-        self.expand(items, {}, flat)
+        outline = self.expand(items, {}, flat)
         result = []
         for mixer, attrs in flat:
             ffn = attrs["ffn"].term if "ffn" in attrs else Term(DEFAULT_FFN, None, None)
             result.append(Layer(self.call(mixer, "mixer"), self.call(ffn, "ffn")))
-        return result
+        return result, outline
 
-    def expand(self, items: tuple[LayerItem, ...] | list[LayerItem], inherited: dict[str, Attr], out: list) -> None:
+    def expand(self, items: tuple[LayerItem, ...] | list[LayerItem], inherited: dict[str, Attr], out: list) -> tuple[int | Group, ...]:
+        """Append the (mixer, attributes) of each layer to `out`; returns the items' outline."""
+        outline: list[int | Group] = []
         for item in items:
             for attr in item.attrs:
                 if attr.name not in ATTRIBUTES:
@@ -186,13 +189,18 @@ class Expander:
                     raise ArchError(f"unknown layer attribute '{attr.name}'", attr.pos, hint)
             attrs = {**inherited, **{a.name: a for a in item.attrs}}
             if isinstance(item, LayerStmt):
+                outline.append(len(out))
                 out.append((item.mixer, attrs))
             else:
                 if not item.body:
                     raise ArchError("repeat group has no layers", item.pos)
                 count = convert(item.count, "int", "repeat count", minimum=1)
-                for _ in range(count):
+                start = len(out)
+                body = self.expand(item.body, attrs, out)
+                for _ in range(count - 1):
                     self.expand(item.body, attrs, out)
+                outline.append(Group(count, start, len(out), body))
+        return tuple(outline)
 
     def deref(self, term: Term, seen: tuple[str, ...] = ()) -> Term:
         """Follow `let` names to the component call they stand for."""
@@ -220,6 +228,9 @@ class Expander:
             if param.name in given:
                 arg = given[param.name]
                 args[param.name] = convert(arg.value, param.type, f"{term.name}: {param.name}", param.minimum)
+                if param.choices and args[param.name] not in param.choices:
+                    hint = did_you_mean(args[param.name], param.choices) or f"{param.name} takes: {', '.join(param.choices)}"
+                    raise ArchError(f"{term.name}: unknown {param.name} '{args[param.name]}'", arg.value.pos, hint)
             elif param.carry and (term.name, param.name) in self.carried:
                 args[param.name] = self.carried[term.name, param.name]
             else:

@@ -146,6 +146,18 @@ def test_activation_estimate_is_linear_in_length():
     assert short > 0 and 1.9 < long / short < 2.1  # no T x T score matrices in the estimate
 
 
+@pytest.mark.parametrize("name", ["dense.arch", "moe_fine.arch"])
+def test_activation_estimate_leaves_out_the_weights(name):
+    """Backward keeps weights (often as views, like linear's weight.t()); they are not activations.
+
+    These models' weights are hundreds of MB and one 64-token sequence's activations a few MB, so any
+    weight counted would show as a length-independent term.
+    """
+    compiled = nanollm.compile(ROOT / "archs" / name)
+    short, long = compiled.analyze(64).activation_bytes, compiled.analyze(512).activation_bytes
+    assert 7.9 < long / short < 8.1  # a weight counted would add hundreds of MB to both: a ratio near 1.5
+
+
 def test_analysis_allocates_no_weights():
     compiled = nanollm.compile(ROOT / "archs/hybrid_moe.arch")
     assert compiled.analysis.params_total > 0

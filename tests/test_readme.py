@@ -25,3 +25,17 @@ def test_every_component_argument_and_law_is_documented():
     for name in LAWS:
         assert f"`{name}`" in README, name
     assert "`tokens-per-param=R`" in README
+
+
+def test_every_recipe_key_is_documented_with_its_default():
+    import json
+
+    from nanollm.train.recipe import Recipe
+
+    for field in dataclasses.fields(Recipe):
+        assert f"| `{field.name}` | {json.dumps(field.default)} | {field.metadata['doc']} |" in README, field.name
+
+
+def test_the_main_job_is_nanollm_train():
+    assert "pip install torch==2.13.0 && pip install -e . && nanollm train archs/qwen3_tiny.arch" in README
+    assert (Path(__file__).parent.parent / "archs" / "qwen3_tiny.arch").is_file()

@@ -7,11 +7,14 @@ every component file below it, so adding a file is all it takes to extend the la
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..ir import ModelConfig
@@ -31,6 +34,7 @@ class Param:
     minimum: float | None = None
     carry: bool = False  # a call leaving it out takes it from the nearest preceding call of the same component
     width: bool = False  # a hidden width: budget sizing keeps it a fixed multiple of d_model
+    choices: tuple[str, ...] = ()  # for type str: the values it may take
 
     def default_for(self, config: ModelConfig) -> Any:
         """The value used when a call leaves this argument out (None if it is required)."""
@@ -80,6 +84,48 @@ class Component(nn.Module):
     def flop_handles(self, seq_len: int) -> dict[str, Callable]:
         """fvcore op handles (counting multiply-accumulates) for ops fvcore does not know."""
         return {}
+
+    def finish_step(self) -> dict[str, torch.Tensor]:
+        """Called by the trainer after each optimiser step.
+
+        A component that accumulates training statistics in its forward passes (only while
+        `collects_statistics(self)`) sums them over processes (`sum_over_processes`), updates any state
+        that is not trained by gradients (e.g. MoE bias balancing), resets them, and returns the step's
+        metrics: 0-d tensors are logged as scalars, 1-d tensors (e.g. per-expert load) as histograms and
+        summed over the run for `summarize`. Most components have none.
+        """
+        return {}
+
+    def summarize(self, totals: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+        """One row of the end-of-run table, from `finish_step`'s metrics summed over `steps` steps."""
+        return {}
+
+
+_recomputing = False  # True while activation checkpointing re-runs a forward pass during backward
+
+
+def collects_statistics(module: nn.Module) -> bool:
+    """Whether this forward pass adds to training statistics: training, and not a checkpoint recompute."""
+    return module.training and not _recomputing
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """Marks an activation-checkpoint recompute, so statistics are not counted twice."""
+    global _recomputing
+    previous, _recomputing = _recomputing, True
+    try:
+        yield
+    finally:
+        _recomputing = previous
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor summed over all training processes (itself when not distributed)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def register(name: str, slot: str, *params: Param) -> Callable[[type[Component]], type[Component]]:

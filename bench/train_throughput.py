@@ -1,0 +1,131 @@
+"""Training-step throughput: nanollm eager, nanollm torch.compile'd, and transformers' Qwen3ForCausalLM eager.
+
+Run: python bench/train_throughput.py [--steps N]. One step is forward, cross-entropy, backward, AdamW step and
+zero_grad (nanollm's as the trainer runs it: its NextTokenLoss module, compiled whole), for the same small Qwen3-shaped model (hidden 256, 4 layers, 4 heads of 64, 2 KV heads, FFN 768,
+vocabulary 8192, untied head; batch 8 x 256 tokens) in fp32. The variants take turns step by step, so load
+from elsewhere on this shared machine falls on all of them alike; each reports its median step. The
+machine's fp32 matmul rate (a 1024^3 matmul, measured in the same run) is the ceiling for model-FLOPs
+utilisation, with the model's FLOPs from nanollm's analysis (training = 3 x forward).
+Targets on CPU: compiled nanollm >= 1.05x transformers and >= 95% of the matmul rate; eager nanollm >= 0.95x.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+import nanollm
+from nanollm.train.trainer import NextTokenLoss
+
+ARCH = """
+vocab_size = 8192
+d_model = 256
+n_heads = 4
+n_kv_heads = 2
+head_dim = 64
+d_ff = 768
+tie_embeddings = false
+seq_len = 256
+repeat 4 < global >
+"""
+BATCH, LENGTH = 8, 256
+
+
+def matmul_rate(size: int = 1024, repeats: int = 20) -> float:
+    """Median fp32 FLOP/s of a size^3 matmul."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times)
+
+
+def hf_model() -> torch.nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=64, tie_word_embeddings=False, attn_implementation="sdpa")
+    return Qwen3ForCausalLM(config)
+
+
+def hf_loss(model: torch.nn.Module):
+    """transformers' model with the same objective as nanollm's trainer."""
+
+    def loss(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(input_ids=rows[:, :-1]).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten()), torch.zeros(())
+
+    return loss
+
+
+def step_fn(parameters: list[torch.nn.Parameter], loss_fn) -> callable:
+    """One training step on a fixed batch: the objective, backward, AdamW."""
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, fused=True)
+    rows = torch.randint(0, 8192, (BATCH, LENGTH + 1))
+
+    def step() -> None:
+        loss, aux_loss = loss_fn(rows)
+        (loss + aux_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (after warm-up)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    compiled = nanollm.compile(ARCH)
+    flops_per_token = compiled.analyze(LENGTH).flops_per_token_train
+    eager, fused, reference = compiled.build(), compiled.build(), hf_model()
+    variants = {  # the trainer's objective module, as `nanollm train` runs it without and with --compile
+        "nanollm eager": step_fn(list(eager.parameters()), NextTokenLoss(eager)),
+        "nanollm torch.compile": step_fn(list(fused.parameters()), torch.compile(NextTokenLoss(fused))),
+        "transformers Qwen3 eager": step_fn(list(reference.parameters()), hf_loss(reference)),
+    }
+    start = time.perf_counter()
+    for step in variants.values():  # warm-up; the compiled variant compiles here
+        step()
+        step()
+    warmup = time.perf_counter() - start
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    rates = [matmul_rate()]
+    for _ in range(args.steps):
+        for name, step in variants.items():
+            begin = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - begin)
+        rates.append(matmul_rate(repeats=5))
+    ceiling = statistics.median(rates)
+
+    tokens = BATCH * LENGTH
+    speed = {name: tokens / statistics.median(t) for name, t in times.items()}
+    reference = speed["transformers Qwen3 eager"]
+    table = Table(title=f"training step, batch {BATCH} x {LENGTH}, fp32, {torch.get_num_threads()} threads "
+                        f"({flops_per_token / 1e6:.1f} MFLOP/token; warm-up incl. compile {warmup:.0f} s)", title_justify="left")
+    for column in ("variant", "median step (s)", "tokens/s", "vs transformers", "model FLOP/s", "of fp32 matmul rate"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for name, rate in speed.items():
+        table.add_row(name, f"{tokens / rate:.3f}", f"{rate:,.0f}", f"{rate / reference:.3f}x", f"{rate * flops_per_token / 1e9:.1f} G",
+                      f"{rate * flops_per_token / ceiling:.1%}")
+    table.add_row("fp32 matmul 1024^3", "", "", "", f"{ceiling / 1e9:.1f} G", "100%")
+    Console().print(table)
+    compiled_ratio, eager_ratio = speed["nanollm torch.compile"] / reference, speed["nanollm eager"] / reference
+    Console().print(f"compiled / transformers = {compiled_ratio:.3f} (target >= 1.05); "
+                    f"compiled MFU vs matmul rate = {speed['nanollm torch.compile'] * flops_per_token / ceiling:.1%} (target >= 95%); "
+                    f"eager / transformers = {eager_ratio:.3f} (target >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()

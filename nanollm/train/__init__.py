@@ -1,0 +1,1 @@
+"""The training runtime: recipes, data, checkpoints, parallelism and the loop behind `nanollm train` / `nanollm eval`."""

@@ -1,0 +1,107 @@
+"""How the model runs on the processes Accelerate launched: DDP or FSDP2, activation checkpointing, compile.
+
+The model is the compiled fx GraphModule, whose graph calls each layer's components (norms, mixer, FFN)
+directly, so a layer's boundary is the set of modules under `layers.<i>`: FSDP2 shards each such set as
+one group (`fully_shard([...])`), and activation checkpointing wraps each mixer and FFN call.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Any, Iterator
+
+import psutil
+import torch
+from torch import fx, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..components import Component, recomputing
+from ..errors import ArchError
+
+
+def requested_processes() -> int | None:
+    """The process count `accelerate launch` was asked for, read from our parent's command line (None if not launched so)."""
+    try:
+        argv = psutil.Process().parent().cmdline()
+    except psutil.Error:
+        return None
+    start = None  # where the launcher's own arguments begin
+    for i, word in enumerate(argv):
+        name = os.path.basename(word)
+        if name == "accelerate" and argv[i + 1: i + 2] == ["launch"]:
+            start = i + 2
+        elif name in ("accelerate-launch", "accelerate.commands.launch"):
+            start = i + 1
+        if start is not None:
+            break
+    if start is None:
+        return None
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    args, _ = launch_command_parser().parse_known_args(argv[start:])
+    if args.num_processes is not None:
+        return args.num_processes
+    try:
+        return load_config_from_file(args.config_file).num_processes
+    except (OSError, ValueError, TypeError):  # no default config, or one Accelerate cannot read
+        return None
+
+
+def check_launch(world_size: int) -> None:
+    """ArchError when the launcher was asked for several processes but started one (`accelerate launch --cpu` does)."""
+    requested = requested_processes()
+    if world_size == 1 and requested is not None and requested > 1:
+        raise ArchError(
+            f"accelerate launch was asked for {requested} processes but started 1 (--cpu and MULTI_CPU/use_cpu configs "
+            f"always start one); use `accelerate launch --multi_gpu --num_processes {requested} ...` or "
+            f"runtime/accelerate/multi_gpu_ddp.yaml: nanollm runs on the CPU by itself when there is no GPU"
+        )
+
+
+def layer_groups(model: fx.GraphModule) -> list[list[nn.Module]]:
+    """Each layer's modules as the graph calls them, in model order: [mixer_norm, mixer, ffn_norm, ffn]."""
+    groups: dict[str, list[nn.Module]] = {}
+    for node in model.graph.nodes:
+        if node.op == "call_module" and node.target.startswith("layers."):
+            layer = ".".join(node.target.split(".")[:2])
+            groups.setdefault(layer, []).append(model.get_submodule(node.target))
+    return list(groups.values())
+
+
+def shard(model: fx.GraphModule, mixed_precision: bool) -> None:
+    """FSDP2: one fully_shard group per layer, then the root (embedding, final norm, head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    for group in layer_groups(model):
+        fully_shard(group, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def checkpointed(forward: Any, *args: Any) -> Any:
+    """Run `forward` saving only its inputs; its activations are recomputed in the backward pass."""
+    if torch.compiler.is_compiling():  # compiled graphs do not replay buffer updates, and take no context_fn
+        return checkpoint(forward, *args, use_reentrant=False)
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), recomputing()))
+
+
+def checkpoint_activations(model: fx.GraphModule) -> None:
+    """Activation checkpointing of every mixer and FFN (their inputs are kept, their insides recomputed)."""
+    for module in model.modules():
+        if isinstance(module, Component):
+            module.forward = functools.partial(checkpointed, module.forward)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Reduce gradients over processes in this backward pass only if `enabled` (off for all but the last micro-batch)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(enabled)
+        yield
+    elif hasattr(model, "no_sync") and not enabled:  # DDP
+        with model.no_sync():
+            yield
+    else:
+        yield

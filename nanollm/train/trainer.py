@@ -1,0 +1,446 @@
+"""The training loop: the compiled nanollm graph, trained on packed text under Accelerate.
+
+Accelerate launches the processes and sets up devices, mixed precision and DDP; FSDP2 (one fully_shard group
+per layer), activation checkpointing and torch.compile come from parallel.py; the loop itself is plain:
+micro-batches with gradient accumulation, clipping, the optimisers and schedules, component statistics,
+logging, evaluation and atomic checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .. import Compiled, compile
+from ..components import Component
+from ..errors import ArchError
+from ..ir import arch_from_json, arch_to_json
+from ..optim import build_optimizers, lr_multiplier, split_params
+from .checkpoint import distributed, latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import TrainingRows, heldout_rows, open_source
+from .evaluate import HeldOut, evaluate
+from .log import MetricsLog, environment, peak_flops, write_manifest
+from .parallel import check_launch, checkpoint_activations, gradient_sync, shard
+from .recipe import LENGTH_KEYS, Recipe, load_recipe
+from .tokenizer import load_tokenizer
+
+# What a resumed run may change: its length, how it runs, and how it reports; never what it computes.
+RESUMABLE_KEYS = set(LENGTH_KEYS) | {"default_steps", "micro_batch_size", "compile", "activation_checkpointing", "parallel",
+                                     "mixed_precision", "peak_flops", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The numbers a recipe and a model fix for one run."""
+
+    steps: int
+    seq_len: int
+    batch_size: int
+    micro_batch_size: int
+    accumulation: int
+    processes: int
+    flops_per_token: float  # training FLOPs per token of the model at seq_len (the analysis' exact count)
+    parallel: str
+    mixed_precision: bool
+    compile: bool
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def flops_per_step(self) -> float:
+        return self.tokens_per_step * self.flops_per_token
+
+
+def training_memory(plan: Plan, compiled: Compiled, recipe: Recipe) -> dict[str, float]:
+    """Bytes one process needs: fp32 weights and gradients, optimiser state, one micro-batch's activations and logits."""
+    split = split_params(compiled.graph)
+    count = {name: sum(p.numel() for p in group.values()) for name, group in vars(split).items()}
+    params = sum(count.values())
+    muon = count["hidden_matrices"] if recipe.optimizer == "muon" else 0
+    share = plan.processes if plan.parallel == "fsdp" else 1  # FSDP shards the state; DDP copies it
+    state = (8 * params + 8 * (params - muon) + 4 * muon) / share  # weights + gradients, then Adam's 2 moments or Muon's 1
+    width = 2 if plan.mixed_precision else 4  # the analysis counts bf16 activations
+    activations = compiled.analyze(plan.seq_len).activation_bytes * plan.micro_batch_size * width / 2
+    logits = 2 * 4 * plan.micro_batch_size * plan.seq_len * compiled.config.vocab_size  # fp32 logits and their gradient
+    return {"state": state, "activations": activations + logits, "total": state + activations + logits}
+
+
+def available_memory(device: torch.device, processes: int) -> float:
+    """Bytes free for one process: the device's free memory, or this host's shared among its processes."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available / processes
+
+
+class NextTokenLoss(torch.nn.Module):
+    """The training objective as a module, so DDP wraps it and torch.compile fuses the loss into the model's graph.
+
+    forward(rows) with rows (B, T + 1): the mean cross-entropy (fp32) of predicting rows[:, 1:] from
+    rows[:, :-1], and the model's auxiliary loss (MoE balance and z-losses).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, aux_loss = self.model(rows[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten()), aux_loss
+
+
+def console() -> Console:
+    return Console(stderr=False, highlight=False)
+
+
+def bf16_mixed_precision(recipe: Recipe) -> bool:
+    """Whether the run computes in bf16 (autocast, or FSDP's parameter dtype): asked for, or auto on GPUs."""
+    return recipe.mixed_precision == "bf16" or (recipe.mixed_precision == "auto" and torch.cuda.is_available())
+
+
+def make_plan(recipe: Recipe, compiled: Compiled, accelerator: Any) -> Plan:
+    """Sequence length, batch layout and run length, checked against the model and the process count."""
+    config = compiled.config
+    seq_len = recipe.seq_len or config.seq_len
+    if seq_len > config.seq_len:
+        raise ArchError(f"seq_len {seq_len} is over the model's context of {config.seq_len} tokens (its seq_len setting)")
+    processes = accelerator.num_processes
+    micro = recipe.micro_batch_size or max(1, recipe.batch_size // processes)
+    if recipe.batch_size % (micro * processes):
+        raise ArchError(f"batch_size {recipe.batch_size} is not a multiple of micro_batch_size {micro} x {processes} processes")
+    flops = compiled.analyze(seq_len).flops_per_token_train
+    tokens_per_step = recipe.batch_size * seq_len
+    if recipe.steps is not None:
+        steps = recipe.steps
+    elif recipe.tokens is not None:
+        steps = max(1, round(recipe.tokens / tokens_per_step))
+    elif recipe.budget is not None:
+        steps = max(1, round(recipe.budget / (flops * tokens_per_step)))
+    else:
+        steps = recipe.default_steps
+    parallel = recipe.parallel
+    if parallel == "auto":
+        parallel = "fsdp" if accelerator.distributed_type.name == "FSDP" else "ddp"
+    compiled_run = accelerator.device.type == "cuda" if recipe.compile is None else recipe.compile
+    return Plan(steps, seq_len, recipe.batch_size, micro, recipe.batch_size // (micro * processes), processes, flops,
+                parallel if processes > 1 else "none", bf16_mixed_precision(recipe), compiled_run)
+
+
+def resolve_run(arch_path: Path, recipe_path: str | None, overrides: dict[str, Any], out: Path | None, resume: Path | None
+                ) -> tuple[Compiled, Recipe, Path, dict[str, Any] | None]:
+    """The model, recipe and run directory of a new or resumed run (and the resumed run's manifest)."""
+    compiled = compile(arch_path)
+    if resume is None:
+        recipe = load_recipe(recipe_path, overrides)
+        if out is None:
+            out = Path("runs") / f"{arch_path.stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        if (out / "manifest.json").exists():
+            raise ArchError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
+        return compiled, recipe, out, None
+    if recipe_path is not None:
+        raise ArchError("--resume continues a run with its own recipe: drop --recipe")
+    if out is not None and out.resolve() != resume.resolve():
+        raise ArchError("--resume writes into the run it continues: drop --out")
+    try:
+        manifest = json.loads((resume / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ArchError(f"--resume {resume}: no run there (manifest.json missing or unreadable)") from None
+    if arch_to_json(compiled.arch) != manifest["arch"]:
+        raise ArchError(f"--resume {resume}: {arch_path} is not the model this run trains (its .arch resolves differently)")
+    fixed = sorted(set(overrides) - RESUMABLE_KEYS)
+    if fixed:
+        raise ArchError(f"--resume keeps what the run computes; cannot change {', '.join(fixed)} (may change: length, logging, how it runs)")
+    saved = {k: v for k, v in manifest["recipe"].items() if not (k in LENGTH_KEYS and any(o in LENGTH_KEYS for o in overrides))}
+    recipe = Recipe(**{**saved, **overrides})
+    recipe.check()
+    return compiled, recipe, resume, manifest
+
+
+RECIPE_COLUMNS = 3
+
+
+def settings_table(recipe: Recipe, plan: Plan, compiled: Compiled, run_dir: Path, tokenizer: Any, source_name: str, device: Any,
+                   memory: dict[str, float]) -> Table:
+    """The resolved settings, printed when a run starts."""
+    table = Table(title=f"nanollm train -> {run_dir}", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    analysis = compiled.analyze(plan.seq_len)
+    rows = [
+        ("model", f"{analysis.n_layers} layers, d_model {compiled.config.d_model}, {analysis.params_total:,} parameters ({analysis.params_active:,} active)"),
+        ("data", f"{source_name}; tokenizer {recipe.tokenizer or 'embedded byte-level BPE'} ({len(tokenizer)} tokens)"),
+        ("batch", f"{plan.batch_size} x {plan.seq_len} tokens = {plan.tokens_per_step:,} per step; micro-batch {plan.micro_batch_size} x {plan.accumulation} accumulation x {plan.processes} processes"),
+        ("length", f"{plan.steps} steps, {plan.steps * plan.tokens_per_step:,} tokens, {plan.steps * plan.flops_per_step:.3e} FLOPs ({plan.flops_per_token:.4g} training FLOPs/token)"),
+        ("runtime", f"{device}, {'bf16 mixed precision' if plan.mixed_precision else 'fp32'}, parallel {plan.parallel}, compile {'on' if plan.compile else 'off'}, activation checkpointing {'on' if recipe.activation_checkpointing else 'off'}"),
+        ("memory", f"about {memory['total'] / 2**30:.2f} GiB per process: {memory['state'] / 2**30:.2f} GiB weights, gradients and optimiser state, "
+                   f"{memory['activations'] / 2**30:.2f} GiB activations and logits"),
+    ]
+    if recipe.budget is not None:
+        achieved = plan.steps * plan.flops_per_step
+        rows.append(("budget", f"{recipe.budget:.3e} FLOPs; achieved {achieved:.3e} ({achieved / recipe.budget - 1:+.2%}, whole steps)"))
+    for name, value in rows:
+        table.add_row(name, value)
+    settings = list(recipe.to_json().items())
+    grid = Table.grid(padding=(0, 2))
+    for _ in range(RECIPE_COLUMNS):
+        grid.add_column(style="dim")
+        grid.add_column()
+    for start in range(0, len(settings), RECIPE_COLUMNS):
+        cells = [text for name, value in settings[start:start + RECIPE_COLUMNS] for text in (name, json.dumps(value))]
+        grid.add_row(*cells)
+    table.add_row("recipe", grid)
+    return table
+
+
+def component_metrics(model: torch.nn.Module, totals: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Every component's step metrics (named `<module>/<metric>`), added into the run totals."""
+    metrics = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Component):
+            for key, value in module.finish_step().items():
+                metrics[f"{name}/{key}"] = value
+                entry = totals.setdefault(name, {})
+                entry[key] = entry[key] + value.detach() if key in entry else value.detach().clone()
+    return metrics
+
+
+def summary_table(model: torch.nn.Module, totals: dict[str, dict[str, torch.Tensor]], steps: int) -> Table | None:
+    """The end-of-run table of components that summarise themselves (e.g. MoE expert load per layer)."""
+    rows = []
+    for name, module in model.named_modules():
+        if isinstance(module, Component) and name in totals:
+            row = module.summarize(totals[name], steps)
+            if row:
+                rows.append((name, row))
+    if not rows:
+        return None
+    table = Table(title="components over the run", title_justify="left")
+    table.add_column("module")
+    columns = list(rows[0][1])
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, row in rows:
+        table.add_row(name, *(f"{row.get(c, float('nan')):.4g}" for c in columns))
+    return table
+
+
+def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, Any] | None = None,
+          out: Path | None = None, resume: Path | None = None) -> Path:
+    """Train a model on a recipe; returns the run directory. Also continues a run (`resume`)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
+
+    compiled, recipe, run_dir, manifest = resolve_run(Path(arch_path), recipe_path, overrides or {}, out, resume)
+    # Accelerate's bf16 autocast comes with prepare_model (single process, DDP); FSDP2 casts by its own policy.
+    # DDP must not broadcast buffers: components accumulate statistics in them per process (summed at the
+    # step's end), and the state they update from those sums (MoE selection bias) is the same everywhere.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if bf16_mixed_precision(recipe) else "no",
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    check_launch(accelerator.num_processes)
+    run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if distributed() else run_dir  # one timestamp for all
+    plan = make_plan(recipe, compiled, accelerator)
+    memory = training_memory(plan, compiled, recipe)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    free = available_memory(accelerator.device, local_processes if accelerator.device.type == "cpu" else 1)
+    if memory["total"] > free:
+        raise ArchError(
+            f"training needs about {memory['total'] / 2**30:.1f} GiB per process ({memory['state'] / 2**30:.1f} GiB of weights, "
+            f"gradients and optimiser state, {memory['activations'] / 2**30:.1f} GiB of activations) but {free / 2**30:.1f} GiB "
+            f"is free: use a smaller model, micro_batch_size or seq_len, or shard with --parallel fsdp over more devices"
+        )
+    main = accelerator.is_main_process
+    out_console = console()
+
+    with accelerator.main_process_first():  # the first process trains the embedded tokenizer; the others load it
+        tokenizer = load_tokenizer(recipe.tokenizer)
+    if len(tokenizer) > compiled.config.vocab_size:
+        raise ArchError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {compiled.config.vocab_size}: raise vocab_size in the .arch file")
+    source = open_source(recipe.data, recipe.data_config, recipe.data_split, recipe.text_field, recipe.seed)
+    rows = TrainingRows(source, tokenizer, plan.seq_len, recipe.eval_share, recipe.shuffle_buffer, recipe.seed)
+    eval_source = open_source(recipe.data, recipe.data_config, recipe.data_split, recipe.text_field, recipe.seed)
+    held_out = HeldOut.build(heldout_rows(eval_source, tokenizer, plan.seq_len, recipe.eval_share, recipe.eval_tokens), tokenizer)
+
+    torch.manual_seed(recipe.seed)  # the same initial weights in every process, and across resumes
+    model = compiled.build(device=accelerator.device, dtype=torch.float32)
+    if recipe.activation_checkpointing:
+        checkpoint_activations(model)
+    if plan.parallel == "fsdp":
+        shard(model, plan.mixed_precision)
+        wrapped = NextTokenLoss(model)
+    else:
+        wrapped = accelerator.prepare_model(NextTokenLoss(model))  # DDP over processes; bf16 autocast when mixed
+    runner = torch.compile(wrapped) if plan.compile else wrapped
+    optimizers = build_optimizers(model, recipe)
+    multiplier = lr_multiplier(recipe.schedule, plan.steps, recipe.warmup_fraction, recipe.decay_fraction, recipe.final_lr_ratio)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier) for optimizer in optimizers]
+
+    step, tokens, flops, totals = 0, 0, 0.0, {}
+    if manifest is not None:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise ArchError(f"--resume {run_dir}: the run has no complete checkpoint yet")
+        state = load_checkpoint(checkpoint, model, optimizers)
+        for scheduler, saved in zip(schedulers, state["schedulers"]):
+            scheduler.load_state_dict(saved)
+        rows.load_state_dict(state["data"])
+        step, tokens, flops = state["step"], state["tokens"], state["flops"]
+        totals = {name: {k: torch.tensor(v, device=accelerator.device) for k, v in entry.items()} for name, entry in state["totals"].items()}
+        if step >= plan.steps:
+            if main:
+                out_console.print(f"{run_dir} is complete at step {step} of {plan.steps}; give --steps, --tokens or --budget to extend it")
+            return run_dir
+
+    analysis = compiled.analyze(plan.seq_len)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if manifest is None:
+            manifest = {"arch_file": str(arch_path), "arch_text": Path(arch_path).read_text(encoding="utf-8"),
+                        "arch": arch_to_json(compiled.arch), "recipe": recipe.to_json(), "resumes": []}
+        else:
+            manifest["resumes"].append({"step": step, "recipe": recipe.to_json()})
+            manifest["recipe"] = recipe.to_json()
+        manifest.update({
+            "plan": {**plan.__dict__, "tokens_per_step": plan.tokens_per_step, "tokens": plan.steps * plan.tokens_per_step,
+                     "flops": plan.steps * plan.flops_per_step, "memory_bytes": memory},
+            "analysis": analysis.to_json(),
+            "data": {"source": source.name, "tokenizer": recipe.tokenizer or "embedded", "vocab": len(tokenizer),
+                     "eos_token_id": tokenizer.eos_token_id, "held_out_tokens": held_out.tokens, "held_out_bytes": held_out.bytes},
+            **environment(accelerator.device, accelerator.num_processes),
+        })
+        write_manifest(run_dir / "manifest.json", manifest)
+        out_console.print(settings_table(recipe, plan, compiled, run_dir, tokenizer, source.name, accelerator.device, memory))
+    log = MetricsLog(run_dir, step) if main else None
+    peak = peak_flops(accelerator.device, plan.mixed_precision, recipe.peak_flops)
+    sync_target = wrapped if plan.parallel == "ddp" else model
+    rank = accelerator.process_index
+    per_process = plan.batch_size // plan.processes
+
+    def save(at: int) -> None:
+        state = {"step": at, "tokens": tokens, "flops": flops, "data": rows.state_dict(),
+                 "schedulers": [s.state_dict() for s in schedulers],
+                 "totals": {name: {k: v.tolist() for k, v in entry.items()} for name, entry in totals.items()}}
+        save_checkpoint(run_dir / "checkpoints", at, model, optimizers, state, recipe.keep_checkpoints)
+
+    def run_eval() -> dict[str, float]:
+        model.eval()
+        with accelerator.autocast():  # the model itself: no gradients to synchronise, nothing worth compiling
+            result = evaluate(model, held_out, plan.micro_batch_size, accelerator.device)
+        model.train()
+        return {f"eval/{k}": v for k, v in result.items()}
+
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=out_console, disable=not main)
+    task = progress.add_task("train", total=plan.steps, completed=step, loss="-")
+    interval_start, interval_tokens, paused = time.perf_counter(), 0, 0.0
+    model.train()
+    final: dict[str, float] = {}
+    with progress:
+        while step < plan.steps:
+            batch = rows.next_rows(plan.batch_size)[rank * per_process:(rank + 1) * per_process].to(accelerator.device)
+            step_loss = torch.zeros((), device=accelerator.device)
+            step_aux = torch.zeros((), device=accelerator.device)
+            for i, micro in enumerate(batch.split(plan.micro_batch_size)):
+                with gradient_sync(sync_target, i == plan.accumulation - 1):
+                    loss, aux_loss = runner(micro)
+                    accelerator.backward((loss + aux_loss) / plan.accumulation)
+                step_loss += loss.detach() / plan.accumulation
+                step_aux += aux_loss.detach() / plan.accumulation
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip or math.inf)
+            rates = [scheduler.get_last_lr()[0] for scheduler in schedulers]  # what this step applies
+            for optimizer, scheduler in zip(optimizers, schedulers):
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            metrics = component_metrics(model, totals)
+            step, tokens, flops = step + 1, tokens + plan.tokens_per_step, flops + plan.flops_per_step
+            interval_tokens += plan.tokens_per_step
+            last = step == plan.steps
+
+            if step % recipe.log_every == 0 or last:
+                reduced = torch.stack([step_loss, step_aux])
+                if distributed():
+                    dist.all_reduce(reduced, op=dist.ReduceOp.AVG)
+                norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                elapsed = time.perf_counter() - interval_start - paused
+                values = {"loss": reduced[0].item(), "aux_loss": reduced[1].item(), "lr": rates[-1],
+                          "grad_norm": norm.item(), "tokens": tokens, "flops": flops, "tokens_per_s": interval_tokens / elapsed}
+                if len(rates) > 1:
+                    values["muon_lr"] = rates[0]
+                if peak is not None:
+                    values["mfu"] = values["tokens_per_s"] * plan.flops_per_token / (peak * plan.processes)
+                values.update({name: value.item() for name, value in metrics.items() if value.dim() == 0})
+                interval_start, interval_tokens, paused = time.perf_counter(), 0, 0.0
+                pause = time.perf_counter()
+                if recipe.eval_every and step % recipe.eval_every == 0 or last:
+                    values.update(run_eval())
+                if main:
+                    log.write(step, values)
+                    for name, value in metrics.items():
+                        if value.dim() == 1:
+                            log.histogram(name, value, step)
+                    shown = f"loss {values['loss']:.4f}" + (f"  eval {values['eval/loss']:.4f}" if "eval/loss" in values else "")
+                    progress.update(task, loss=f"{values['loss']:.4f}")
+                    progress.console.print(f"step {step:>6}/{plan.steps}  {shown}  lr {values['lr']:.2e}  "
+                                           f"{values['tokens_per_s']:,.0f} tok/s  {flops:.3e} FLOPs")
+                final = values
+                paused += time.perf_counter() - pause
+            if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 or last:
+                pause = time.perf_counter()
+                save(step)
+                paused += time.perf_counter() - pause
+            progress.update(task, completed=step)
+
+    if main:
+        log.close()
+        table = summary_table(model, totals, step)
+        if table is not None:
+            out_console.print(table)
+        if "eval/loss" in final:
+            out_console.print(f"done: {step} steps, {tokens:,} tokens, {flops:.3e} FLOPs; loss {final['loss']:.4f}, held-out loss "
+                              f"{final['eval/loss']:.4f} (perplexity {final['eval/perplexity']:.2f}, {final['eval/bits_per_byte']:.4f} bits/byte) -> {run_dir}")
+    accelerator.end_training()
+    return run_dir
+
+
+def evaluate_run(path: Path, eval_tokens: int | None = None) -> dict[str, Any]:
+    """Held-out perplexity and bits per byte of a run's latest checkpoint (or of a given checkpoint)."""
+    from .checkpoint import load_model
+
+    checkpoint = latest_checkpoint(path)
+    if checkpoint is None:
+        raise ArchError(f"{path}: no checkpoint there (give a run directory or a checkpoint folder)")
+    run_dir = checkpoint.parent.parent
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ArchError(f"{run_dir}: manifest.json missing or unreadable") from None
+    recipe = Recipe(**manifest["recipe"])
+    if eval_tokens is not None:
+        recipe = replace(recipe, eval_tokens=eval_tokens)
+    compiled = Compiled(arch_from_json(manifest["arch"]))
+    seq_len = manifest["plan"]["seq_len"]
+    tokenizer = load_tokenizer(recipe.tokenizer)
+    source = open_source(recipe.data, recipe.data_config, recipe.data_split, recipe.text_field, recipe.seed)
+    held_out = HeldOut.build(heldout_rows(source, tokenizer, seq_len, recipe.eval_share, recipe.eval_tokens), tokenizer)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = compiled.build(device=device, dtype=torch.float32)
+    load_model(checkpoint, model)
+    model.eval()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        result = evaluate(model, held_out, manifest["plan"]["micro_batch_size"], device)
+    step = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))["step"]
+    return {"checkpoint": str(checkpoint), "step": step, "tokens": held_out.tokens, "bytes": held_out.bytes, **result}
