@@ -1,4 +1,4 @@
-"""The `nanollm` command line: compile (and size to a budget), compare, render, graph, fmt."""
+"""The `nanollm` command line: compile (and size to a budget), compare, train, eval, render, graph, fmt."""
 from __future__ import annotations
 
 import argparse

@@ -319,6 +319,10 @@ def test_two_processes_match_one(tmp_path, parallel, optimizer):
                 assert abs(a[key] - b[key]) < 1e-5, key
     # the sharded checkpoint gathers into the same full state a single process writes
     assert latest_checkpoint(tmp_path / "multi").name == "step_00000003"
+    # and a one-process run resumes on two (the second process takes the generators of the first)
+    result = run_cli("train", arch, "--resume", tmp_path / "single", "--steps", 4, launcher=[str(a) for a in launcher])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [m["step"] for m in metrics(tmp_path / "single")] == [1, 2, 3, 4]
 
 
 def test_the_one_process_cpu_launch_is_refused(arch, tmp_path):
@@ -379,3 +383,11 @@ def test_a_model_too_big_for_memory_is_refused_before_building(arch, tmp_path, c
     monkeypatch.setattr(trainer, "available_memory", lambda device, processes: planned["total"] - 1)
     in_process_error(capsys, ["train", arch, "--out", tmp_path / "big", "--steps", 1, *FAST], "per process")
     assert not (tmp_path / "big").exists()
+
+
+def test_evaluations_follow_eval_every_whatever_log_every(arch, tmp_path):
+    run = tmp_path / "run"
+    assert train(arch, "--out", run, "--steps", 4, *FAST[:6], "--log-every", 3, "--eval-every", 2, "--checkpoint-every", 0) == 0
+    lines = metrics(run)
+    assert [m["step"] for m in lines] == [2, 3, 4]  # logged at 3, evaluated (and so logged) at 2 and at the end
+    assert ["eval/loss" in m for m in lines] == [True, False, True]

@@ -4,15 +4,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 from xml.sax.saxutils import escape, quoteattr
-
-import networkx as nx
 
 from ..analysis import Analysis, human
 from ..components import REGISTRY
 from ..ir import Arch, Call, Layer, ModelConfig
 from .text import NEUTRAL, Network
+
+if TYPE_CHECKING:
+    import networkx as nx
 from .stack import Block, Item, Repeated, blocks, colours, depth, describe, embedding_text, family, figures, head_text, kinds, layer_span
 
 FONT = "DejaVu Sans, Verdana, Helvetica, Arial, sans-serif"
@@ -323,7 +324,9 @@ def ranks(graph: nx.DiGraph) -> dict[str, int]:
 
 def columns(graph: nx.DiGraph, rank: dict[str, int]) -> dict[str, int]:
     """Column 0 is the longest path (the residual stream); every other node stays near its first input's column."""
-    column = {node: 0 for node in nx.dag_longest_path(graph)}
+    import networkx  # on drawing only (see text.new_graph)
+
+    column = {node: 0 for node in networkx.dag_longest_path(graph)}
     taken = {(rank[node], 0) for node in column}
     for node in sorted(graph.nodes, key=lambda n: rank[n]):  # stable: the fx order within a rank
         if node in column:

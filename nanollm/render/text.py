@@ -2,11 +2,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import networkx as nx
+if TYPE_CHECKING:
+    import networkx as nx
 
 NEUTRAL = ("#f1f3f4", "#80868b")  # fill and stroke of what is no component: norms, embedding, head, plumbing
 CLUSTER_STROKE = "#9aa0a6"
+
+
+def new_graph() -> nx.DiGraph:
+    """An empty networkx graph; networkx is imported here, on drawing, not with every nanollm command."""
+    import networkx
+
+    return networkx.DiGraph()
 
 
 @dataclass
@@ -18,7 +27,7 @@ class Network:
     """
 
     direction: str  # "BT": drawn bottom to top; "TB": top to bottom
-    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    graph: nx.DiGraph = field(default_factory=new_graph)
     clusters: dict[str, list[str]] = field(default_factory=dict)  # id -> label lines
 
     def node(self, name: str, lines: list[str], pair: tuple[str, str] = NEUTRAL, shape: str = "box", clusters: tuple[str, ...] = ()) -> str:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_model_state_dict, set_state_dict
 
 STEP_PREFIX = "step_"
 
@@ -70,8 +70,8 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizers: list[to
                     state: dict[str, Any], keep: int) -> Path | None:
     """Write checkpoint `step` under `root` (a collective call: every process calls it); the main process writes."""
     model_state, optim_state = get_state_dict(model, optimizers, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    rngs = [None] * dist.get_world_size() if distributed() else None
-    if rngs is not None:
+    if distributed():
+        rngs = [None] * dist.get_world_size()
         dist.all_gather_object(rngs, rng_state())
     else:
         rngs = [rng_state()]
@@ -109,8 +109,9 @@ def latest_checkpoint(path: Path) -> Path | None:
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     pointer = root / "latest"
-    if pointer.is_file() and (root / pointer.read_text().strip() / "state.json").is_file():
-        return root / pointer.read_text().strip()
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    if named is not None and (named / "state.json").is_file():
+        return named
     complete = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if (p / "state.json").is_file())
     return complete[-1] if complete else None
 
@@ -122,8 +123,7 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
 
 def load_model(checkpoint: Path, model: nn.Module) -> None:
     """Load a checkpoint's model state (every process reads the file; a sharded model keeps its shards)."""
-    set_state_dict(model, [], model_state_dict=load_file(str(checkpoint / "model.safetensors")), optim_state_dict={},
-                   options=StateDictOptions(full_state_dict=True, strict=True))
+    set_model_state_dict(model, load_file(str(checkpoint / "model.safetensors")), options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 def load_checkpoint(checkpoint: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
@@ -135,7 +135,10 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizers: list[torch.o
         optim_state["state"].setdefault(name, {})[entry] = value
     set_state_dict(model, optimizers, model_state_dict=load_file(str(checkpoint / "model.safetensors")),
                    optim_state_dict=optim_state, options=StateDictOptions(full_state_dict=True, strict=True))
+    rngs: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(checkpoint / "rng.safetensors")).items():
+        rank, name = key.split("/", 1)
+        rngs.setdefault(int(rank), {})[name] = value
     rank = dist.get_rank() if distributed() else 0
-    rngs = load_file(str(checkpoint / "rng.safetensors"))
-    set_rng_state({key.split("/", 1)[1]: value for key, value in rngs.items() if key.startswith(f"{rank}/")})
+    set_rng_state(rngs.get(rank, rngs[0]))  # a run resumed on more processes than it had: the new ones take rank 0's
     return state

@@ -166,9 +166,13 @@ def load_recipe(path: str | Path | None, overrides: dict[str, Any]) -> Recipe:
                 hint = did_you_mean(str(name), KEYS)
                 raise ArchError(f"{path}: unknown recipe key '{name}'" + (f" ({hint})" if hint else ""))
             values[name] = convert(name, value, str(path))
-    if any(name in LENGTH_KEYS for name in overrides):  # a length on the command line replaces the recipe's
+    return with_overrides(values, overrides)
+
+
+def with_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> Recipe:
+    """A checked recipe from settings and overrides; a length among the overrides replaces the settings' length."""
+    if any(name in LENGTH_KEYS for name in overrides):
         values = {k: v for k, v in values.items() if k not in LENGTH_KEYS}
-    values.update(overrides)
-    recipe = Recipe(**values)
+    recipe = Recipe(**{**values, **overrides})
     recipe.check()
     return recipe

@@ -30,11 +30,11 @@ from ..errors import ArchError
 from ..ir import arch_from_json, arch_to_json
 from ..optim import build_optimizers, lr_multiplier, split_params
 from .checkpoint import distributed, latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import TrainingRows, heldout_rows, open_source
+from .data import Source, TrainingRows, heldout_rows, open_source
 from .evaluate import HeldOut, evaluate
 from .log import MetricsLog, environment, peak_flops, write_manifest
 from .parallel import check_launch, checkpoint_activations, gradient_sync, shard
-from .recipe import LENGTH_KEYS, Recipe, load_recipe
+from .recipe import LENGTH_KEYS, Recipe, load_recipe, with_overrides
 from .tokenizer import load_tokenizer
 
 # What a resumed run may change: its length, how it runs, and how it reports; never what it computes.
@@ -103,6 +103,16 @@ class NextTokenLoss(torch.nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten()), aux_loss
 
 
+def recipe_source(recipe: Recipe) -> Source:
+    """A fresh reader of the recipe's documents."""
+    return open_source(recipe.data, recipe.data_config, recipe.data_split, recipe.text_field, recipe.seed)
+
+
+def held_out_set(recipe: Recipe, tokenizer: Any, seq_len: int) -> HeldOut:
+    """The recipe's evaluation rows (read by a source of their own, so training's position is untouched)."""
+    return HeldOut.build(heldout_rows(recipe_source(recipe), tokenizer, seq_len, recipe.eval_share, recipe.eval_tokens), tokenizer)
+
+
 def console() -> Console:
     return Console(stderr=False, highlight=False)
 
@@ -164,10 +174,7 @@ def resolve_run(arch_path: Path, recipe_path: str | None, overrides: dict[str, A
     fixed = sorted(set(overrides) - RESUMABLE_KEYS)
     if fixed:
         raise ArchError(f"--resume keeps what the run computes; cannot change {', '.join(fixed)} (may change: length, logging, how it runs)")
-    saved = {k: v for k, v in manifest["recipe"].items() if not (k in LENGTH_KEYS and any(o in LENGTH_KEYS for o in overrides))}
-    recipe = Recipe(**{**saved, **overrides})
-    recipe.check()
-    return compiled, recipe, resume, manifest
+    return compiled, with_overrides(manifest["recipe"], overrides), resume, manifest
 
 
 RECIPE_COLUMNS = 3
@@ -206,26 +213,24 @@ def settings_table(recipe: Recipe, plan: Plan, compiled: Compiled, run_dir: Path
     return table
 
 
-def component_metrics(model: torch.nn.Module, totals: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def component_metrics(components: dict[str, Component], totals: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Every component's step metrics (named `<module>/<metric>`), added into the run totals."""
     metrics = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Component):
-            for key, value in module.finish_step().items():
-                metrics[f"{name}/{key}"] = value
-                entry = totals.setdefault(name, {})
-                entry[key] = entry[key] + value.detach() if key in entry else value.detach().clone()
+    for name, module in components.items():
+        for key, value in module.finish_step().items():
+            metrics[f"{name}/{key}"] = value
+            entry = totals.setdefault(name, {})
+            entry[key] = entry[key] + value.detach() if key in entry else value.detach().clone()
     return metrics
 
 
-def summary_table(model: torch.nn.Module, totals: dict[str, dict[str, torch.Tensor]], steps: int) -> Table | None:
+def summary_table(components: dict[str, Component], totals: dict[str, dict[str, torch.Tensor]], steps: int) -> Table | None:
     """The end-of-run table of components that summarise themselves (e.g. MoE expert load per layer)."""
     rows = []
-    for name, module in model.named_modules():
-        if isinstance(module, Component) and name in totals:
-            row = module.summarize(totals[name], steps)
-            if row:
-                rows.append((name, row))
+    for name, module in components.items():
+        row = module.summarize(totals[name], steps) if name in totals else {}
+        if row:
+            rows.append((name, row))
     if not rows:
         return None
     table = Table(title="components over the run", title_justify="left")
@@ -269,10 +274,9 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
         tokenizer = load_tokenizer(recipe.tokenizer)
     if len(tokenizer) > compiled.config.vocab_size:
         raise ArchError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {compiled.config.vocab_size}: raise vocab_size in the .arch file")
-    source = open_source(recipe.data, recipe.data_config, recipe.data_split, recipe.text_field, recipe.seed)
+    source = recipe_source(recipe)
     rows = TrainingRows(source, tokenizer, plan.seq_len, recipe.eval_share, recipe.shuffle_buffer, recipe.seed)
-    eval_source = open_source(recipe.data, recipe.data_config, recipe.data_split, recipe.text_field, recipe.seed)
-    held_out = HeldOut.build(heldout_rows(eval_source, tokenizer, plan.seq_len, recipe.eval_share, recipe.eval_tokens), tokenizer)
+    held_out = held_out_set(recipe, tokenizer, plan.seq_len)
 
     torch.manual_seed(recipe.seed)  # the same initial weights in every process, and across resumes
     model = compiled.build(device=accelerator.device, dtype=torch.float32)
@@ -326,6 +330,7 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
     log = MetricsLog(run_dir, step) if main else None
     peak = peak_flops(accelerator.device, plan.mixed_precision, recipe.peak_flops)
     sync_target = wrapped if plan.parallel == "ddp" else model
+    components = {name: module for name, module in model.named_modules() if isinstance(module, Component)}
     rank = accelerator.process_index
     per_process = plan.batch_size // plan.processes
 
@@ -365,12 +370,13 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            metrics = component_metrics(model, totals)
+            metrics = component_metrics(components, totals)
             step, tokens, flops = step + 1, tokens + plan.tokens_per_step, flops + plan.flops_per_step
             interval_tokens += plan.tokens_per_step
             last = step == plan.steps
 
-            if step % recipe.log_every == 0 or last:
+            evaluating = recipe.eval_every and step % recipe.eval_every == 0 or last
+            if step % recipe.log_every == 0 or evaluating:
                 reduced = torch.stack([step_loss, step_aux])
                 if distributed():
                     dist.all_reduce(reduced, op=dist.ReduceOp.AVG)
@@ -383,9 +389,7 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
                 if peak is not None:
                     values["mfu"] = values["tokens_per_s"] * plan.flops_per_token / (peak * plan.processes)
                 values.update({name: value.item() for name, value in metrics.items() if value.dim() == 0})
-                interval_start, interval_tokens, paused = time.perf_counter(), 0, 0.0
-                pause = time.perf_counter()
-                if recipe.eval_every and step % recipe.eval_every == 0 or last:
+                if evaluating:
                     values.update(run_eval())
                 if main:
                     log.write(step, values)
@@ -397,7 +401,7 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
                     progress.console.print(f"step {step:>6}/{plan.steps}  {shown}  lr {values['lr']:.2e}  "
                                            f"{values['tokens_per_s']:,.0f} tok/s  {flops:.3e} FLOPs")
                 final = values
-                paused += time.perf_counter() - pause
+                interval_start, interval_tokens, paused = time.perf_counter(), 0, 0.0  # after evaluating: not training time
             if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 or last:
                 pause = time.perf_counter()
                 save(step)
@@ -406,7 +410,7 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
 
     if main:
         log.close()
-        table = summary_table(model, totals, step)
+        table = summary_table(components, totals, step)
         if table is not None:
             out_console.print(table)
         if "eval/loss" in final:
@@ -418,7 +422,7 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
 
 def evaluate_run(path: Path, eval_tokens: int | None = None) -> dict[str, Any]:
     """Held-out perplexity and bits per byte of a run's latest checkpoint (or of a given checkpoint)."""
-    from .checkpoint import load_model
+    from .checkpoint import load_model, read_state
 
     checkpoint = latest_checkpoint(path)
     if checkpoint is None:
@@ -433,14 +437,11 @@ def evaluate_run(path: Path, eval_tokens: int | None = None) -> dict[str, Any]:
         recipe = replace(recipe, eval_tokens=eval_tokens)
     compiled = Compiled(arch_from_json(manifest["arch"]))
     seq_len = manifest["plan"]["seq_len"]
-    tokenizer = load_tokenizer(recipe.tokenizer)
-    source = open_source(recipe.data, recipe.data_config, recipe.data_split, recipe.text_field, recipe.seed)
-    held_out = HeldOut.build(heldout_rows(source, tokenizer, seq_len, recipe.eval_share, recipe.eval_tokens), tokenizer)
+    held_out = held_out_set(recipe, load_tokenizer(recipe.tokenizer), seq_len)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = compiled.build(device=device, dtype=torch.float32)
     load_model(checkpoint, model)
     model.eval()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         result = evaluate(model, held_out, manifest["plan"]["micro_batch_size"], device)
-    step = json.loads((checkpoint / "state.json").read_text(encoding="utf-8"))["step"]
-    return {"checkpoint": str(checkpoint), "step": step, "tokens": held_out.tokens, "bytes": held_out.bytes, **result}
+    return {"checkpoint": str(checkpoint), "step": read_state(checkpoint)["step"], "tokens": held_out.tokens, "bytes": held_out.bytes, **result}
