@@ -77,16 +77,35 @@ def lower(arch: Arch, device: torch.device | str = "meta", dtype: torch.dtype = 
 
 def materialize(meta_model: fx.GraphModule, device: torch.device | str, dtype: torch.dtype) -> fx.GraphModule:
     """A copy of a meta-device model with real, initialised weights on `device`."""
-    model = copy.deepcopy(meta_model).to_empty(device=device).to(dtype)
-    initialize(model)
+    model = copy.deepcopy(meta_model)
+    for module in model.modules():
+        materialize_own(module, device, dtype)
     return model
 
 
 @torch.no_grad()
+def materialize_own(module: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Real storage and initial values for a module's own parameters and buffers, not its children's.
+
+    Module by module in `modules()` order, the random draws are those of a whole-model build, so a model
+    materialised piecewise (FSDP, a layer at a time) gets the same weights.
+    """
+    # to_empty's own mechanism, casting floating-point tensors to `dtype` on the way
+    module._apply(lambda t: torch.empty_like(t, device=device, dtype=dtype if t.is_floating_point() else t.dtype), recurse=False)
+    initialize_own(module)
+
+
+@torch.no_grad()
 def initialize(model: nn.Module) -> None:
-    """Normal(0, INIT_STD) matrices; components and norms reset their own parameters."""
+    """Initialise every module of a real model, as a build does."""
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=INIT_STD)
-        elif hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+        initialize_own(module)
+
+
+@torch.no_grad()
+def initialize_own(module: nn.Module) -> None:
+    """Normal(0, INIT_STD) matrices; components and norms reset their own parameters (and only those)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=INIT_STD)
+    elif hasattr(module, "reset_parameters"):
+        module.reset_parameters()

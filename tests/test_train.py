@@ -2,6 +2,7 @@
 multi-process runs under `accelerate launch`, run records, compute budgets, and clear errors."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -323,6 +324,43 @@ def test_two_processes_match_one(tmp_path, parallel, optimizer):
     result = run_cli("train", arch, "--resume", tmp_path / "single", "--steps", 4, launcher=[str(a) for a in launcher])
     assert result.returncode == 0, result.stderr[-3000:]
     assert [m["step"] for m in metrics(tmp_path / "single")] == [1, 2, 3, 4]
+
+
+def test_fsdp_materialises_a_layer_at_a_time(tmp_path, monkeypatch):
+    """Under FSDP2 the meta model gets its weights layer by layer, each layer sharded before the next is made, and
+    they are bit for bit those of an unsharded build with the same seed (tied embeddings, MoE with a shared expert)."""
+    import torch.distributed as dist
+    import torch.distributed.fsdp as fsdp
+    from torch.distributed.tensor import DTensor
+
+    from nanollm.train.parallel import shard
+
+    compiled = nanollm.compile(MICRO_MOE.replace("repeat 2 < global ffn=moe(", "tie_embeddings = true\nrepeat 3 < global ffn=moe(shared=1, "))
+    torch.manual_seed(0)
+    reference = compiled.build()
+    full_at_shard = []  # the unsharded real parameters present at each fully_shard call
+    original = fsdp.fully_shard
+
+    def recording(module, **kwargs):
+        full_at_shard.append({name for name, p in model.named_parameters() if not isinstance(p, DTensor) and not p.is_meta})
+        return original(module, **kwargs)
+
+    monkeypatch.setattr(fsdp, "fully_shard", recording)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = copy.deepcopy(compiled.graph)
+        shard(model, torch.device("cpu"), mixed_precision=False)
+        state = {name: p.full_tensor() for name, p in model.named_parameters()}
+        state.update(model.named_buffers())
+    finally:
+        dist.destroy_process_group()
+    expected = dict(reference.named_parameters()) | dict(reference.named_buffers())
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[name], expected[name]) for name in state)
+    layer = lambda i: {name for name, _ in reference.named_parameters() if name.startswith(f"layers.{i}.")}
+    assert full_at_shard == [{"embed.weight"} | layer(0), {"embed.weight"} | layer(1), {"embed.weight"} | layer(2),
+                             {"embed.weight", "norm.weight"}]
 
 
 def test_the_one_process_cpu_launch_is_refused(arch, tmp_path):

@@ -2,7 +2,10 @@
 
 The model is the compiled fx GraphModule, whose graph calls each layer's components (norms, mixer, FFN)
 directly, so a layer's boundary is the set of modules under `layers.<i>`: FSDP2 shards each such set as
-one group (`fully_shard([...])`), and activation checkpointing wraps each mixer and FFN call.
+one group (`fully_shard([...])`), and activation checkpointing wraps each mixer and FFN call. Under FSDP2 the
+model stays on the meta device until it is sharded, and is given real weights a layer at a time, each layer
+sharded as soon as it has them: no process ever holds more than one full layer besides the embedding, final
+norm and head, whatever the model's size.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..compiler import materialize_own
 from ..components import Component, recomputing
 from ..errors import ArchError
 
@@ -70,14 +74,22 @@ def layer_groups(model: fx.GraphModule) -> list[list[nn.Module]]:
     return list(groups.values())
 
 
-def shard(model: fx.GraphModule, mixed_precision: bool) -> None:
-    """FSDP2: one fully_shard group per layer, then the root (embedding, final norm, head)."""
+def shard(model: fx.GraphModule, device: torch.device, mixed_precision: bool) -> None:
+    """FSDP2 over a meta-device model: materialise and shard one layer group at a time, then the root.
+
+    Modules are materialised in `modules()` order, so the weights equal those of `Compiled.build` for the same seed.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
-    for group in layer_groups(model):
-        fully_shard(group, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    modules = list(model.modules())
+    position = {id(module): i for i, module in enumerate(modules)}
+    group_ends = {max(position[id(sub)] for module in group for sub in module.modules()): group for group in layer_groups(model)}
+    for i, module in enumerate(modules):
+        materialize_own(module, device, torch.float32)
+        if i in group_ends:
+            fully_shard(group_ends[i], mp_policy=policy)
+    fully_shard(model, mp_policy=policy)  # the embedding, final norm and head
 
 
 def checkpointed(forward: Any, *args: Any) -> Any:

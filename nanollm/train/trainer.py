@@ -7,6 +7,7 @@ logging, evaluation and atomic checkpoints.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -279,11 +280,12 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
     held_out = held_out_set(recipe, tokenizer, plan.seq_len)
 
     torch.manual_seed(recipe.seed)  # the same initial weights in every process, and across resumes
-    model = compiled.build(device=accelerator.device, dtype=torch.float32)
+    sharded = plan.parallel == "fsdp"  # FSDP gives the meta model its weights as it shards it, a layer at a time
+    model = copy.deepcopy(compiled.graph) if sharded else compiled.build(device=accelerator.device, dtype=torch.float32)
     if recipe.activation_checkpointing:
         checkpoint_activations(model)
-    if plan.parallel == "fsdp":
-        shard(model, plan.mixed_precision)
+    if sharded:
+        shard(model, accelerator.device, plan.mixed_precision)
         wrapped = NextTokenLoss(model)
     else:
         wrapped = accelerator.prepare_model(NextTokenLoss(model))  # DDP over processes; bf16 autocast when mixed
