@@ -291,14 +291,15 @@ def test_resuming_with_another_model_is_refused(arch, tmp_path, capsys):
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
-@pytest.mark.parametrize("parallel, optimizer", [("ddp", "adamw"), ("fsdp", "muon")])
-def test_two_processes_match_one(tmp_path, parallel, optimizer):
+@pytest.mark.parametrize("parallel, optimizer, extra", [("ddp", "adamw", []), ("fsdp", "muon", ["--activation-checkpointing"]),
+                                                        ("fsdp", "adamw", ["--compile"])])
+def test_two_processes_match_one(tmp_path, parallel, optimizer, extra):
     """Two gloo processes give the one-process figures for the same global batch (an MoE model with bias balancing):
-    DDP, whose buffer broadcast must not overwrite each process's MoE statistics; and FSDP2 shards with Muon on
-    DTensors (expert stacks included) and activation checkpointing. Per-expert balance is compared, not just totals."""
+    DDP, whose buffer broadcast must not overwrite each process's MoE statistics; FSDP2 shards with Muon on
+    DTensors (expert stacks included) and activation checkpointing; and FSDP2 under torch.compile, as GPUs run by
+    default. Per-expert balance is compared, not just totals."""
     arch = tmp_path / "moe.arch"  # router noise is drawn per process, so a noisy router would differ by design: none here
     arch.write_text(MICRO_MOE.replace(", jitter=0.05", ""))
-    extra = ["--activation-checkpointing"] if parallel == "fsdp" else []
     # batch 8 in micro-batches of 2: one process accumulates 4 of them, two processes 2 each (the same 4)
     common = ["--steps", 3, "--log-every", 1, "--batch-size", 8, "--micro-batch-size", 2, "--optimizer", optimizer, *extra, *FAST[2:]]
     assert train(arch, "--out", tmp_path / "single", *common) == 0
@@ -306,7 +307,8 @@ def test_two_processes_match_one(tmp_path, parallel, optimizer):
     result = run_cli("train", arch, "--out", tmp_path / "multi", "--parallel", parallel, *common, launcher=[str(a) for a in launcher])
     assert result.returncode == 0, result.stderr[-3000:]
     single, multi = metrics(tmp_path / "single"), metrics(tmp_path / "multi")
-    assert json.loads((tmp_path / "multi" / "manifest.json").read_text())["plan"]["processes"] == 2
+    plan = json.loads((tmp_path / "multi" / "manifest.json").read_text())["plan"]
+    assert (plan["processes"], plan["parallel"], plan["compile"]) == (2, parallel, "--compile" in extra)
     assert len(single) == len(multi) == 3
     assert histogram_sums(tmp_path / "single", "layers.1.ffn/load") == histogram_sums(tmp_path / "multi", "layers.1.ffn/load")
     for a, b in zip(single, multi):

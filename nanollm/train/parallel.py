@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from typing import Any, Iterator
 
 import psutil
@@ -82,6 +83,9 @@ def shard(model: fx.GraphModule, device: torch.device, mixed_precision: bool) ->
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    # FSDP2 warns that an in-place op on a view a layer returns would skip its hooks: the lowered graph only ever
+    # adds layer outputs out of place, so the warning never applies here.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
     modules = list(model.modules())
     position = {id(module): i for i, module in enumerate(modules)}
     group_ends = {max(position[id(sub)] for module in group for sub in module.modules()): group for group in layer_groups(model)}
