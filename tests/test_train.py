@@ -328,6 +328,27 @@ def test_two_processes_match_one(tmp_path, parallel, optimizer, extra):
     assert [m["step"] for m in metrics(tmp_path / "single")] == [1, 2, 3, 4]
 
 
+def test_bf16_mixed_precision_trains(tmp_path):
+    """The GPU default, exercised on the CPU: bf16 autocast in one process, and FSDP2's bf16 parameters with fp32
+    gradient reduction over two, on an MoE model; their losses are the fp32 run's within bf16 rounding."""
+    arch = tmp_path / "moe.arch"
+    arch.write_text(MICRO_MOE.replace(", jitter=0.05", ""))
+    common = ["--steps", 3, "--log-every", 1, "--batch-size", 8, "--micro-batch-size", 2, *FAST[2:]]
+    assert train(arch, "--out", tmp_path / "fp32", *common) == 0
+    # a process of its own: Accelerate keeps the first precision a process asked for
+    result = run_cli("train", arch, "--out", tmp_path / "autocast", "--mixed-precision", "bf16", *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    launcher = ACCELERATE + ["--config_file", ROOT / "runtime/accelerate/multi_gpu_ddp.yaml", "--num_processes", "2", "-m", "nanollm"]
+    result = run_cli("train", arch, "--out", tmp_path / "fsdp", "--parallel", "fsdp", "--mixed-precision", "bf16", *common,
+                     launcher=[str(a) for a in launcher])
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = [m["loss"] for m in metrics(tmp_path / "fp32")]
+    for run in ("autocast", "fsdp"):
+        assert json.loads((tmp_path / run / "manifest.json").read_text())["plan"]["mixed_precision"] is True
+        losses = [m["loss"] for m in metrics(tmp_path / run)]
+        assert losses != reference and losses == pytest.approx(reference, abs=0.02), run
+
+
 def test_fsdp_materialises_a_layer_at_a_time(tmp_path, monkeypatch):
     """Under FSDP2 the meta model gets its weights layer by layer, each layer sharded before the next is made, and
     they are bit for bit those of an unsharded build with the same seed (tied embeddings, MoE with a shared expert)."""

@@ -11,6 +11,9 @@ the routed rows. On CPUs a loop over experts is faster (bench/moe_dispatch.py): 
 cache through its whole SwiGLU, where the grouped path streams every (N*k)-row intermediate through memory.
 The loop is also the fallback under torch.compile in fp32, whose tracing of grouped_mm accepts only bf16.
 
+Under autocast the experts' matmuls run in bf16 while x stays fp32: outputs are summed in x's dtype,
+as transformers' MoE blocks do.
+
 Capacity-limited: each expert takes at most C = ceil(capacity * k * N / E) assignments; the rest are
 dropped (their output is 0, so the residual stream carries those tokens). The experts then run as one
 batched matmul over an (E, C, d) buffer, empty slots included: that padding is computed, and counted.
@@ -53,7 +56,7 @@ def expert_loop(x: torch.Tensor, token: torch.Tensor, weights: torch.Tensor, gat
         token.split(sizes), rows.split(sizes), weights.split(sizes), gate_up.unbind(), down.unbind()
     ):
         gate, up = F.linear(part, expert_gate_up).chunk(2, dim=-1)
-        y.index_add_(0, ids, F.linear(weighted_swiglu(gate, up, weight), expert_down))
+        y.index_add_(0, ids, F.linear(weighted_swiglu(gate, up, weight), expert_down).to(y.dtype))
     return y
 
 
@@ -69,7 +72,7 @@ def dropless(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate
     offsets = counts.cumsum(0).to(torch.int32)
     gate, up = F.grouped_mm(x.index_select(0, token), gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
     out = F.grouped_mm(weighted_swiglu(gate, up, weights), down.transpose(1, 2), offs=offsets)
-    return torch.zeros_like(x).index_add_(0, token, out)
+    return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
 
 
 def capacity_limited(
@@ -109,5 +112,5 @@ def capacity_limited(
     gate, up = torch.bmm(rows, gate_up.transpose(1, 2)).chunk(2, dim=-1)
     hidden = weighted_swiglu(gate, up, slot_weight.view(n_experts, slots))
     out = torch.bmm(hidden, down.transpose(1, 2)).flatten(0, 1)
-    y = x.new_zeros(tokens + 1, x.shape[-1]).index_add_(0, slot_token, out)[:-1]
+    y = x.new_zeros(tokens + 1, x.shape[-1]).index_add_(0, slot_token, out.to(x.dtype))[:-1]
     return y, (~kept).sum()
