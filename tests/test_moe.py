@@ -168,6 +168,28 @@ def test_runs_under_bf16_autocast(monkeypatch, path):
     assert all(grad.abs().sum() > 0 for grad in gradients.values())
 
 
+def test_compiled_bf16_autocast_takes_the_grouped_path(monkeypatch):
+    """torch.compile under bf16 autocast (the GPU default without FSDP) traces the grouped matmuls on operands
+    cast to bf16, rather than breaking the graph for the eager expert loop; values and gradients stay close
+    to fp32's."""
+    module = moe(top=2, experts=4)
+    x = torch.randn(2, 8, CONFIG.d_model)
+    expected = module(x)[0]
+    expected_grads = grads(module, expected.square().sum())
+
+    def no_loop(*args):
+        raise AssertionError("the expert loop ran")
+
+    monkeypatch.setattr(dispatch, "expert_loop", no_loop)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.compile(module, fullgraph=True)(x)[0]
+        gradients = grads(module, y.float().square().sum())
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(y.float(), expected, rtol=0.05, atol=0.05 * scale)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(gradients[name], grad, rtol=0.1, atol=0.05 * grad.abs().max().item())
+
+
 def test_dispatch_is_chosen_by_device():
     assert not dispatch.use_grouped_mm(torch.zeros(2, 8))  # eager on a CPU: the expert loop is faster
     assert dispatch.use_grouped_mm(torch.zeros(2, 8, device="meta", dtype=torch.bfloat16))  # the analysis

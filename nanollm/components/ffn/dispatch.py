@@ -5,9 +5,9 @@ Experts are SwiGLUs stored as (E, out, in) stacks, as transformers and torchtita
 gate_up (E, 2f, d), whose first f rows are the gate, and down (E, d, f).
 
 Dropless: the N*k (token, expert) assignments are sorted by expert, so each expert's rows are contiguous.
-On GPUs, in the analysis and when compiling in bf16, two grouped matmuls (torch._grouped_mm) run them all:
-shapes never depend on the routing, so the same code runs on the meta device and fvcore counts exactly
-the routed rows. On CPUs a loop over experts is faster (bench/moe_dispatch.py): each expert's rows stay in
+On GPUs, in the analysis and when compiling in bf16 (bf16 autocast included), two grouped matmuls
+(torch._grouped_mm) run them all: shapes never depend on the routing, so the same code runs on the meta
+device and fvcore counts exactly the routed rows. On CPUs a loop over experts is faster (bench/moe_dispatch.py): each expert's rows stay in
 cache through its whole SwiGLU, where the grouped path streams every (N*k)-row intermediate through memory.
 The loop is also the fallback under torch.compile in fp32, whose tracing of grouped_mm accepts only bf16.
 
@@ -28,13 +28,21 @@ import torch.nn.functional as F
 DROPS = ("score", "position")
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: autocast's where it is on for x's device, else x's own."""
+    device = x.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)  # none on meta
+    return torch.get_autocast_dtype(device) if autocast else x.dtype
+
+
 def use_grouped_mm(x: torch.Tensor) -> bool:
     """Grouped matmuls on the meta device (the analysis: the loop needs values), for bf16 under torch.compile
-    (its tracing of grouped_mm takes nothing else) and eagerly on GPUs; the expert loop otherwise."""
+    (its tracing of grouped_mm takes nothing else; bf16 autocast counts) and eagerly on GPUs; the expert loop
+    otherwise."""
     if x.is_meta:
         return True
     if torch.compiler.is_compiling():
-        return x.dtype == torch.bfloat16
+        return compute_dtype(x) == torch.bfloat16
     return x.device.type == "cuda"
 
 
@@ -70,8 +78,10 @@ def dropless(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate
     if not use_grouped_mm(x):
         return expert_loop(x, token, weights, gate_up, down, counts)
     offsets = counts.cumsum(0).to(torch.int32)
-    gate, up = F.grouped_mm(x.index_select(0, token), gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-    out = F.grouped_mm(weighted_swiglu(gate, up, weights), down.transpose(1, 2), offs=offsets)
+    dtype = compute_dtype(x)  # cast as autocast would: not every autocast casts grouped_mm's operands
+    rows = x.index_select(0, token).to(dtype)
+    gate, up = F.grouped_mm(rows, gate_up.transpose(1, 2).to(dtype), offs=offsets).chunk(2, dim=-1)
+    out = F.grouped_mm(weighted_swiglu(gate, up, weights), down.transpose(1, 2).to(dtype), offs=offsets)
     return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))
 
 
