@@ -291,20 +291,24 @@ def test_resuming_with_another_model_is_refused(arch, tmp_path, capsys):
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
-@pytest.mark.parametrize("parallel, optimizer, extra", [("ddp", "adamw", []), ("fsdp", "muon", ["--activation-checkpointing"]),
-                                                        ("fsdp", "adamw", ["--compile"])])
-def test_two_processes_match_one(tmp_path, parallel, optimizer, extra):
+@pytest.mark.parametrize("config, parallel, optimizer, extra", [
+    ("multi_gpu_ddp.yaml", "ddp", "adamw", []),
+    ("multi_gpu_fsdp2.yaml", "fsdp", "muon", ["--activation-checkpointing"]),  # FSDP chosen by the config alone
+    ("multi_gpu_ddp.yaml", "fsdp", "adamw", ["--parallel", "fsdp", "--compile"]),
+])
+def test_two_processes_match_one(tmp_path, config, parallel, optimizer, extra):
     """Two gloo processes give the one-process figures for the same global batch (an MoE model with bias balancing):
-    DDP, whose buffer broadcast must not overwrite each process's MoE statistics; FSDP2 shards with Muon on
-    DTensors (expert stacks included) and activation checkpointing; and FSDP2 under torch.compile, as GPUs run by
-    default. Per-expert balance is compared, not just totals."""
+    DDP, whose buffer broadcast must not overwrite each process's MoE statistics; FSDP2 from the FSDP launch config
+    (which Accelerate itself would run as DDP on CPUs), sharding with Muon on DTensors (expert stacks included) and
+    activation checkpointing; and FSDP2 under torch.compile, as GPUs run by default. Per-expert balance is
+    compared, not just totals."""
     arch = tmp_path / "moe.arch"  # router noise is drawn per process, so a noisy router would differ by design: none here
     arch.write_text(MICRO_MOE.replace(", jitter=0.05", ""))
     # batch 8 in micro-batches of 2: one process accumulates 4 of them, two processes 2 each (the same 4)
     common = ["--steps", 3, "--log-every", 1, "--batch-size", 8, "--micro-batch-size", 2, "--optimizer", optimizer, *extra, *FAST[2:]]
     assert train(arch, "--out", tmp_path / "single", *common) == 0
-    launcher = ACCELERATE + ["--config_file", ROOT / "runtime/accelerate/multi_gpu_ddp.yaml", "--num_processes", "2", "-m", "nanollm"]
-    result = run_cli("train", arch, "--out", tmp_path / "multi", "--parallel", parallel, *common, launcher=[str(a) for a in launcher])
+    launcher = ACCELERATE + ["--config_file", ROOT / "runtime/accelerate" / config, "--num_processes", "2", "-m", "nanollm"]
+    result = run_cli("train", arch, "--out", tmp_path / "multi", *common, launcher=[str(a) for a in launcher])
     assert result.returncode == 0, result.stderr[-3000:]
     single, multi = metrics(tmp_path / "single"), metrics(tmp_path / "multi")
     plan = json.loads((tmp_path / "multi" / "manifest.json").read_text())["plan"]

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -145,7 +146,10 @@ def make_plan(recipe: Recipe, compiled: Compiled, accelerator: Any) -> Plan:
         steps = recipe.default_steps
     parallel = recipe.parallel
     if parallel == "auto":
-        parallel = "fsdp" if accelerator.distributed_type.name == "FSDP" else "ddp"
+        from accelerate.utils import parse_flag_from_env
+
+        # the launch config's own flag: on CPUs Accelerate turns an FSDP config into DDP, but fully_shard runs there
+        parallel = "fsdp" if accelerator.distributed_type.name == "FSDP" or parse_flag_from_env("ACCELERATE_USE_FSDP") else "ddp"
     compiled_run = accelerator.device.type == "cuda" if recipe.compile is None else recipe.compile
     return Plan(steps, seq_len, recipe.batch_size, micro, recipe.batch_size // (micro * processes), processes, flops,
                 parallel if processes > 1 else "none", bf16_mixed_precision(recipe), compiled_run)
@@ -288,7 +292,9 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
         shard(model, accelerator.device, plan.mixed_precision)
         wrapped = NextTokenLoss(model)
     else:
-        wrapped = accelerator.prepare_model(NextTokenLoss(model))  # DDP over processes; bf16 autocast when mixed
+        with warnings.catch_warnings():  # torch deprecates broadcast_buffers; Accelerate's DDP kwargs offer no successor yet
+            warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+            wrapped = accelerator.prepare_model(NextTokenLoss(model))  # DDP over processes; bf16 autocast when mixed
     runner = torch.compile(wrapped) if plan.compile else wrapped
     optimizers = build_optimizers(model, recipe)
     multiplier = lr_multiplier(recipe.schedule, plan.steps, recipe.warmup_fraction, recipe.decay_fraction, recipe.final_lr_ratio)
