@@ -79,20 +79,28 @@ def human(number: float, unit: str = "") -> str:
     return f"{number:g}{unit}"
 
 
+def output_shape(value: Any) -> Any:
+    """A node's output shape: a tuple, a tuple of them for a node that returns several, or None."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    return tuple(output_shape(v) for v in value) if isinstance(value, (tuple, list)) else None
+
+
 def shape_key(values: Any) -> tuple:
     """Hashable shapes/dtypes of a call's arguments."""
     return tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v) for v in values)
 
 
 class _Recorder(fx.Interpreter):
-    """Runs the graph on meta tensors: shapes for every node, each call's inputs, and the bytes autograd saves.
+    """Runs the graph on meta tensors: each call's inputs, the bytes autograd saves, and every node's output
+    shape (kept in `node.meta["shapes"][seq_len]`, which the graph diagram reads).
 
     A call identical to an earlier one (same module configuration, same input shapes) is not run
     again: its output and saved bytes are reused, so a stack of identical layers costs one layer.
     """
 
     def __init__(self, model: fx.GraphModule, seq_len: int) -> None:
-        super().__init__(model, garbage_collect_values=False)  # keep every node's output for `shapes`
+        super().__init__(model)
         self.seq_len = seq_len
         self.calls: list[tuple[fx.Node, tuple, dict, tuple]] = []  # (node, tensor args, kwargs, call key)
         self.memo: dict[tuple, tuple[Any, int]] = {}
@@ -110,6 +118,12 @@ class _Recorder(fx.Interpreter):
         return (node.target, shape_key(args), shape_key(kwargs.values()))
 
     def run_node(self, node: fx.Node) -> Any:
+        output = self.run_call(node)
+        node.meta.setdefault("shapes", {})[self.seq_len] = output_shape(output)
+        return output
+
+    def run_call(self, node: fx.Node) -> Any:
+        """A node's output; a call identical to an earlier one reuses its output and saved bytes."""
         if node.op not in ("call_module", "call_function"):
             return super().run_node(node)
         args, kwargs = self.fetch_args_kwargs_from_env(node)
@@ -124,16 +138,6 @@ class _Recorder(fx.Interpreter):
         self.calls.append((node, args, kwargs, key))
         self.activation_bytes += saved
         return output
-
-    def shapes(self) -> dict[fx.Node, Any]:
-        """Each node's output shape after a run: a tuple, a tuple of them for a node that returns several, or None."""
-
-        def shape(value: Any) -> Any:
-            if isinstance(value, torch.Tensor):
-                return tuple(value.shape)
-            return tuple(shape(v) for v in value) if isinstance(value, (tuple, list)) else None
-
-        return {node: shape(value) for node, value in self.env.items()}
 
     def save(self, tensor: torch.Tensor) -> torch.Tensor:
         """saved_tensors_hooks pack hook: note each saved activation storage once per call."""
@@ -155,18 +159,11 @@ def count_macs(module: nn.Module, args: tuple, handles: dict[str, Callable]) -> 
         return int(analysis.total())
 
 
-def record(model: fx.GraphModule, seq_len: int) -> _Recorder:
-    """Run a meta-device model on one sequence of `seq_len` tokens (batch 1), recording what `analyze` needs."""
-    recorder = _Recorder(model, seq_len)
-    input_ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
-    with torch.autograd.graph.saved_tensors_hooks(recorder.save, lambda t: t):
-        recorder.run(input_ids)
-    return recorder
-
-
 def analyze(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
-    """Analyse a meta-device model built from `arch` for one sequence of `seq_len` tokens."""
-    recorder = record(model, seq_len)
+    """Analyse a meta-device model built from `arch` for one sequence of `seq_len` tokens (batch 1)."""
+    recorder = _Recorder(model, seq_len)
+    with torch.autograd.graph.saved_tensors_hooks(recorder.save, lambda t: t):
+        recorder.run(torch.zeros(1, seq_len, dtype=torch.long, device="meta"))
 
     node_macs: dict[str, int] = {}
     for node, args, kwargs, key in recorder.calls:

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from torch import fx
+
 from .analysis import Analysis, analyze
 from .compiler import lower
 from .components import REGISTRY
@@ -287,6 +289,7 @@ class Solution:
     tokens: int
     file: ArchFile
     arch: Arch
+    graph: fx.GraphModule  # the sized model on the meta device, as analysed
     analysis: Analysis
 
     @property
@@ -451,7 +454,8 @@ def solve(
         width = family.widths[0]
         depth = nearest(lambda n: figures(family, width).at(n, target.metric), 1, MAX_REPEAT, target.value, family.reference_depth)
     arch = family.arch(width, depth)
-    analysis = analyze(arch, lower(arch), arch.config.seq_len)
+    graph = lower(arch)
+    analysis = analyze(arch, graph, arch.config.seq_len)
     per_token = analysis.flops_per_token_train
     one_sequence = per_token * arch.config.seq_len
     smallest = (family.widths[0], family.depth_for(family.widths[0]) if family.free_width else 1)
@@ -468,4 +472,4 @@ def solve(
         )
     solved_tokens = tokens if tokens is not None else round(budget / per_token)
     name = "tokens" if tokens is not None else "params" if params is not None else chosen.name
-    return Solution(budget, name, solved_tokens, family.file(width, depth), arch, analysis)
+    return Solution(budget, name, solved_tokens, family.file(width, depth), arch, graph, analysis)

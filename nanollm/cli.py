@@ -206,14 +206,15 @@ def cmd_render(args: argparse.Namespace) -> None:
     if args.budget is None:
         require_budget(args, BUDGET_OPTIONS)
         compiled = compile(Path(args.file))
-        analysis, notes, tables = compiled.analyze(args.seq_len or compiled.config.seq_len), (), ()
+        arch, graph, analysis = compiled.arch, compiled.graph, compiled.analyze(args.seq_len or compiled.config.seq_len)
+        notes, tables = (), ()
     else:
         solution = solve_file(args, args.file)
-        compiled, analysis = compile(solution.arch), solution.analysis
+        arch, graph, analysis = solution.arch, solution.graph, solution.analysis
         notes = (f"sized to {args.budget:.3g} training FLOPs ({solution.law}): {human(solution.tokens)} tokens",)
         tables = (("budget", ("figure", "value"), [(label, show(value, unit)) for label, value, unit in budget_rows(solution, args.devices or 1)]),)
-    tables = (("layers", LAYER_COLUMNS, layer_rows(compiled.arch, analysis)), ("totals", ("figure", "value"), total_rows(analysis)), *tables)
-    write(Path(args.output), Subject(Path(args.file).name, compiled.arch, compiled.graph, analysis, notes, tables), args.view)
+    tables = (("layers", LAYER_COLUMNS, layer_rows(arch, analysis)), ("totals", ("figure", "value"), total_rows(analysis)), *tables)
+    write(Path(args.output), Subject(Path(args.file).name, arch, graph, analysis, notes, tables), args.view)
 
 
 def cmd_graph(args: argparse.Namespace) -> None:

@@ -146,9 +146,10 @@ def weight_names(arch: Arch) -> dict[str, str]:
 def from_hf(model: transformers.PreTrainedModel | str | os.PathLike) -> fx.GraphModule:
     """A nanollm model carrying the weights of a transformers Qwen3, Qwen3-MoE or Mixtral causal LM (or a local dir / hub id of one)."""
     if isinstance(model, (str, os.PathLike)):
-        arch_from_config(transformers.AutoConfig.from_pretrained(model))  # refuse before loading any weight
+        arch = arch_from_config(transformers.AutoConfig.from_pretrained(model))  # refuse before loading any weight
         model = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    arch = arch_from_config(model.config)
+    else:
+        arch = arch_from_config(model.config)
     if type(model) is not getattr(transformers, CAUSAL_LMS[model.config.model_type]):
         raise ArchError(f"from_hf takes a causal LM ({', '.join(CAUSAL_LMS.values())}), not {type(model).__name__}")
     names = weight_names(arch)

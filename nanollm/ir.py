@@ -1,7 +1,7 @@
 """The typed intermediate representation: model settings and the flat list of layers."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
@@ -97,8 +97,8 @@ def format_value(value: Any) -> str:
 def arch_to_json(arch: Arch) -> dict[str, Any]:
     """The IR as plain data: settings, and each layer's calls with every argument."""
     return {
-        "config": {f.name: getattr(arch.config, f.name) for f in fields(ModelConfig)},
-        "layers": [{slot: {"name": call.name, "args": dict(call.args)} for slot, call in (("mixer", l.mixer), ("ffn", l.ffn))} for l in arch.layers],
+        "config": asdict(arch.config),
+        "layers": [{slot: {"name": call.name, "args": call.kwargs()} for slot, call in (("mixer", l.mixer), ("ffn", l.ffn))} for l in arch.layers],
     }
 
 

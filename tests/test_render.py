@@ -164,6 +164,13 @@ def test_budget_renders_the_solved_sizes(tmp_path):
     assert f"d_model {solution.arch.config.d_model}" in " ".join(svg_texts(root)) and "sized to 1e+20 training FLOPs" in text
 
 
+def test_budget_graph_view_shows_the_solved_shapes(tmp_path):
+    path = ROOT / "archs/gemma_hybrid.arch"
+    code, text = render(tmp_path, path, ".mmd", "--budget", "1e20", "--seq-len", "1024", "--view", "graph")
+    d_model = solve(path, 1e20, seq_len=1024).arch.config.d_model
+    assert code == 0 and f"1×1024×{d_model}" in text
+
+
 def test_readme_example_is_the_command_output(tmp_path):
     code, text = render(tmp_path, EXAMPLE, ".svg")
     assert code == 0

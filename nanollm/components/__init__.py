@@ -121,11 +121,11 @@ def recomputing() -> Iterator[None]:
 
 
 def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor summed over all training processes (itself when not distributed)."""
+    """A new tensor: this one summed over all training processes (a copy when not distributed)."""
+    total = tensor.clone()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-    return tensor
+        dist.all_reduce(total)
+    return total
 
 
 def register(name: str, slot: str, *params: Param) -> Callable[[type[Component]], type[Component]]:

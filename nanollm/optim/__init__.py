@@ -57,25 +57,17 @@ def adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float)
 def build_optimizers(model: nn.Module, recipe: Recipe) -> list[torch.optim.Optimizer]:
     """The recipe's optimisers over the model's parameters: [AdamW] or [Muon, AdamW]."""
     split = split_params(model)
-    betas = (recipe.beta1, recipe.beta2)
-    if recipe.optimizer == "adamw":
-        decayed = list(split.hidden_matrices.values()) + list(split.outer_matrices.values())
-        groups = [{"params": decayed, "weight_decay": recipe.weight_decay}, {"params": list(split.vectors.values()), "weight_decay": 0.0}]
-        return [adamw(groups, recipe.lr, betas, recipe.eps)]
-    muon = Muon(
-        list(split.hidden_matrices.values()),
-        lr=recipe.muon_lr,
-        weight_decay=recipe.weight_decay,
-        momentum=recipe.muon_momentum,
-        nesterov=recipe.muon_nesterov,
-        ns_steps=recipe.muon_ns_steps,
-        adjust_lr_fn=recipe.muon_adjust_lr,
-    )
-    groups = [
-        {"params": list(split.outer_matrices.values()), "weight_decay": recipe.weight_decay},
+    hidden = list(split.hidden_matrices.values())
+    muon = recipe.optimizer == "muon"
+    groups = [  # with Muon, AdamW keeps only the vocabulary's matrices and the vectors
+        {"params": ([] if muon else hidden) + list(split.outer_matrices.values()), "weight_decay": recipe.weight_decay},
         {"params": list(split.vectors.values()), "weight_decay": 0.0},
     ]
-    return [muon, adamw(groups, recipe.lr, betas, recipe.eps)]
+    optimizers = [adamw(groups, recipe.lr, (recipe.beta1, recipe.beta2), recipe.eps)]
+    if muon:
+        optimizers.insert(0, Muon(hidden, lr=recipe.muon_lr, weight_decay=recipe.weight_decay, momentum=recipe.muon_momentum,
+                                  nesterov=recipe.muon_nesterov, ns_steps=recipe.muon_ns_steps, adjust_lr_fn=recipe.muon_adjust_lr))
+    return optimizers
 
 
 def lr_multiplier(schedule: str, total: int, warmup_fraction: float, decay_fraction: float, final: float) -> Callable[[int], float]:

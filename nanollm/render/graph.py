@@ -6,7 +6,6 @@ from typing import Any
 
 from torch import fx
 
-from ..analysis import record
 from ..components import Component
 from .stack import colours
 from .text import NEUTRAL, Network
@@ -36,8 +35,9 @@ def shape_text(shape: Any) -> str:
 
 
 def graph_network(model: fx.GraphModule, seq_len: int) -> Network:
-    """Every node of the graph with its output shape for one sequence of `seq_len` tokens; edges are data flow."""
-    shapes = record(model, seq_len).shapes()
+    """Every node of the graph with its output shape for one sequence of `seq_len` tokens (recorded by the
+    model's analysis at that length, which must have run); edges are data flow."""
+    shapes = {node: node.meta["shapes"][seq_len] for node in model.graph.nodes}
     what = {node: operation(model, node) for node in model.graph.nodes}
     palette = colours([kind for _, kind in what.values() if kind is not None])
     network = Network("TB")
@@ -46,7 +46,7 @@ def graph_network(model: fx.GraphModule, seq_len: int) -> Network:
         layer = LAYER_NODE.match(node.name)
         if layer:
             network.clusters[f"layer_{layer.group(1)}"] = [f"layer {layer.group(1)}"]
-        network.node(node.name, [node.name, f"{op} → {shape_text(shapes.get(node))}"], palette.get(kind, NEUTRAL),
+        network.node(node.name, [node.name, f"{op} → {shape_text(shapes[node])}"], palette.get(kind, NEUTRAL),
                      clusters=(f"layer_{layer.group(1)}",) if layer else ())
         for source in node.all_input_nodes:
             network.edge(source.name, node.name)

@@ -29,6 +29,7 @@ TITLE, TEXT, SMALL = 13, 11.5, 10.5  # font sizes
 LINE = 14  # height of one line of TEXT
 ADD_R = 8  # the residual add's circle
 NORM_H = 16
+SUBLAYER_H = 8 + 8 + NORM_H + 8 + 10 + 2 * ADD_R  # a sublayer around its component box: branch, norm, gaps, add
 DETAILED_BLOCKS = 6  # more distinct blocks than this are drawn as one row each
 CHAR = 0.6  # an average character's width in font sizes (DejaVu Sans, the widest common sans)
 
@@ -258,10 +259,13 @@ class StackDrawing:
             lines = component_lines(call, self.config, width, heads=self.detailed)  # rows leave the heads to the title
             return labelled_box(self.c, x, y, width, call.name, lines, self.palette[call.name], tag)
 
+    def component_height(self, call: Call) -> float:
+        """Height of a full-width component box in the detailed view."""
+        return box_height(component_lines(call, self.config, BOX_W))
+
     def detailed_block(self, layer: Layer, top: float) -> float:
         """Two pre-norm residual sublayers, the mixer below the FFN; returns the block's height."""
-        sublayers = [66 + box_height(component_lines(call, self.config, BOX_W)) for call in (layer.mixer, layer.ffn)]
-        height = sum(sublayers) + 8
+        height = sum(SUBLAYER_H + self.component_height(call) for call in (layer.mixer, layer.ffn)) + 8
         self.c.box(self.x0, top, FRAME_W, height, ("#fafafa", FRAME), radius=10)
         middle = self.sublayer(layer.mixer, top + height)
         upper = self.sublayer(layer.ffn, middle)
@@ -269,7 +273,7 @@ class StackDrawing:
         return height
 
     def sublayer(self, call: Call, bottom: float) -> float:
-        """Branch, norm, component and residual add, drawn upward from `bottom`; returns the top (66 + box height)."""
+        """Branch, norm, component and residual add, drawn upward from `bottom`; returns the top (SUBLAYER_H + box height)."""
         c, cx = self.c, self.cx
         branch = bottom - 8
         c.line([(cx, bottom), (cx, branch)], arrow=False)
@@ -278,7 +282,7 @@ class StackDrawing:
         c.box(self.box_x + 70, norm_top, BOX_W - 140, NORM_H, NEUTRAL, radius=4)
         c.text(cx, norm_top + 12, "RMSNorm", size=SMALL - 1, anchor="middle")
         c.line([(cx, branch), (cx, norm_top + NORM_H)])
-        height = box_height(component_lines(call, self.config, BOX_W))
+        height = self.component_height(call)
         box_top = norm_top - 8 - height
         self.component(call, self.box_x, box_top, BOX_W)
         c.line([(cx, norm_top), (cx, box_top + height)])

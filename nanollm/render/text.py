@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -39,16 +39,26 @@ class Network:
         """Add an edge."""
         self.graph.add_edge(source, target, dashed=dashed)
 
-    def nesting(self) -> dict[tuple[str, ...], list[tuple[str, object]]]:
-        """Cluster path -> its contents in order: ("node", name) and ("cluster", path) entries."""
-        tree: dict[tuple[str, ...], list[tuple[str, object]]] = {(): []}
+    def walk(self) -> Iterator[tuple[str, str, int]]:
+        """The nodes in cluster order: ("open", cluster id, depth), ("node", name, depth), ("close", cluster id, depth)."""
+        tree: dict[tuple[str, ...], list[tuple[str, Any]]] = {(): []}  # cluster path -> ("node", name) / ("cluster", path)
         for name, clusters in self.graph.nodes(data="clusters"):
             for depth in range(1, len(clusters) + 1):
                 if clusters[:depth] not in tree:
                     tree[clusters[:depth]] = []
                     tree[clusters[:depth - 1]].append(("cluster", clusters[:depth]))
             tree[clusters].append(("node", name))
-        return tree
+
+        def contents(path: tuple[str, ...]) -> Iterator[tuple[str, str, int]]:
+            for kind, entry in tree[path]:
+                if kind == "node":
+                    yield "node", entry, len(path)
+                else:
+                    yield "open", entry[-1], len(path)
+                    yield from contents(entry)
+                    yield "close", entry[-1], len(path)
+
+        return contents(())
 
 
 def dot_string(text: str) -> str:
@@ -65,16 +75,14 @@ def dot(network: Network) -> str:
         '  node [fontname="Helvetica", fontsize=11, shape=box, style="rounded,filled"];',
         '  edge [color="#3c4043", arrowsize=0.7];',
     ]
-    tree = network.nesting()
-
-    def emit(path: tuple[str, ...], indent: str) -> None:
-        for kind, entry in tree[path]:
-            if kind == "cluster":
-                out.append(f"{indent}subgraph {dot_string('cluster_' + entry[-1])} {{")
-                out.append(f'{indent}  label={dot_string(chr(10).join(network.clusters[entry[-1]]))}; style="rounded,dashed"; color="{CLUSTER_STROKE}";')
-                emit(entry, indent + "  ")
-                out.append(f"{indent}}}")
-                continue
+    for kind, entry, depth in network.walk():
+        indent = "  " * (depth + 1)
+        if kind == "open":
+            out.append(f"{indent}subgraph {dot_string('cluster_' + entry)} {{")
+            out.append(f'{indent}  label={dot_string(chr(10).join(network.clusters[entry]))}; style="rounded,dashed"; color="{CLUSTER_STROKE}";')
+        elif kind == "close":
+            out.append(f"{indent}}}")
+        else:
             attrs = network.graph.nodes[entry]
             fill, stroke = attrs["pair"]
             style = {
@@ -83,8 +91,6 @@ def dot(network: Network) -> str:
                 "text": "shape=plaintext, style=solid",
             }[attrs["shape"]]
             out.append(f"{indent}{dot_string(entry)} [label={dot_string(chr(10).join(attrs['lines']))}, {style}];")
-
-    emit((), "  ")
     for source, target, dashed in network.graph.edges(data="dashed"):
         out.append(f"  {dot_string(source)} -> {dot_string(target)}{' [style=dashed]' if dashed else ''};")
     out.append("}")
@@ -106,23 +112,19 @@ def mermaid(network: Network) -> str:
         styles[pair] = f"c{len(styles)}"
         out.append(f"  classDef {styles[pair]} fill:{pair[0]},stroke:{pair[1]},color:#222222")
     out.append("  classDef text fill:none,stroke:none,color:#5f6368")
-    tree = network.nesting()
     ids = {name: f"n{k}" for k, name in enumerate(network.graph.nodes)}  # Mermaid reserves words like `end`
-
-    def emit(path: tuple[str, ...], indent: str) -> None:
-        for kind, entry in tree[path]:
-            if kind == "cluster":
-                label = "<br>".join(mermaid_text(line) for line in network.clusters[entry[-1]])
-                out.append(f'{indent}subgraph {entry[-1]} ["{label}"]')
-                emit(entry, indent + "  ")
-                out.append(f"{indent}end")
-                continue
+    for kind, entry, depth in network.walk():
+        indent = "  " * (depth + 1)
+        if kind == "open":
+            label = "<br>".join(mermaid_text(line) for line in network.clusters[entry])
+            out.append(f'{indent}subgraph {entry} ["{label}"]')
+        elif kind == "close":
+            out.append(f"{indent}end")
+        else:
             attrs = network.graph.nodes[entry]
             label = "<br>".join(mermaid_text(line) for line in attrs["lines"])
             shape = '(("{}"))' if attrs["shape"] == "circle" else '["{}"]'
             out.append(f"{indent}{ids[entry]}{shape.format(label)}")
-
-    emit((), "  ")
     for source, target, dashed in network.graph.edges(data="dashed"):
         out.append(f"  {ids[source]} {'-.->' if dashed else '-->'} {ids[target]}")
     for name, attrs in network.graph.nodes(data=True):

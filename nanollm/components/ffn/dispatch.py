@@ -52,7 +52,7 @@ def weighted_swiglu(gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor)
     return F.silu(gate) * up * weights.unsqueeze(-1).to(up.dtype)
 
 
-@torch.compiler.disable  # its shapes depend on the routing: run eagerly, between compiled graphs
+@torch._disable_dynamo  # its shapes depend on the routing: run eagerly, between compiled graphs (dynamo loaded only then)
 def expert_loop(x: torch.Tensor, token: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Per expert: its rows of x (token ids sorted by expert, counts[e] for expert e), its weighted SwiGLU,
     added back into the output."""
@@ -68,13 +68,18 @@ def expert_loop(x: torch.Tensor, token: torch.Tensor, weights: torch.Tensor, gat
     return y
 
 
-def dropless(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """sum_j weights[t, j] * expert_{experts[t, j]}(x[t]) for tokens x (N, d), routing (N, k)."""
+def expert_counts(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Assignments per expert (E,) of a routing (N, k)."""
     flat = experts.flatten()
-    order = flat.argsort(stable=True)
+    return torch.zeros(n_experts, dtype=torch.long, device=experts.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def dropless(x: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+             down: torch.Tensor) -> torch.Tensor:
+    """sum_j weights[t, j] * expert_{experts[t, j]}(x[t]) for tokens x (N, d), routing (N, k) with its expert counts."""
+    order = experts.flatten().argsort(stable=True)
     token = order // experts.shape[1]
     weights = weights.flatten()[order]
-    counts = torch.zeros(gate_up.shape[0], dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     if not use_grouped_mm(x):
         return expert_loop(x, token, weights, gate_up, down, counts)
     offsets = counts.cumsum(0).to(torch.int32)
@@ -88,6 +93,7 @@ def dropless(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate
 def capacity_limited(
     x: torch.Tensor,
     experts: torch.Tensor,
+    counts: torch.Tensor,
     weights: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
@@ -110,7 +116,6 @@ def capacity_limited(
     flat = experts.flatten()
     order = priority[flat[priority].argsort(stable=True)]  # by expert, by priority within an expert
     expert = flat[order]
-    counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     rank = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
     kept = rank < slots
     # Buffer position of each assignment; every dropped one goes to a spare slot at the end, cut off below.

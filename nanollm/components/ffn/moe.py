@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import INIT_STD, Component, Param, collects_statistics, register, sum_over_processes
 from ...ir import ModelConfig
-from .dispatch import DROPS, capacity_limited, dropless
+from .dispatch import DROPS, capacity_limited, dropless, expert_counts
 from .router import BALANCES, ROUTERS, Router
 from .swiglu import SwiGLU
 
@@ -122,27 +122,26 @@ class MoE(Component):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         routing = self.router(x.reshape(-1, x.shape[-2], x.shape[-1]), getattr(self, "selection_bias", None))
         flat = x.reshape(-1, x.shape[-1])
+        counts = expert_counts(routing.experts, self.experts)
         if self.capacity:
-            y, dropped = capacity_limited(flat, routing.experts, routing.weights, self.gate_up, self.down, self.capacity, self.drop)
+            y, dropped = capacity_limited(flat, routing.experts, counts, routing.weights, self.gate_up, self.down, self.capacity, self.drop)
         else:
-            y, dropped = dropless(flat, routing.experts, routing.weights, self.gate_up, self.down), None
+            y, dropped = dropless(flat, routing.experts, counts, routing.weights, self.gate_up, self.down), None
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         if collects_statistics(self):
-            self.record(routing.experts, dropped, routing.balance_loss, routing.z_loss)
+            self.record(counts, dropped, routing.balance_loss, routing.z_loss)
         return y.view(x.shape), routing.balance_loss + routing.z_loss
 
     @torch.no_grad()
-    def record(self, experts: torch.Tensor, dropped: torch.Tensor | None, balance: torch.Tensor, z_loss: torch.Tensor) -> None:
-        """Add one forward pass's loads, drops and losses to this step's accumulators."""
-        load = torch.zeros(self.experts, dtype=torch.float64, device=experts.device)
-        load.scatter_add_(0, experts.flatten(), torch.ones_like(experts.flatten(), dtype=torch.float64))
-        dropped = dropped if dropped is not None else torch.zeros((), device=experts.device)
+    def record(self, counts: torch.Tensor, dropped: torch.Tensor | None, balance: torch.Tensor, z_loss: torch.Tensor) -> None:
+        """Add one forward pass's loads (assignments per expert), drops and losses to this step's accumulators."""
+        dropped = dropped if dropped is not None else torch.zeros((), device=counts.device)
         extra = torch.stack([dropped.double(), torch.ones_like(balance, dtype=torch.float64), balance.double(), z_loss.double()])
-        self.statistics += torch.cat([load, extra])
+        self.statistics += torch.cat([counts.double(), extra])
 
     def finish_step(self) -> dict[str, torch.Tensor]:
-        totals = sum_over_processes(self.statistics.clone())  # cloned: the accumulators are reset next
+        totals = sum_over_processes(self.statistics)
         self.statistics.zero_()
         load, extra = totals[: self.experts], totals[self.experts :]
         if self.balance == "bias":  # DeepSeek-V3's auxiliary-loss-free balancing: b_i += rate * sign(mean load - load_i)

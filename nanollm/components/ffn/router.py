@@ -66,9 +66,7 @@ class Router(nn.Module):
         if self.norm_topk:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # the epsilon guards all-zero sigmoids
         weights = weights * self.scale
-        # Affinities as a distribution over experts: softmax already is one; sigmoid scores are normalised.
-        affinity = scores if self.kind == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
-        balance = self.balance_loss(affinity.view(x.shape[0], -1, self.experts), experts.view(x.shape[0], -1))
+        balance = self.balance_loss(scores.view(x.shape[0], -1, self.experts), experts.view(x.shape[0], -1))
         z_loss = self.z_coef * logits.logsumexp(dim=-1).square().mean() if self.z_coef > 0 else logits.new_zeros(())
         return Routing(experts, weights, balance, z_loss)
 
@@ -85,15 +83,17 @@ class Router(nn.Module):
             scores = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(scores)
         return scores.topk(self.top, dim=-1).indices
 
-    def balance_loss(self, affinity: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """The weighted balance loss from affinities (B, T, E) and choices (B, T*k).
+    def balance_loss(self, scores: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The weighted balance loss from router scores (B, T, E) and choices (B, T*k).
 
         aux (Switch/GShard): aux * E * sum_i f_i P_i over all tokens, f_i = assignments to i per token,
         P_i = mean affinity. seq_aux (DeepSeek-V2/V3): aux * sum_i f_i P_i per sequence, with
         f_i = E / (k T) * assignments to i in the sequence, averaged over sequences.
         """
         if self.balance not in ("aux", "seq_aux") or self.aux == 0:
-            return affinity.new_zeros(())
+            return scores.new_zeros(())
+        # Affinities as a distribution over experts: softmax already is one; sigmoid scores are normalised.
+        affinity = scores if self.kind == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
         batch, length, _ = affinity.shape
         counts = torch.zeros(batch, self.experts, device=affinity.device).scatter_add_(1, experts, torch.ones_like(experts, dtype=torch.float))
         if self.balance == "aux":
