@@ -1,58 +1,20 @@
 """nanollm: a declarative architecture compiler for LLM research."""
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import torch
 from torch import fx
 
-from .analysis import Analysis, analyze
-from .compiler import lower, materialize
-from .errors import ArchError
+from .analysis import Analysis
+from .compiled import Compiled, compile
+from .errors import ArchError, NanollmError
 from .ir import Arch, Call, Layer, ModelConfig
-from .resolve import load
 
-__all__ = ["Arch", "ArchError", "Analysis", "Call", "Compiled", "Layer", "ModelConfig", "compile", "from_hf"]
-
-
-class Compiled:
-    """A compiled architecture: its IR, its meta-device GraphModule, and the analysis of that graph."""
-
-    def __init__(self, arch: Arch) -> None:
-        self.arch = arch
-        self.graph: fx.GraphModule = lower(arch)
-        self._analyses: dict[int, Analysis] = {}
-
-    @property
-    def config(self) -> ModelConfig:
-        """The model settings."""
-        return self.arch.config
-
-    @property
-    def analysis(self) -> Analysis:
-        """Analysis at the model's own seq_len."""
-        return self.analyze(self.config.seq_len)
-
-    def analyze(self, seq_len: int) -> Analysis:
-        """Analysis at a given sequence length (cached)."""
-        if seq_len not in self._analyses:
-            self._analyses[seq_len] = analyze(self.arch, self.graph, seq_len)
-        return self._analyses[seq_len]
-
-    def build(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> fx.GraphModule:
-        """The same graph with real initialised weights; forward(input_ids) -> (logits, aux_loss)."""
-        return materialize(self.graph, device, dtype)
-
-
-def compile(path_or_text: str | os.PathLike | Arch, **overrides: Any) -> Compiled:  # noqa: A001 - the API's name
-    """Compile an .arch file path, .arch source text, or an Arch; keyword overrides replace settings."""
-    arch = path_or_text if isinstance(path_or_text, Arch) else load(path_or_text, **overrides)
-    return Compiled(arch)
+__all__ = ["Arch", "ArchError", "Analysis", "Call", "Compiled", "Layer", "ModelConfig", "NanollmError", "compile", "from_hf"]
 
 
 def from_hf(model: Any) -> fx.GraphModule:
-    """A nanollm model carrying the weights of a transformers Qwen3, Qwen3-MoE or Mixtral causal LM (or a path/hub id to one)."""
-    from .hf import from_hf as convert  # transformers is imported only here
+    """A nanollm model carrying the weights of a supported transformers causal LM (or a local directory of one)."""
+    from . import hf  # transformers is imported only here
 
-    return convert(model)
+    return hf.from_hf(model)

@@ -1,14 +1,14 @@
-"""Static analysis of a meta-device model: shapes, parameters, FLOPs (fvcore), KV cache, activations.
+"""Static analysis of a meta-device model: shapes, parameters, FLOPs (fvcore), inference cache, activations.
 
-FLOPs are counted by fvcore's FlopCountAnalysis, one traced call per distinct (module, input shapes):
-identical layers are traced once. fvcore counts multiply-accumulates; everything reported here is
+FLOPs are counted by fvcore's FlopCountAnalysis, one traced call per distinct (what the module was built
+from, input shapes): identical layers are traced once. What a module was built from is recorded by lowering
+(its IR call and the settings), so no module has to describe itself for the memo to be right. fvcore counts multiply-accumulates; everything reported here is
 FLOPs = 2 x MACs, the convention of C = 6ND. Components register handles for ops fvcore lacks
 (attention counts only the (query, key) pairs really attended; grouped expert matmuls count only
 the routed rows).
 """
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
@@ -17,12 +17,12 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import fx, nn
 
+from .compiler import layer_of
 from .components import Component
 from .ir import Arch
 
-KV_CACHE_BYTES = 2  # bf16 cache entries
+CACHE_BYTES = 2  # bf16 cache entries
 _MACS: dict[tuple, int] = {}  # fvcore counts by call key, shared by every analysis in the process
-LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 @dataclass
@@ -30,12 +30,17 @@ class LayerReport:
     """Per-layer figures."""
 
     index: int
-    mixer: str
-    ffn: str
+    residual: str
+    calls: dict[str, str]  # slot -> the call with every argument
     params: int
     params_active: int
     flops_per_token_fwd: float
-    kv_cache_bytes_per_token: float
+    cache_bytes_per_token: float
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data: the slots' calls as keys of their own (`mixer`, `ffn`), beside the figures."""
+        figures = {k: v for k, v in asdict(self).items() if k not in ("index", "residual", "calls")}
+        return {"index": self.index, "residual": self.residual, **self.calls, **figures}
 
 
 @dataclass
@@ -49,13 +54,13 @@ class Analysis:
     params_embedding: int
     flops_per_token_fwd: float
     flops_per_token_train: float
-    kv_cache_bytes_per_token: float
+    cache_bytes_per_token: float
     activation_bytes: int
     layers: list[LayerReport]
 
     def to_json(self) -> dict[str, Any]:
         """Plain-data form (the `nanollm compile --json` schema)."""
-        return asdict(self)
+        return {**{k: v for k, v in asdict(self).items() if k != "layers"}, "layers": [r.to_json() for r in self.layers]}
 
 
 class _Call(nn.Module):
@@ -67,16 +72,6 @@ class _Call(nn.Module):
 
     def forward(self, *args: torch.Tensor) -> Any:
         return self.function(*args, **self.kwargs)
-
-
-def human(number: float, unit: str = "") -> str:
-    """A figure for people: 1234567 -> '1.23M'; past tera, scientific notation (1.00e+20)."""
-    if abs(number) >= 1e15:
-        return f"{number:.2e}{unit}"
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(number) >= scale:
-            return f"{number / scale:.2f}{suffix}{unit}"
-    return f"{number:g}{unit}"
 
 
 def output_shape(value: Any) -> Any:
@@ -91,12 +86,19 @@ def shape_key(values: Any) -> tuple:
     return tuple((tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v) for v in values)
 
 
+def module_key(node: fx.Node, module: nn.Module) -> Any:
+    """What a module's outputs and FLOPs depend on besides its inputs: what lowering built it from, or (for a
+    module lowering did not record) the module itself, so nothing is reused by mistake."""
+    built_from = node.meta.get("built_from")
+    return built_from if built_from is not None else id(module)
+
+
 class _Recorder(fx.Interpreter):
     """Runs the graph on meta tensors: each call's inputs, the bytes autograd saves, and every node's output
     shape (kept in `node.meta["shapes"][seq_len]`, which the graph diagram reads).
 
-    A call identical to an earlier one (same module configuration, same input shapes) is not run
-    again: its output and saved bytes are reused, so a stack of identical layers costs one layer.
+    A call identical to an earlier one (a module built from the same call and settings, the same input
+    shapes) is not run again: its output and saved bytes are reused, so a stack of identical layers costs one.
     """
 
     def __init__(self, model: fx.GraphModule, seq_len: int) -> None:
@@ -112,9 +114,7 @@ class _Recorder(fx.Interpreter):
     def key(self, node: fx.Node, args: tuple, kwargs: dict) -> tuple:
         """What determines a call's output shapes and FLOPs."""
         if node.op == "call_module":
-            module = self.module.get_submodule(node.target)
-            params = tuple(tuple(p.shape) for p in module.parameters())
-            return (type(module), module.extra_repr(), params, shape_key(args))
+            return (module_key(node, self.module.get_submodule(node.target)), shape_key(args))
         return (node.target, shape_key(args), shape_key(kwargs.values()))
 
     def run_node(self, node: fx.Node) -> Any:
@@ -178,18 +178,20 @@ def analyze(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
 
     layer_macs = [0] * len(arch.layers)
     for node, *_ in recorder.calls:
-        match = LAYER.match(str(node.target)) if node.op == "call_module" else None
-        if match:
-            layer_macs[int(match.group(1))] += node_macs.get(node.name, 0)
+        index = layer_of(str(node.target)) if node.op == "call_module" else None
+        if index is not None:
+            layer_macs[index] += node_macs.get(node.name, 0)
 
-    kv_bytes = KV_CACHE_BYTES / seq_len
+    cache_bytes = CACHE_BYTES / seq_len
     layers = []
     for i, spec in enumerate(arch.layers):
         block = model.get_submodule(f"layers.{i}")
+        components = [block.get_submodule(slot) for slot, _ in spec.sublayers]
         params = sum(p.numel() for p in block.parameters())
-        inactive = sum(sum(p.numel() for p in c.parameters()) - c.active_params() for c in (block.mixer, block.ffn))
-        kv = sum(c.kv_cache_elements(seq_len) for c in (block.mixer, block.ffn)) * kv_bytes
-        layers.append(LayerReport(i, str(spec.mixer), str(spec.ffn), params, params - inactive, 2 * layer_macs[i] / seq_len, kv))
+        inactive = sum(sum(p.numel() for p in c.parameters()) - c.active_params() for c in components)
+        cache = sum(c.cache_elements(seq_len) for c in components) * cache_bytes
+        calls = {slot: str(call) for slot, call in spec.sublayers}
+        layers.append(LayerReport(i, str(spec.residual), calls, params, params - inactive, 2 * layer_macs[i] / seq_len, cache))
 
     params_total = sum(p.numel() for p in model.parameters())
     embedding = model.embed.weight.numel() + (0 if arch.config.tie_embeddings else model.lm_head.weight.numel())
@@ -202,7 +204,7 @@ def analyze(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
         params_embedding=embedding,
         flops_per_token_fwd=flops_fwd,
         flops_per_token_train=3 * flops_fwd,
-        kv_cache_bytes_per_token=sum(r.kv_cache_bytes_per_token for r in layers),
+        cache_bytes_per_token=sum(r.cache_bytes_per_token for r in layers),
         activation_bytes=recorder.activation_bytes,
         layers=layers,
     )

@@ -21,7 +21,8 @@ from .compiler import lower
 from .components import REGISTRY
 from .errors import ArchError
 from .ir import Arch, ModelConfig
-from .resolve import AUTO, bind, convert, merge, parse_number, read, resolve
+from .memory import TrainingMemory, training_memory
+from .resolve import AUTO, bind, convert, default_layer, merge, parse_number, read, resolve
 from .syntax import Arg, ArchFile, LayerItem, LayerStmt, Repeat, Setting, Term, Value, format_file
 
 WIDTH_MULTIPLE = 64  # d_model, d_ff and every hidden width are multiples of this
@@ -257,7 +258,7 @@ def validate(arch_file: ArchFile) -> None:
 def _default_stack(settings: dict[str, Setting]) -> Repeat:
     """`repeat n_layers < global >`, the layer list of a file that has none."""
     count = settings["n_layers"].value if "n_layers" in settings else Value(str(ModelConfig.n_layers), "number", None)
-    return Repeat(count, (LayerStmt(Term("global", None, None), (), None),), (), None)
+    return Repeat(count, (default_layer(),), (), None)
 
 
 def _free_sizes(settings: dict[str, Setting], layers: list[LayerItem]) -> tuple[bool, list[Repeat]]:
@@ -276,9 +277,6 @@ def _repeats(items: list[LayerItem] | tuple[LayerItem, ...]) -> list[Repeat]:
 
 
 # ---- solving ----------------------------------------------------------------------------------------
-
-BYTES_PER_PARAM = 16  # AdamW in mixed precision: fp32 weights, fp32 gradients, two fp32 moments
-
 
 @dataclass
 class Solution:
@@ -307,20 +305,9 @@ class Solution:
         """The solved model as a concrete .arch file."""
         return format_file(self.file, ModelConfig.setting_names())
 
-    def memory(self, devices: int = 1) -> dict[str, float]:
-        """Training memory per device (bytes): sharded AdamW state + one sequence's activations (+ FSDP gathers)."""
-        analysis = self.analysis
-        state = BYTES_PER_PARAM * analysis.params_total
-        # FSDP all-gathers one layer's bf16 weights and prefetches the next.
-        gathered = 0 if devices == 1 else 2 * 2 * max(layer.params for layer in analysis.layers)
-        return {
-            "weights": 4 * analysis.params_total / devices,
-            "gradients": 4 * analysis.params_total / devices,
-            "optimizer": 8 * analysis.params_total / devices,
-            "activations": analysis.activation_bytes,
-            "fsdp_gathered": gathered,
-            "per_device": state / devices + gathered + analysis.activation_bytes,
-        }
+    def memory(self, devices: int = 1) -> TrainingMemory:
+        """Training memory per device: AdamW in bf16 mixed precision, one sequence, FSDP over `devices`."""
+        return training_memory(self.analysis, self.arch.config.vocab_size, processes=devices)
 
     def solved_settings(self) -> dict[str, int]:
         """The sizes the solver chose."""
@@ -339,7 +326,7 @@ class Solution:
             "tokens_per_param": self.tokens / self.analysis.params_active,
             "params_non_embedding": self.params_non_embedding,
             "devices": devices,
-            "train_memory_bytes": self.memory(devices),
+            "train_memory_bytes": self.memory(devices).to_json(),
             "solved": self.solved_settings(),
         }
 

@@ -10,12 +10,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import compile
-from .analysis import Analysis, human
+from .analysis import Analysis
 from .budget import Solution, solve, validate
-from .components import REGISTRY
-from .errors import ArchError
-from .ir import Arch, Call, ModelConfig
+from .compiled import compile
+from .components import SLOTS, brief
+from .errors import NanollmError
+from .human import human
+from .ir import Arch, ModelConfig
 from .render import VIEWS, Subject, check_output, write
 from .resolve import read
 from .syntax import format_file
@@ -27,11 +28,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         sys.stderr.write(f"{self.prog}: error: {message}\n")
         raise SystemExit(2)
-
-
-def brief(call: Call, config: ModelConfig) -> str:
-    """A call without the arguments left at their defaults (`moe(experts=16)`); carried ones always show."""
-    return call.brief({p.name: p.default_for(config) for p in REGISTRY[call.name].params if not p.carry})
 
 
 def positive_int(text: str) -> int:
@@ -63,34 +59,45 @@ def console() -> Console:
 
 BUDGET_OPTIONS = ("law", "tokens", "params", "devices")
 BUDGET_ONLY = (*BUDGET_OPTIONS, "output")
-LAYER_COLUMNS = ("layer", "mixer", "ffn", "params", "active", "FLOPs/token", "KV bytes/token")
+FIGURE_COLUMNS = ("params", "active", "FLOPs/token", "cache bytes/token")
 
 
 def require_budget(args: argparse.Namespace, names: tuple[str, ...]) -> None:
     """An error naming the budget options given without --budget."""
     given = [f"--{name}" if name != "output" else "-o" for name in names if getattr(args, name) is not None]
     if given:
-        raise ArchError(f"{', '.join(given)} needs --budget")
+        raise NanollmError(f"{', '.join(given)} needs --budget")
+
+
+def layer_columns(arch: Arch) -> tuple[str, ...]:
+    """The per-layer table's columns: the slots the model uses, its residual schemes if they vary, the figures."""
+    slots = [slot for slot in SLOTS if any(layer.get(slot) for layer in arch.layers)]
+    varied = len({layer.residual for layer in arch.layers}) > 1
+    return ("layer", *slots, *(("residual",) if varied else ()), *FIGURE_COLUMNS)
 
 
 def layer_rows(arch: Arch, analysis: Analysis) -> list[tuple[str, ...]]:
-    """A row per layer, under LAYER_COLUMNS."""
-    return [
-        (str(r.index), brief(layer.mixer, arch.config), brief(layer.ffn, arch.config), human(r.params), human(r.params_active),
-         human(r.flops_per_token_fwd), human(r.kv_cache_bytes_per_token))
-        for r, layer in zip(analysis.layers, arch.layers)
-    ]
+    """A row per layer, under `layer_columns`."""
+    columns, config = layer_columns(arch), arch.config
+    rows = []
+    for r, layer in zip(analysis.layers, arch.layers):
+        calls = [brief(layer.get(slot), config) if layer.get(slot) else "-" for slot in SLOTS if slot in columns]
+        residual = [brief(layer.residual, config)] if "residual" in columns else []
+        rows.append((str(r.index), *calls, *residual, human(r.params), human(r.params_active), human(r.flops_per_token_fwd),
+                     human(r.cache_bytes_per_token)))
+    return rows
 
 
-def total_rows(analysis: Analysis) -> list[tuple[str, str]]:
+def total_rows(arch: Arch, analysis: Analysis) -> list[tuple[str, str]]:
     """The whole model's figures: (name, value)."""
     return [
+        ("residual, norm", f"{brief(arch.config.residual, arch.config)}, {brief(arch.config.norm, arch.config)}"),
         ("parameters", human(analysis.params_total)),
         ("active per token", human(analysis.params_active)),
         ("embedding", human(analysis.params_embedding)),
         ("forward FLOPs/token", human(analysis.flops_per_token_fwd)),
         ("training FLOPs/token (3x)", human(analysis.flops_per_token_train)),
-        ("KV cache/token", human(analysis.kv_cache_bytes_per_token, "B")),
+        ("inference cache/token", human(analysis.cache_bytes_per_token, "B")),
         ("activations saved (batch 1)", human(analysis.activation_bytes, "B")),
     ]
 
@@ -105,14 +112,14 @@ def cmd_compile(args: argparse.Namespace) -> None:
         print(json.dumps(analysis.to_json(), indent=2))
         return
     table = Table(title=f"{args.file}  (seq_len {analysis.seq_len}, batch 1)", title_justify="left")
-    for name in LAYER_COLUMNS:
-        table.add_column(name, justify="left" if name in ("mixer", "ffn") else "right")
+    for name in layer_columns(compiled.arch):
+        table.add_column(name, justify="right" if name in FIGURE_COLUMNS or name == "layer" else "left")
     for row in layer_rows(compiled.arch, analysis):
         table.add_row(*row)
     totals = Table(show_header=False, box=None)
     totals.add_column(justify="left")
     totals.add_column(justify="right")
-    for name, value in total_rows(analysis):
+    for name, value in total_rows(compiled.arch, analysis):
         totals.add_row(name, value)
     out = console()
     out.print(table)
@@ -143,13 +150,13 @@ def budget_rows(solution: Solution, devices: int) -> list[tuple[str, float, str]
         ("training FLOPs/token", a.flops_per_token_train, ""),
         ("training compute", solution.train_flops, ""),
         ("compute vs budget", solution.train_flops / solution.budget - 1, "percent"),
-        ("KV cache/token", a.kv_cache_bytes_per_token, "B"),
-        ("weights + grads + AdamW state", single["weights"] + single["gradients"] + single["optimizer"], "B"),
-        ("activations (one sequence)", single["activations"], "B"),
-        ("training memory, 1 device", single["per_device"], "B"),
+        ("inference cache/token", a.cache_bytes_per_token, "B"),
+        ("weights + grads + AdamW state", single.state, "B"),
+        ("activations and logits (one sequence)", single.activations + single.logits, "B"),
+        ("training memory, 1 device", single.total, "B"),
     ]
     if devices > 1:
-        rows.append((f"training memory/device, FSDP over {devices}", solution.memory(devices)["per_device"], "B"))
+        rows.append((f"training memory/device, FSDP over {devices}", solution.memory(devices).total, "B"))
     return rows
 
 
@@ -213,7 +220,7 @@ def cmd_render(args: argparse.Namespace) -> None:
         arch, graph, analysis = solution.arch, solution.graph, solution.analysis
         notes = (f"sized to {args.budget:.3g} training FLOPs ({solution.law}): {human(solution.tokens)} tokens",)
         tables = (("budget", ("figure", "value"), [(label, show(value, unit)) for label, value, unit in budget_rows(solution, args.devices or 1)]),)
-    tables = (("layers", LAYER_COLUMNS, layer_rows(arch, analysis)), ("totals", ("figure", "value"), total_rows(analysis)), *tables)
+    tables = (("layers", layer_columns(arch), layer_rows(arch, analysis)), ("totals", ("figure", "value"), total_rows(arch, analysis)), *tables)
     write(Path(args.output), Subject(Path(args.file).name, arch, graph, analysis, notes, tables), args.view)
 
 
@@ -263,7 +270,7 @@ def recipe_flag_type(name: str):
     def convert(text: str):
         try:
             return parse_value(name, text)
-        except ArchError as error:
+        except NanollmError as error:
             raise argparse.ArgumentTypeError(error.message.removeprefix(f"command line: {name} ")) from None
 
     return convert
@@ -307,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `nanollm` console script."""
     parser = _Parser(prog="nanollm", description="Declarative LLM architecture compiler.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    compile_cmd = commands.add_parser("compile", help="analyse an .arch file: parameters, FLOPs, KV cache")
+    compile_cmd = commands.add_parser("compile", help="analyse an .arch file: parameters, FLOPs, inference cache")
     compile_cmd.add_argument("file")
     compile_cmd.add_argument("--seq-len", type=positive_int, help="sequence length for the analysis (default: the file's seq_len)")
     compile_cmd.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -338,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except ArchError as error:
+    except NanollmError as error:
         sys.stderr.write(f"{error}\n")
         return 2
     return 0

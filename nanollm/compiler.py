@@ -1,19 +1,105 @@
-"""Lowering: the IR -> a torch.fx GraphModule whose nodes are component calls."""
+"""Lowering: the IR -> a torch.fx GraphModule whose nodes are component calls.
+
+The graph reads as the architecture: the embedding, then per layer and sublayer the residual scheme's entry
+nodes (a norm, say), the component called with the inputs it declared (the branch input, rotary tables,
+token ids, positions), the scheme's exit nodes (a norm, the residual add), then the final norm and the head.
+This module owns the naming convention: a sublayer's modules are `layers.<i>.<slot>[_<part>]`, its nodes
+`layers_<i>_<slot>[_<part>]`; `layer_of` reads the layer index back.
+"""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import operator
+import re
+from dataclasses import dataclass
+from typing import Callable, Hashable
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .components import INIT_STD, REGISTRY, Component
-from .components.norm.rmsnorm import RMSNorm
-from .components.position.rope import RotaryEmbedding
+from .components import BRANCH, INIT_STD, POSITIONS, REGISTRY, TABLE, TOKEN_IDS, Component, Residual, Rotary, make_norm
 from .ir import Arch, Call, ModelConfig
 
 ANALYSIS_DTYPE = torch.bfloat16  # the meta graph is typed as a GPU run would be: sizes, KV cache, activations
+LAYER = re.compile(r"^layers[._](\d+)(?:[._]|$)")
+
+
+def layer_of(name: str) -> int | None:
+    """The layer index of a module path (`layers.3.ffn`) or node name (`layers_3_ffn`), or None outside the layers."""
+    match = LAYER.match(name)
+    return int(match.group(1)) if match else None
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a sublayer sits: layer `layer`, slot `slot`; names its modules and nodes."""
+
+    layer: int
+    slot: str
+
+    def module(self, part: str | None = None) -> str:
+        """Module path of the component (part None) or of one of its site's parts (`norm`, `post_norm`, ...)."""
+        return f"layers.{self.layer}.{self.slot}" + (f"_{part}" if part else "")
+
+    def node(self, part: str | None = None) -> str:
+        """Graph node name of the component's call (part None) or of one of its site's nodes."""
+        return f"layers_{self.layer}_{self.slot}" + (f"_{part}" if part else "")
+
+
+class Unembedding(nn.Linear):
+    """An untied LM head: the vocabulary's matrix, an embedding-like table for the optimisers."""
+
+    def param_roles(self) -> dict[str, str]:
+        return {"weight": TABLE}
+
+
+def scale_embedding(hidden: torch.Tensor) -> torch.Tensor:
+    """Embeddings times sqrt(d_model), the factor rounded to their dtype first, as Gemma does."""
+    return hidden * torch.tensor(math.sqrt(hidden.shape[-1]), dtype=hidden.dtype)
+
+
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap)."""
+    return cap * torch.tanh(logits / cap)
+
+
+def token_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """Positions 0..T-1 of a batch of token ids."""
+    return torch.arange(input_ids.shape[-1], device=input_ids.device)
+
+
+class Lowering:
+    """The graph under construction, and what each call_module node was built from (`node.meta["built_from"]`,
+    which the analysis reuses work by)."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root, self.graph = root, fx.Graph()
+        self.built_from: dict[str, Hashable] = {}  # module path -> what determines its outputs and FLOPs
+
+    def module(self, target: str, args: tuple, name: str) -> fx.Node:
+        """A call_module node."""
+        node = self.graph.create_node("call_module", target, args, name=name)
+        node.meta["built_from"] = self.built_from.get(target)
+        return node
+
+    def call(self, site: Site, part: str | None, args: tuple) -> fx.Node:
+        """A call_module node of a sublayer's component (part None) or of one of its site's parts."""
+        return self.module(site.module(part), args, site.node(part))
+
+    def function(self, target: Callable, args: tuple, name: str) -> fx.Node:
+        """A call_function node."""
+        return self.graph.create_node("call_function", target, args, name=name)
+
+    def add(self, a: fx.Node, b: fx.Node, name: str) -> fx.Node:
+        """a + b."""
+        return self.function(operator.add, (a, b), name)
+
+    def item(self, node: fx.Node, index: int, name: str) -> fx.Node:
+        """node[index]."""
+        return self.function(operator.getitem, (node, index), name)
 
 
 def make_component(call: Call, config: ModelConfig) -> Component:
@@ -21,58 +107,97 @@ def make_component(call: Call, config: ModelConfig) -> Component:
     return REGISTRY[call.name].module(config, **call.kwargs())
 
 
+def make_scheme(call: Call, config: ModelConfig) -> Residual:
+    """The residual scheme of a resolved call."""
+    return REGISTRY[call.name].module(config, **call.kwargs())
+
+
+def make_table(rotary: Rotary) -> nn.Module:
+    """The module computing a position encoding's tables for heads of a width."""
+    return REGISTRY[rotary.position.name].module(rotary.head_dim, **rotary.position.kwargs())
+
+
 def lower(arch: Arch, device: torch.device | str = "meta", dtype: torch.dtype = ANALYSIS_DTYPE) -> fx.GraphModule:
     """Build the model's modules on `device` and the fx graph that wires them; forward(input_ids) -> (logits, aux_loss)."""
     config = arch.config
+    # What a module's outputs and FLOPs depend on besides its input shapes: its call and the settings (the
+    # layer count never matters to one layer).
+    settings = dataclasses.replace(config, n_layers=1)
     root = nn.Module()
+    g = Lowering(root)
+    schemes = {call: make_scheme(call, config) for call in dict.fromkeys(layer.residual for layer in arch.layers)}
+    model_scheme = make_scheme(config.residual, config)
+    tables: dict[Rotary, str] = {}
     with torch.device(device):
         # Passing the weight skips nn.Embedding's normal_ init, whose meta kernel imports torch._dynamo (~2 s).
         root.embed = nn.Embedding(config.vocab_size, config.d_model, _weight=torch.empty(config.vocab_size, config.d_model))
-        root.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
+        g.built_from["embed"] = ("embed", config.vocab_size, config.d_model)
         root.layers = nn.ModuleList()
-        for layer in arch.layers:
+        for i, layer in enumerate(arch.layers):
             block = nn.Module()
-            block.mixer_norm = RMSNorm(config.d_model, config.norm_eps)
-            block.mixer = make_component(layer.mixer, config)
-            block.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
-            block.ffn = make_component(layer.ffn, config)
+            for slot, call in layer.sublayers:
+                site = Site(i, slot)
+                for part, module in schemes[layer.residual].site_modules(slot).items():
+                    block.add_module(f"{slot}_{part}", module)
+                    g.built_from[site.module(part)] = (layer.residual, slot, part, settings)
+                component = make_component(call, config)
+                block.add_module(slot, component)
+                g.built_from[site.module()] = (call, settings)
+                for rotary in component.inputs():
+                    if isinstance(rotary, Rotary) and rotary not in tables:
+                        tables[rotary] = "rope" if not tables else f"rope_{len(tables)}"
             root.layers.append(block)
-        root.norm = RMSNorm(config.d_model, config.norm_eps)
+        for rotary, name in tables.items():
+            root.add_module(name, make_table(rotary))
+            g.built_from[name] = rotary
+        root.norm = make_norm(config, config.d_model)
+        g.built_from["norm"] = (config.norm, config.norm_eps, config.d_model)
         if not config.tie_embeddings:
-            root.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            root.lm_head = Unembedding(config.d_model, config.vocab_size, bias=False)
+            g.built_from["lm_head"] = ("lm_head", config.d_model, config.vocab_size)
     root.to(dtype)
 
-    graph = fx.Graph()
+    input_ids = g.graph.placeholder("input_ids")
+    hidden = g.module("embed", (input_ids,), "embed")
+    if config.embed_scale:
+        hidden = g.function(scale_embedding, (hidden,), "embed_scaled")
+    positions = g.function(token_positions, (input_ids,), "positions")
+    table_nodes = {}
+    for rotary, name in tables.items():
+        table = g.module(name, (positions,), name)
+        table_nodes[rotary] = (g.item(table, 0, f"{name}_cos"), g.item(table, 1, f"{name}_sin"))
+    given = {TOKEN_IDS: (input_ids,), POSITIONS: (positions,)}
 
-    def node(op: str, target: object, args: tuple, name: str) -> fx.Node:
-        return graph.create_node(op, target, args, name=name)
-
-    input_ids = graph.placeholder("input_ids")
-    h = node("call_module", "embed", (input_ids,), "embed")
-    rope = node("call_module", "rope", (input_ids,), "rope")
-    cos, sin = (node("call_function", operator.getitem, (rope, i), name) for i, name in enumerate(("cos", "sin")))
+    stream = model_scheme.expand(g, hidden)
     aux_loss = None
-    for i, block in enumerate(root.layers):
-        for slot in ("mixer", "ffn"):
-            component: Component = getattr(block, slot)
-            prefix = f"layers_{i}_{slot}"
-            x = node("call_module", f"layers.{i}.{slot}_norm", (h,), f"{prefix}_norm")
-            out = node("call_module", f"layers.{i}.{slot}", (x, cos, sin) if component.uses_rope else (x,), prefix)
-            if component.returns_aux:
-                aux = node("call_function", operator.getitem, (out, 1), f"{prefix}_aux")
-                aux_loss = aux if aux_loss is None else node("call_function", operator.add, (aux_loss, aux), "aux_loss")
-                out = node("call_function", operator.getitem, (out, 0), f"{prefix}_out")
-            h = node("call_function", operator.add, (h, out), f"{prefix}_residual")
-    h = node("call_module", "norm", (h,), "norm")
+    for i, layer in enumerate(arch.layers):
+        scheme = schemes[layer.residual]
+        for slot, _ in layer.sublayers:
+            site = Site(i, slot)
+            component: Component = root.layers[i].get_submodule(slot)
+            x = scheme.enter(g, site, stream)
+            args = [arg for wanted in component.inputs()
+                    for arg in ((x,) if wanted == BRANCH else table_nodes[wanted] if isinstance(wanted, Rotary) else given[wanted])]
+            out = g.call(site, None, tuple(args))
+            if component.outputs != ("out",):
+                outputs = {name: g.item(out, k, site.node(name)) for k, name in enumerate(component.outputs)}
+                out = outputs["out"]
+                if "aux_loss" in outputs:
+                    aux = outputs["aux_loss"]
+                    aux_loss = aux if aux_loss is None else g.add(aux_loss, aux, "aux_loss")
+            stream = scheme.leave(g, site, stream, out)
+    hidden = g.module("norm", (model_scheme.reduce(g, stream),), "norm")
     if config.tie_embeddings:
-        embed_weight = node("get_attr", "embed.weight", (), "embed_weight")
-        logits = node("call_function", F.linear, (h, embed_weight), "lm_head")
+        embed_weight = g.graph.create_node("get_attr", "embed.weight", (), name="embed_weight")
+        logits = g.function(F.linear, (hidden, embed_weight), "lm_head")
     else:
-        logits = node("call_module", "lm_head", (h,), "lm_head")
+        logits = g.module("lm_head", (hidden,), "lm_head")
+    if config.logit_softcap:
+        logits = g.function(softcap, (logits, config.logit_softcap), "logits_softcapped")
     if aux_loss is None:
-        aux_loss = node("call_method", "new_zeros", (logits, ()), "aux_loss")
-    graph.output((logits, aux_loss))
-    return fx.GraphModule(root, graph, class_name="NanoLLM")
+        aux_loss = g.graph.create_node("call_method", "new_zeros", (logits, ()), name="aux_loss")
+    g.graph.output((logits, aux_loss))
+    return fx.GraphModule(root, g.graph, class_name="NanoLLM")
 
 
 def materialize(meta_model: fx.GraphModule, device: torch.device | str, dtype: torch.dtype) -> fx.GraphModule:
@@ -109,3 +234,4 @@ def initialize_own(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=INIT_STD)
     elif hasattr(module, "reset_parameters"):
         module.reset_parameters()
+

@@ -1,4 +1,9 @@
-"""Errors in .arch sources, reported as `file:line:col: message` with the line and a caret."""
+"""Errors a user can act on: one line (plus a hint), never a traceback; the CLI prints them and exits with code 2.
+
+`NanollmError` is the base. `ArchError` is a problem with a model description; when it comes from .arch
+source it carries the position and is reported as `file:line:col: message` with the line and a caret.
+The others name where the problem lies: a training recipe, the data, a launch, a run directory, a drawing.
+"""
 from __future__ import annotations
 
 import difflib
@@ -24,16 +29,27 @@ class Pos:
     width: int = 1
 
 
-class ArchError(Exception):
-    """A problem in an .arch source or in compile arguments, tied to the place it was written."""
+class NanollmError(Exception):
+    """A problem in what the user asked for, told in one line and an optional hint."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+    def __str__(self) -> str:
+        return self.message + (f"\n  {self.hint}" if self.hint else "")
+
+
+class ArchError(NanollmError):
+    """A problem in a model description: .arch source (with its position), compile arguments, or a transformers config."""
 
     def __init__(self, message: str, pos: Pos | None = None, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message, self.pos, self.hint = message, pos, hint
+        super().__init__(message, hint)
+        self.pos = pos
 
     def __str__(self) -> str:
         if self.pos is None:
-            return self.message + (f"\n  {self.hint}" if self.hint else "")
+            return super().__str__()
         p = self.pos
         lines = p.source.text.splitlines() or [""]
         text = lines[p.line - 1] if p.line <= len(lines) else ""
@@ -41,6 +57,26 @@ class ArchError(Exception):
         if self.hint:
             report.append(f"  {self.hint}")
         return "\n".join(report)
+
+
+class RecipeError(NanollmError):
+    """A training recipe or command-line setting that is unknown, mistyped or contradictory."""
+
+
+class DataError(NanollmError):
+    """Training data or a tokenizer that cannot be used."""
+
+
+class LaunchError(NanollmError):
+    """Processes or devices that do not fit the run: a launch that started too few, a model that does not fit."""
+
+
+class RunError(NanollmError):
+    """A run directory or checkpoint that cannot be started, resumed or evaluated as asked."""
+
+
+class RenderError(NanollmError):
+    """A diagram that cannot be written: an unknown format, a missing or failing Graphviz."""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

@@ -21,20 +21,20 @@ class Value:
 
 
 @dataclass(frozen=True)
-class Arg:
-    """One call argument; `name` is None when positional."""
-
-    name: str | None
-    value: Value
-    pos: Pos
-
-
-@dataclass(frozen=True)
 class Term:
     """A component call or a reference to a `let` name; `args` is None when written without parentheses."""
 
     name: str
     args: tuple[Arg, ...] | None
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One call argument; `name` is None when positional; the value a literal or a call."""
+
+    name: str | None
+    value: Value | Term
     pos: Pos
 
 
@@ -71,10 +71,10 @@ LayerItem = Union[LayerStmt, Repeat]
 
 @dataclass(frozen=True)
 class Setting:
-    """`name = value`."""
+    """`name = value`: a literal, or a call (`residual = sandwich`, `rope = yarn(factor=8, original=8192)`)."""
 
     name: str
-    value: Value
+    value: Value | Term
     pos: Pos
 
 
@@ -182,7 +182,7 @@ class _Builder:
                 result.uses.append(Use(str(token)[1:-1], self.pos(token)))
             elif node.data == "setting":
                 name, value = node.children
-                result.settings.append(Setting(str(name), self.value(value), self.pos(name)))
+                result.settings.append(Setting(str(name), self.argvalue(value), self.pos(name)))
             elif node.data == "let":
                 name, term = node.children
                 result.lets.append(Let(str(name), self.term(term), self.pos(name)))
@@ -211,8 +211,11 @@ class _Builder:
     def arg(self, node: lark.Tree) -> Arg:
         if node.data == "keyword":
             name, value = node.children
-            return Arg(str(name), self.value(value), self.pos(name))
-        return Arg(None, self.value(node.children[0]), self.pos(node))
+            return Arg(str(name), self.argvalue(value), self.pos(name))
+        return Arg(None, self.argvalue(node.children[0]), self.pos(node))
+
+    def argvalue(self, node: lark.Tree) -> Value | Term:
+        return self.term(node) if node.data == "call" else self.value(node)
 
     def value(self, node: lark.Tree) -> Value:
         token = node.children[0]
@@ -233,7 +236,7 @@ def format_file(arch: ArchFile, setting_order: list[str]) -> str:
         blocks.append([f'use "{u.path}"' for u in arch.uses])
     if arch.settings:
         ordered = sorted(arch.settings, key=lambda s: rank.get(s.name, len(rank)))
-        blocks.append([f"{s.name} = {s.value.text}" for s in ordered])
+        blocks.append([f"{s.name} = {format_argvalue(s.value)}" for s in ordered])
     if arch.lets:
         blocks.append([f"let {let.name} = {format_term(let.term)}" for let in arch.lets])
     if arch.layers:
@@ -245,8 +248,13 @@ def format_term(term: Term) -> str:
     """`name` or `name(arg, key=value)`."""
     if term.args is None:
         return term.name
-    args = [(f"{a.name}={a.value.text}" if a.name else a.value.text) for a in term.args]
+    args = [(f"{a.name}={format_argvalue(a.value)}" if a.name else format_argvalue(a.value)) for a in term.args]
     return f"{term.name}({', '.join(args)})"
+
+
+def format_argvalue(value: Value | Term) -> str:
+    """A literal as written, or a call."""
+    return format_term(value) if isinstance(value, Term) else value.text
 
 
 def format_attrs(attrs: tuple[Attr, ...]) -> str:

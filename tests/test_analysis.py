@@ -39,7 +39,7 @@ def test_baseline_params_and_kv_cache():
     analysis = nanollm.compile(ROOT / "archs/qwen3_0_6b.arch").analysis
     assert analysis.params_total == 596_049_920 == analysis.params_active
     assert analysis.params_embedding == 151936 * 1024
-    assert analysis.kv_cache_bytes_per_token == 28 * 2 * 8 * 128 * 2
+    assert analysis.cache_bytes_per_token == 28 * 2 * 8 * 128 * 2
     assert analysis.n_layers == 28 and analysis.seq_len == 4096
 
 
@@ -50,7 +50,7 @@ def test_sliding_window_flops_count_only_the_window():
     saved_pairs = seq_len * (seq_len + 1) // 2 - window_pairs(seq_len, window)
     saved_flops = 2 * 2 * 4 * saved_pairs * (32 + 32)  # 2 layers, 4 heads, QK^T + AV
     assert (full.flops_per_token_fwd - slid.flops_per_token_fwd) * seq_len == pytest.approx(saved_flops, rel=1e-12)
-    assert slid.kv_cache_bytes_per_token == pytest.approx(2 * (2 * 2 * 32 * 2) * window / seq_len)
+    assert slid.cache_bytes_per_token == pytest.approx(2 * (2 * 2 * 32 * 2) * window / seq_len)
     short = nanollm.compile(TINY + "sliding(100); global").analyze(64)  # window longer than the sequence
     assert short.flops_per_token_fwd == nanollm.compile(TINY + "global; global").analyze(64).flops_per_token_fwd
 
@@ -81,7 +81,8 @@ def test_layer_figures_add_up_to_the_totals():
     assert sum(r.flops_per_token_fwd for r in analysis.layers) + head == pytest.approx(analysis.flops_per_token_fwd)
     embedding_and_norm = 512 * 64 + 64
     assert sum(r.params for r in analysis.layers) + embedding_and_norm == analysis.params_total
-    assert [r.mixer for r in analysis.layers] == ["sliding(window=8)", "global"] * 2
+    assert [r.calls["mixer"].split("(")[0] for r in analysis.layers] == ["sliding", "global"] * 2
+    assert analysis.layers[0].calls["mixer"].startswith("sliding(window=8, heads=4, kv_heads=2, head_dim=32, ")
 
 
 def attention_flops(compiled: nanollm.Compiled, seq_len: int) -> int:

@@ -146,10 +146,11 @@ def test_infeasible_requests_are_clear_errors(text, kwargs, message):
 def test_memory_shards_over_devices():
     solution = solve(ROOT / "archs/qwen3_0_6b.arch", 1e20)
     one, eight = solution.memory(1), solution.memory(8)
-    params = solution.analysis.params_total
-    assert one["per_device"] == 16 * params + solution.analysis.activation_bytes
-    biggest_layer = max(layer.params for layer in solution.analysis.layers)
-    assert eight["per_device"] == 16 * params / 8 + 4 * biggest_layer + solution.analysis.activation_bytes
+    params, analysis = solution.analysis.params_total, solution.analysis
+    logits = 2 * 4 * analysis.seq_len * solution.arch.config.vocab_size  # fp32 logits of one sequence and their gradient
+    assert one.total == 16 * params + analysis.activation_bytes + logits
+    biggest_layer = max(layer.params for layer in analysis.layers)
+    assert eight.total == 16 * params / 8 + 4 * biggest_layer + analysis.activation_bytes + logits
 
 
 def test_cli_budget_json_and_output(capsys, tmp_path):

@@ -14,8 +14,8 @@ from nanollm.cli import main
 ROOT = Path(__file__).parent.parent
 BASELINE = str(ROOT / "archs/qwen3_0_6b.arch")
 SCHEMA = {"params_total", "params_active", "params_embedding", "flops_per_token_fwd", "flops_per_token_train",
-          "kv_cache_bytes_per_token", "seq_len", "n_layers", "layers", "activation_bytes"}
-LAYER_SCHEMA = {"index", "mixer", "ffn", "params", "params_active", "flops_per_token_fwd", "kv_cache_bytes_per_token"}
+          "cache_bytes_per_token", "seq_len", "n_layers", "layers", "activation_bytes"}
+LAYER_SCHEMA = {"index", "residual", "mixer", "ffn", "params", "params_active", "flops_per_token_fwd", "cache_bytes_per_token"}
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -30,7 +30,7 @@ def test_compile_json_follows_the_schema(capsys):
     assert code == 0 and set(report) == SCHEMA
     assert all(set(layer) == LAYER_SCHEMA for layer in report["layers"])
     assert report["seq_len"] == 1024 and report["n_layers"] == len(report["layers"]) == 12
-    assert report["layers"][0]["mixer"] == "sliding(window=4096)"
+    assert report["layers"][0]["mixer"].startswith("sliding(window=4096, heads=16, kv_heads=8, head_dim=128, qk_norm=head, rope=rope(")
     assert report["layers"][2]["ffn"] == (
         "moe(top=2, experts=8, d_ff=3072, shared=0, router=softmax, norm_topk=true, scale=1.0, groups=1, top_groups=1, "
         "balance=aux, aux=0.01, bias_rate=0.001, z_loss=0.0, jitter=0.0, capacity=0.0, drop=score)"
@@ -42,7 +42,7 @@ def test_compile_json_follows_the_schema(capsys):
 def test_compile_table(capsys):
     code, out, _ = run(capsys, "compile", BASELINE, "--seq-len", "256")
     assert code == 0
-    assert "596.05M" in out and "KV cache/token" in out and "114.69kB" in out
+    assert "596.05M" in out and "inference cache/token" in out and "114.69kB" in out and "prenorm, rmsnorm" in out
     assert out.count("│ global │ swiglu │") == 28
 
 

@@ -21,11 +21,11 @@ from transformers.models.qwen3.modeling_qwen3 import (
     apply_rotary_pos_emb,
 )
 
-from nanollm.compiler import initialize
-from nanollm.components import REGISTRY
+from nanollm.compiler import initialize, make_table
+from nanollm.components import REGISTRY, Rotary, complete
 from nanollm.components.norm.rmsnorm import RMSNorm
-from nanollm.components.position.rope import RotaryEmbedding, apply_rope
-from nanollm.ir import ModelConfig
+from nanollm.components.position.rope import Layout, rotate
+from nanollm.ir import Call, ModelConfig
 
 CONFIG = ModelConfig(
     vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, seq_len=32
@@ -33,7 +33,7 @@ CONFIG = ModelConfig(
 ATOL = 1e-5
 MATRIX_SCALE = 10.0  # init std 0.02 -> 0.2: unit-scale activations in a 64-wide model
 SMALL_ARGS = {"window": 3}  # overrides of registry defaults that would make a tiny test vacuous
-MIXERS = sorted(name for name, spec in REGISTRY.items() if spec.slot == "mixer")
+MIXERS = sorted(name for name, spec in REGISTRY.items() if spec.kind == "mixer")
 
 
 @pytest.fixture(autouse=True)
@@ -81,12 +81,22 @@ def hf_config(config: ModelConfig, cls=Qwen3Config):
     )
 
 
+def tables(head_dim: int, theta: float, length: int, **rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of a `rope` call for positions 0..length-1, as the model computes them."""
+    call = complete(Call("rope", (("theta", theta), *rope.items())), "position", CONFIG)
+    return make_table(Rotary(call, head_dim))(torch.arange(length))
+
+
 def mix(module, x: torch.Tensor) -> torch.Tensor:
-    """Run any mixer on x (B, T, d) with the position tables it needs; the output only."""
-    ids = torch.zeros(x.shape[:2], dtype=torch.long)
-    rope = RotaryEmbedding(CONFIG.head_dim, CONFIG.rope_theta)(ids) if module.uses_rope else ()
-    out = module(x, *rope)
-    return out[0] if module.returns_aux else out
+    """Run any mixer on x (B, T, d) with the inputs it declares; the output only."""
+    args = []
+    for wanted in module.inputs():
+        if isinstance(wanted, Rotary):
+            args += make_table(wanted)(torch.arange(x.shape[1]))
+        else:
+            args.append({"x": x, "token_ids": torch.zeros(x.shape[:2], dtype=torch.long), "positions": torch.arange(x.shape[1])}[wanted])
+    out = module(*args)
+    return out[0] if module.outputs != ("out",) else out
 
 
 # --- norm, position, dense FFN ---------------------------------------------------------------
@@ -110,7 +120,7 @@ def test_rope_matches_qwen3(head_dim, theta):
     config = dataclasses.replace(CONFIG, head_dim=head_dim, rope_theta=theta)
     batch, length = 2, 300
     x = torch.randn(batch, length, config.d_model)
-    cos, sin = RotaryEmbedding(head_dim, theta)(torch.zeros(batch, length, dtype=torch.long))
+    cos, sin = tables(head_dim, theta, length)
     positions = torch.arange(length).expand(batch, length)
     hf_cos, hf_sin = Qwen3RotaryEmbedding(hf_config(config))(x, position_ids=positions)  # (B, T, head_dim)
     close(cos.expand_as(hf_cos), hf_cos, atol=0)
@@ -119,8 +129,9 @@ def test_rope_matches_qwen3(head_dim, theta):
     q = torch.randn(batch, config.n_heads, length, head_dim)
     k = torch.randn(batch, config.n_kv_heads, length, head_dim)
     hf_q, hf_k = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)  # unsqueeze_dim=1: (B, H, T, head_dim) layout
-    close(apply_rope(q, cos, sin), hf_q, atol=0)
-    close(apply_rope(k, cos, sin), hf_k, atol=0)
+    layout = Layout(0, head_dim, interleaved=False)
+    close(rotate(q, cos, sin, layout), hf_q, atol=0)
+    close(rotate(k, cos, sin, layout), hf_k, atol=0)
 
 
 @pytest.mark.parametrize("d_ff", [128, 48])
@@ -138,7 +149,7 @@ def test_swiglu_matches_qwen3_mlp(d_ff):
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("qk_norm", [True, False], ids=["qwen3", "llama"])
 def test_global_attention_matches_hf(n_kv_heads, qk_norm):
-    config = dataclasses.replace(CONFIG, n_kv_heads=n_kv_heads, qk_norm=qk_norm)
+    config = dataclasses.replace(CONFIG, n_kv_heads=n_kv_heads, qk_norm="head" if qk_norm else "none")
     ours = build("global", config)
     # Without QK-norm the reference is Llama's attention (same projections, no q_norm/k_norm).
     theirs = Qwen3Attention(hf_config(config), 0) if qk_norm else LlamaAttention(hf_config(config, LlamaConfig), 0)

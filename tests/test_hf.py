@@ -21,7 +21,7 @@ from transformers import (
 )
 
 import nanollm
-from nanollm import ArchError, Call
+from nanollm import ArchError
 from nanollm.hf import arch_from_config
 
 ARCHS = Path(__file__).resolve().parents[1] / "archs"
@@ -82,8 +82,8 @@ def test_untied_embeddings() -> None:
 def test_sliding_window_matches_hf() -> None:
     types = ["sliding_attention", "full_attention", "sliding_attention"]
     hf = tiny_hf(layer_types=types, use_sliding_window=True, sliding_window=8)
-    mixers = [layer.mixer for layer in arch_from_config(hf.config).layers]
-    assert mixers == [Call("sliding", (("window", 8),)), Call("global"), Call("sliding", (("window", 8),))]
+    mixers = [(layer.mixer.name, layer.mixer.kwargs().get("window")) for layer in arch_from_config(hf.config).layers]
+    assert mixers == [("sliding", 8), ("global", None), ("sliding", 8)]
     assert_same_logits(hf, nanollm.from_hf(hf))
 
 
@@ -108,7 +108,7 @@ def test_qwen3_0_6b_arch_is_hf_qwen3_0_6b() -> None:
     [
         (dict(attention_bias=True), "attention_bias"),
         (dict(hidden_act="gelu"), "hidden_act"),
-        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), "rope_type"),
+        (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}), "rope_type"),
         (dict(layer_types=["sliding_attention"] * 3, sliding_window=8), "sliding_window"),  # use_sliding_window off
     ],
 )
@@ -160,7 +160,7 @@ def test_qwen3_moe_matches_hf(norm_topk: bool, placement: dict, sparse: list[boo
 def test_qwen3_moe_sliding_window_matches_hf() -> None:
     hf = tiny_hf(Qwen3MoeForCausalLM, Qwen3MoeConfig, **MOE_TINY, num_experts=4, moe_intermediate_size=32,
                  use_sliding_window=True, sliding_window=8)
-    assert {layer.mixer for layer in arch_from_config(hf.config).layers} == {Call("sliding", (("window", 8),))}
+    assert {(layer.mixer.name, layer.mixer.kwargs()["window"]) for layer in arch_from_config(hf.config).layers} == {("sliding", 8)}
     assert_same_logits(hf, nanollm.from_hf(hf))
 
 
@@ -169,8 +169,8 @@ def test_mixtral_matches_hf(window: int | None) -> None:
     """Mixtral: no QK-norm, untied head, softmax top-2 of 4 experts, the same window on every layer (or none)."""
     hf = tiny_hf(MixtralForCausalLM, MixtralConfig, **MOE_TINY, num_local_experts=4, sliding_window=window)
     arch = arch_from_config(hf.config)
-    assert not arch.config.qk_norm and not arch.config.tie_embeddings
-    assert {layer.mixer for layer in arch.layers} == {Call("sliding", (("window", 8),)) if window else Call("global")}
+    assert arch.config.qk_norm == "none" and not arch.config.tie_embeddings
+    assert {(layer.mixer.name, layer.mixer.kwargs().get("window")) for layer in arch.layers} == {("sliding", 8) if window else ("global", None)}
     assert_same_logits(hf, nanollm.from_hf(hf))
 
 

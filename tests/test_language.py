@@ -5,31 +5,43 @@ from pathlib import Path
 
 import pytest
 
-from nanollm.components import REGISTRY
+from nanollm.components import complete
 from nanollm.errors import ArchError
 from nanollm.ir import Call, Layer, ModelConfig
 from nanollm.resolve import load, read, resolve
 from nanollm.syntax import format_file, parse
 
 ARCHS = sorted((Path(__file__).parent.parent / "archs").glob("*.arch"))
-SWIGLU = Call("swiglu", (("d_ff", 3072),))
-GLOBAL = Call("global")
+BASELINE = ModelConfig()
+
+
+def call(kind: str, name: str, **args) -> Call:
+    """A call as resolution gives it: the given arguments, the baseline's defaults for the rest."""
+    return complete(Call(name, tuple(args.items())), kind, BASELINE)
+
+
+SWIGLU = call("ffn", "swiglu")
+GLOBAL = call("mixer", "global")
 
 
 def sliding(window: int) -> Call:
-    return Call("sliding", (("window", window),))
+    return call("mixer", "sliding", window=window)
 
 
-def moe(top: int = 2, experts: int = 8, d_ff: int = 3072, aux: float = 0.01) -> Call:
-    given = {"top": top, "experts": experts, "d_ff": d_ff, "aux": aux}  # the other arguments at their defaults
-    return Call("moe", tuple((p.name, given.get(p.name, p.default)) for p in REGISTRY["moe"].params))
+def moe(**given) -> Call:
+    return call("ffn", "moe", **given)
+
+
+def layer(mixer: Call, ffn: Call) -> Layer:
+    """A pre-norm layer of a mixer and an FFN."""
+    return Layer((("mixer", mixer), ("ffn", ffn)), BASELINE.residual)
 
 
 def test_empty_file_is_the_qwen3_baseline():
     arch = load("")
     assert arch.config == ModelConfig()
     assert arch.config.vocab_size == 151936 and arch.config.d_model == 1024 and arch.config.n_layers == 28
-    assert arch.layers == (Layer(GLOBAL, SWIGLU),) * 28
+    assert arch.layers == (layer(GLOBAL, SWIGLU),) * 28
 
 
 def test_the_one_line_example():
@@ -50,10 +62,10 @@ def test_nested_repeats_and_attribute_scoping():
         """
     )
     expected = [
-        Layer(GLOBAL, Call("swiglu", (("d_ff", 512),))),
-        Layer(sliding(64), moe(top=1, experts=4)),
-        Layer(sliding(64), moe(top=1, experts=4)),
-        Layer(sliding(32), moe(experts=16)),
+        layer(GLOBAL, call("ffn", "swiglu", d_ff=512)),
+        layer(sliding(64), moe(top=1, experts=4)),
+        layer(sliding(64), moe(top=1, experts=4)),
+        layer(sliding(32), moe(experts=16)),
     ] * 2
     assert list(arch.layers) == expected
 
@@ -73,7 +85,7 @@ def test_settings_values_and_suffixes():
     arch = load("seq_len = 32k\nrope_theta = 10000\nnorm_eps = 1e-5\nqk_norm = false\ntie_embeddings = false\nvocab_size = 50_304")
     config = arch.config
     assert config.seq_len == 32768 and config.rope_theta == 10000.0 and isinstance(config.rope_theta, float)
-    assert config.norm_eps == 1e-5 and config.qk_norm is False and config.tie_embeddings is False
+    assert config.norm_eps == 1e-5 and config.qk_norm == "none" and config.tie_embeddings is False
     assert config.vocab_size == 50304
 
 
@@ -81,11 +93,12 @@ def test_comments_separators_and_whitespace():
     text = "# a model\n\n  d_model = 512   # width\n;; n_heads = 8\n\nrepeat 2 <   # group\n  global\n\n  sliding(4)  ;\n>\n# end"
     arch = load(text)
     assert arch.config.d_model == 512 and arch.config.n_heads == 8
-    assert [layer.mixer for layer in arch.layers] == [GLOBAL, sliding(4)] * 2
+    mixers = [complete(Call("global"), "mixer", arch.config), complete(Call("sliding", (("window", 4),)), "mixer", arch.config)]
+    assert [layer.mixer for layer in arch.layers] == mixers * 2
 
 
 def test_layer_count_rule():
-    assert load("n_layers = 3").layers == (Layer(GLOBAL, SWIGLU),) * 3
+    assert load("n_layers = 3").layers == (layer(GLOBAL, SWIGLU),) * 3
     assert len(load("n_layers = 4\nrepeat 2 < global; sliding(8) >").layers) == 4
     with pytest.raises(ArchError, match="n_layers = 6 but the layer list has 4 layers") as error:
         load("n_layers = 6\nrepeat 2 < global; sliding(8) >")
@@ -108,7 +121,8 @@ def test_base_file_with_overrides(tmp_path):
     base, variant, relist = (load(tmp_path / f"{n}.arch") for n in ("base", "variant", "relist"))
     assert variant.config.d_model == 768 and variant.config.n_heads == 8
     assert [layer.ffn for layer in variant.layers] == [moe(top=1, experts=4)] * 3
-    assert [layer.mixer for layer in relist.layers] == [sliding(16), GLOBAL] and relist.config.d_model == 512
+    assert [(layer.mixer.name, layer.mixer.kwargs()["heads"]) for layer in relist.layers] == [("sliding", 8), ("global", 8)]
+    assert relist.layers[0].mixer.kwargs()["window"] == 16 and relist.config.d_model == 512
     assert base.layers[0].ffn == SWIGLU
 
 
@@ -170,7 +184,7 @@ ERRORS = [
     ("sliding(-4)", 1, 9, "sliding: window must be positive, got -4", None),
     ("sliding(window=2.5)", 1, 16, "whole number", None),
     ("sliding(big)", 1, 9, "sliding: window takes a number, not big", None),
-    ("sliding(8, 9)", 1, 12, "sliding takes 1 argument(s): window", None),
+    ("sliding(8, 9)", 1, 12, "sliding takes 1 positional argument(s): window", "give the others by name"),
     ("sliding(widow=8)", 1, 9, "sliding has no argument 'widow'", "did you mean 'window'?"),
     ("global ffn=moe(top=2, 4)", 1, 23, "positional argument after keyword", None),
     ("global ffn=moe(top=9)", 1, 12, "moe: top=9 is more than experts=8", None),
@@ -178,9 +192,9 @@ ERRORS = [
     ("global ffn=moe(d_ff=100)", 1, 12, "moe: d_ff=100 is not a multiple of 8", None),
     ("global ffn=moe(top=2, top=1)", 1, 23, "argument 'top' given twice", None),
     ("d_model = true", 1, 11, "d_model takes a number, not true", None),
-    ("qk_norm = 1", 1, 11, "qk_norm takes true or false, not 1", None),
+    ("qk_norm = 1", 1, 11, "qk_norm takes head, projection, none (or true, false), not 1", None),
     ("d_model = 0", 1, 11, "d_model must be positive", None),
-    ("n_heads = 24", 1, 1, "n_heads = 24 does not divide d_model = 1024", None),
+    ("head_dim = 7", 1, 1, "head_dim = 7: 1 of head_dim 7 rotates 7 dimensions", None),
     ("n_kv_heads = 3", 1, 1, "n_kv_heads = 3 does not divide n_heads = 16", None),
     ("d_model = 512\nd_model = 256", 2, 1, "setting 'd_model' given twice (first on line 1)", None),
     ("let a = b\nlet b = a\na", 2, 9, "refers to itself", None),

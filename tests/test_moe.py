@@ -24,7 +24,7 @@ from nanollm import ArchError
 from nanollm.components import REGISTRY, recomputing
 from nanollm.components.ffn import dispatch
 from nanollm.compiler import make_component
-from nanollm.hf import ffn_weight_names, moe_call
+from nanollm.hf import moe_call
 
 ROUTINGS = [(1, 4), (2, 4), (4, 4), (3, 8)]  # (top, experts): top=1 and top=experts are the edges
 D_FF = 32
@@ -477,7 +477,7 @@ def test_accumulators_stay_out_of_checkpoints():
 def from_block(call: nanollm.Call, theirs: torch.nn.Module):
     """Our component for `call`, carrying a transformers MoE block's weights through from_hf's own name mapping."""
     ours = make_component(call, CONFIG)
-    names = ffn_weight_names(call, "", "")
+    names = ours.hf_weights()  # from_hf's own name mapping, relative to the block
     state = theirs.state_dict()
     assert set(names.values()) == set(state)
     ours.load_state_dict({name: state[hf_name] for name, hf_name in names.items()}, strict=True)

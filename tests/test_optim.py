@@ -78,7 +78,7 @@ def test_stacks_scale_like_their_matrices():
 
 def test_muon_takes_exactly_the_hidden_matrices():
     model = nanollm.compile(HYBRID).build()
-    muon, adamw = build_optimizers(model, Recipe(optimizer="muon"))
+    muon, adamw = build_optimizers(model, Recipe(optimizer="muon").optimizer_settings())
     by_id = {id(p): name for name, p in model.named_parameters()}
     on_muon = {by_id[id(p)] for group in muon.param_groups for p in group["params"]}
     on_adamw = {by_id[id(p)] for group in adamw.param_groups for p in group["params"]}
@@ -93,10 +93,10 @@ def test_muon_takes_exactly_the_hidden_matrices():
 
 def test_adamw_recipe_decays_matrices_only():
     model = nanollm.compile(HYBRID).build()
-    (adamw,) = build_optimizers(model, Recipe())
+    (adamw,) = build_optimizers(model, Recipe().optimizer_settings())
     split = split_params(model)
     decayed = {id(p) for group in adamw.param_groups if group["weight_decay"] > 0 for p in group["params"]}
-    assert decayed == {id(p) for p in [*split.hidden_matrices.values(), *split.outer_matrices.values()]}
+    assert decayed == {id(p) for p in [*split.hidden_matrices.values(), *split.tables.values()]}
     assert adamw.defaults["fused"]
 
 

@@ -16,7 +16,7 @@ import torch
 from torch.fx.passes.shape_prop import ShapeProp
 
 import nanollm
-from nanollm.analysis import human
+from nanollm.human import human
 from nanollm.budget import solve
 from nanollm.cli import main
 from nanollm.ir import Group
@@ -111,7 +111,7 @@ def check_stack_svg(text: str, arch, analysis) -> ET.Element:
             assert arch.layers[i].mixer.name == group.get("data-mixer") and arch.layers[i].ffn.name == group.get("data-ffn")
             assert int(group.get("data-params")) == report.params and int(group.get("data-params-active")) == report.params_active
             assert float(group.get("data-flops-per-token-fwd")) == report.flops_per_token_fwd
-            assert float(group.get("data-kv-cache-bytes-per-token")) == report.kv_cache_bytes_per_token
+            assert float(group.get("data-cache-bytes-per-token")) == report.cache_bytes_per_token
             assert f"params {human(report.params)}" in shown and f"FLOPs/token {human(report.flops_per_token_fwd)}" in shown
             assert (f"active {human(report.params_active)}" in shown) == (report.params_active != report.params)
     assert sorted(covered) == list(range(len(arch.layers)))
@@ -234,7 +234,7 @@ def test_dot_clusters_carry_the_brackets_and_the_figures():
     for label, (span, first) in zip(labels[2:], (("layers 0–1, 3–4, 6–7, 9–10", 0), ("layers 2, 5, 8, 11", 2))):
         r = compiled.analysis.layers[first]
         assert label == (f"{span}\\nparams {human(r.params)}, active {human(r.params_active)}, "
-                         f"FLOPs/token {human(r.flops_per_token_fwd)}, KV cache {human(r.kv_cache_bytes_per_token, 'B')}/token")
+                         f"FLOPs/token {human(r.flops_per_token_fwd)}, cache {human(r.cache_bytes_per_token, 'B')}/token")
 
 
 @pytest.mark.parametrize("source, view", [(EXAMPLE, "stack"), (ROOT / "archs/qwen3_0_6b.arch", "stack"), (TINY_MOE, "graph")],

@@ -1,9 +1,18 @@
-"""Component registry: every mixer and FFN kind the language knows, one file each.
+"""Component registry: every sublayer, residual scheme, norm and position encoding the language knows, one file each.
 
-A component file defines an `nn.Module` subclass of `Component`, decorates it with
-`@register(name, slot, *params)`, and implements its own accounting (active parameters,
-KV-cache size, fvcore handles for ops fvcore cannot count). Importing this package imports
-every component file below it, so adding a file is all it takes to extend the language.
+A component file defines a class, decorates it with `@register(name, kind, *params)`, and owns everything
+outward about it: its module, its language entry (the `Param`s), its accounting, how diagrams describe it,
+the optimiser role of each parameter, and its transformers weight names. Importing this package imports
+every file below it; a class registered anywhere else (a test, a user's script) is just as known.
+
+Kinds:
+- sublayers, one per slot of a layer (`SLOTS`, in layer order): `mixer` and `ffn`. `Component` subclasses,
+  built as `cls(config, **args)`. A component declares what its forward takes (`inputs()`: the branch input
+  first, then tables from the vocabulary below) and returns (`outputs`).
+- `residual`: how sublayers read from and write to the residual stream (`Residual` subclasses).
+- `norm`: norm layers, built as `cls(dim, eps, **args)`.
+- `position`: position encodings of attention, built as `cls(head_dim, **args)`: the module computing the
+  rotary tables, which the attention that declared them applies.
 """
 from __future__ import annotations
 
@@ -11,15 +20,21 @@ import contextlib
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import fx, nn
 
-from ..ir import ModelConfig
+from ..errors import ArchError
+from ..ir import Call, ModelConfig, format_value
 
-SLOTS = ("mixer", "ffn")
+if TYPE_CHECKING:
+    from ..compiler import Lowering, Site
+
+# A layer's sublayer slots, in the order a layer runs them, and the component a layer gets where it names none.
+SLOTS = {"mixer": "global", "ffn": "swiglu"}
+KINDS = {"mixer": "a mixer", "ffn": "an ffn", "residual": "a residual scheme", "norm": "a norm", "position": "a position encoding"}
 INIT_STD = 0.02  # normal init of every matrix, as GPT-2/Qwen3 use
 
 
@@ -28,19 +43,21 @@ class Param:
     """One argument of a component call."""
 
     name: str
-    type: type
+    type: type  # int, float, bool, str, or Call (a call of component kind `kind`)
     doc: str
-    default: Any = None  # a value, a ModelConfig field name (str) for type int/float, or None = required
+    default: Any = None  # the value a call leaving it out gets; None: required (unless `setting` is given)
+    setting: str | None = None  # the model setting it defaults to instead (a per-call override of that setting)
     minimum: float | None = None
+    maximum: float | None = None
     carry: bool = False  # a call leaving it out takes it from the nearest preceding call of the same component
     width: bool = False  # a hidden width: budget sizing keeps it a fixed multiple of d_model
     choices: tuple[str, ...] = ()  # for type str: the values it may take
+    kind: str | None = None  # for type Call: the component kind it names
+    positional: bool = True  # may be given without its name (in declaration order)
 
     def default_for(self, config: ModelConfig) -> Any:
         """The value used when a call leaves this argument out (None if it is required)."""
-        if isinstance(self.default, str) and self.type is not str:
-            return getattr(config, self.default)
-        return self.default
+        return getattr(config, self.setting) if self.setting else self.default
 
 
 @dataclass(frozen=True)
@@ -48,42 +65,168 @@ class Spec:
     """What the language knows about a registered component."""
 
     name: str
-    slot: str
+    kind: str
     params: tuple[Param, ...]
-    module: type[Component]
+    module: type
     doc: str
 
 
 REGISTRY: dict[str, Spec] = {}
 
 
-class Component(nn.Module):
-    """Base class of registered components: default accounting for a dense, cache-free block.
+def register(name: str, kind: str, *params: Param) -> Callable[[type], type]:
+    """Class decorator: make a class callable from the language as `name(...)`, a component of `kind`."""
+    assert kind in KINDS, kind
 
-    Subclasses are built as `Cls(config, **args)` and must name every argument in `extra_repr()`: the
-    analysis reuses shapes and FLOP counts between calls whose repr and input shapes are equal.
+    def decorate(cls: type) -> type:
+        assert name not in REGISTRY, f"component {name!r} registered twice"
+        cls.spec = Spec(name, kind, params, cls, (cls.__doc__ or "").strip().splitlines()[0])
+        REGISTRY[name] = cls.spec
+        return cls
+
+    return decorate
+
+
+def complete(call: Call, kind: str, config: ModelConfig) -> Call:
+    """A call with every argument: those left out take their defaults, nested calls are completed too; checked."""
+    spec = REGISTRY.get(call.name)
+    if spec is None or spec.kind != kind:
+        raise ArchError(f"'{call.name}' is not {KINDS[kind]}" if spec else f"unknown {kind} '{call.name}'")
+    given = call.kwargs()
+    unknown = set(given) - {p.name for p in spec.params}
+    if unknown:
+        raise ArchError(f"{call.name} has no argument '{sorted(unknown)[0]}'")
+    args = {}
+    for param in spec.params:
+        value = given[param.name] if param.name in given else param.default_for(config)
+        if value is None:
+            raise ArchError(f"{call.name} needs argument '{param.name}' ({param.doc})")
+        args[param.name] = complete(value, param.kind, config) if param.type is Call else value
+    problem = spec.module.check(config, **args)
+    if problem:
+        raise ArchError(f"{call.name}: {problem}")
+    return Call(call.name, tuple(args.items()))
+
+
+def brief(call: Call, config: ModelConfig) -> str:
+    """A call as a user would write it: arguments at their defaults left out (carried ones always shown), nested
+    calls likewise."""
+    params = {p.name: p for p in REGISTRY[call.name].params}
+    shown = []
+    for name, value in call.args:
+        param = params[name]
+        if param.carry or value != param.default_for(config):
+            shown.append(f"{name}={brief(value, config) if isinstance(value, Call) else format_value(value)}")
+    return f"{call.name}({', '.join(shown)})" if shown else call.name
+
+
+def telling(call: Call, config: ModelConfig, always: tuple[str, ...] = ()) -> str:
+    """The arguments a diagram shows under a component's name: sizes, carried ones, `always`, and any not at its default."""
+    params = {p.name: p for p in REGISTRY[call.name].params}
+    shown = [
+        f"{name}={brief(value, config) if isinstance(value, Call) else format_value(value)}"
+        for name, value in call.args
+        if name in always or params[name].width or params[name].carry or value != params[name].default_for(config)
+    ]
+    return ", ".join(shown)
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    """A norm of the model's kind (its `norm` setting) over `dim` channels, with its `norm_eps`."""
+    return REGISTRY[config.norm.name].module(dim, config.norm_eps, **config.norm.kwargs())
+
+
+def norm_label(config: ModelConfig) -> str:
+    """The model's norm kind as diagrams name it."""
+    return REGISTRY[config.norm.name].module.label(config.norm)
+
+
+# ---- what a sublayer's forward takes --------------------------------------------------------------------
+
+BRANCH = "x"  # the sublayer's input, as the residual scheme hands it over (always first)
+TOKEN_IDS = "token_ids"  # the model's input ids, (B, T)
+POSITIONS = "positions"  # the tokens' positions, (T,)
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """The cos and sin tables (two arguments) of a position encoding for heads of a width; layers asking for the
+    same encoding at the same width share one table."""
+
+    position: Call
+    head_dim: int
+
+
+Input = str | Rotary
+
+# ---- optimiser roles --------------------------------------------------------------------------------------
+
+MATRIX = "matrix"  # a hidden weight matrix (or a stack of them): Muon's, or AdamW with weight decay
+TABLE = "table"  # a lookup table or the vocabulary projection: AdamW with weight decay, never Muon
+VECTOR = "vector"  # norm scales, biases, scalars: AdamW without weight decay
+
+
+def param_roles(module: nn.Module) -> dict[str, str]:
+    """The optimiser role of each of a module's own parameters (not its children's).
+
+    A module says so itself (`param_roles()`); otherwise an embedding's table is TABLE, any other parameter of
+    two or more dimensions MATRIX, the rest VECTOR.
+    """
+    if hasattr(module, "param_roles"):
+        return module.param_roles()
+    if isinstance(module, nn.Embedding):
+        return {name: TABLE for name, _ in module.named_parameters(recurse=False)}
+    return {name: MATRIX if p.dim() >= 2 else VECTOR for name, p in module.named_parameters(recurse=False)}
+
+
+# ---- sublayers ---------------------------------------------------------------------------------------------
+
+
+class Component(nn.Module):
+    """Base class of sublayer components: default accounting for a dense, cache-free block.
+
+    Built as `cls(config, **args)` with every argument of its call. `forward` takes what `inputs()` lists
+    (a Rotary as two tensors, cos and sin) and returns the output, or a tuple in the order of `outputs`.
     """
 
     spec: Spec
-    returns_aux = False  # forward returns (output, weighted auxiliary loss)
-    uses_rope = False  # forward takes (x, cos, sin)
+    outputs: tuple[str, ...] = ("out",)  # or ("out", "aux_loss"): a weighted auxiliary loss the model sums
+    hf_module = ""  # the transformers decoder layer's submodule it corresponds to (self_attn, mlp, ...)
 
     @classmethod
     def check(cls, config: ModelConfig, **args: Any) -> str | None:
         """A message if these arguments cannot work together with this config, else None."""
         return None
 
+    @classmethod
+    def describe(cls, call: Call, config: ModelConfig) -> list[str]:
+        """The lines a diagram shows under the component's name."""
+        shown = telling(call, config)
+        return [shown] if shown else []
+
+    def inputs(self) -> tuple[Input, ...]:
+        """What forward takes, in order: the branch input, then tables from the vocabulary above."""
+        return (BRANCH,)
+
     def active_params(self) -> int:
         """Parameters one token uses."""
         return sum(p.numel() for p in self.parameters())
 
-    def kv_cache_elements(self, seq_len: int) -> int:
-        """Cached elements held for one sequence after `seq_len` tokens."""
+    def cache_elements(self, seq_len: int) -> int:
+        """Elements of inference state held for one sequence after `seq_len` tokens (keys and values, or a recurrent state)."""
         return 0
 
     def flop_handles(self, seq_len: int) -> dict[str, Callable]:
         """fvcore op handles (counting multiply-accumulates) for ops fvcore does not know."""
         return {}
+
+    def hf_weights(self) -> dict[str, str]:
+        """Parameter (and persistent buffer) names: ours -> transformers', both relative to this module."""
+        return {}
+
+    def hf_names(self) -> dict[str, str]:
+        """`hf_weights` with transformers' side relative to the decoder layer."""
+        return {ours: f"{self.hf_module}.{theirs}" for ours, theirs in self.hf_weights().items()}
 
     def finish_step(self) -> dict[str, torch.Tensor]:
         """Called by the trainer after each optimiser step.
@@ -100,6 +243,67 @@ class Component(nn.Module):
         """One row of the end-of-run table, from `finish_step`'s metrics summed over `steps` steps."""
         return {}
 
+
+# ---- residual schemes -------------------------------------------------------------------------------------
+
+
+class Residual:
+    """Base class of residual schemes: how each sublayer's site reads its input from the residual stream and
+    writes its output back (in the shape of lucidrains' hyper-connections: expand, enter/leave per site, reduce).
+
+    Built as `cls(config, **args)` per distinct call. Lowering asks it for the modules of each site (added to
+    the layer as `<slot>_<part>`) and lets it emit the graph nodes of entering and leaving; `expand` and `reduce`
+    turn the embedding into the stream and the stream back into one hidden state before the final norm.
+    """
+
+    spec: Spec
+    streams = 1  # residual streams the scheme keeps; layers may mix schemes only of the same count
+    formula = ""  # one line for diagrams, in terms of h (the stream), f (the sublayer) and norm
+
+    def __init__(self, config: ModelConfig, **args: Any) -> None:
+        self.config = config
+
+    @classmethod
+    def check(cls, config: ModelConfig, **args: Any) -> str | None:
+        """A message if these arguments cannot work with this config, else None."""
+        return None
+
+    @classmethod
+    def describe(cls, call: Call, config: ModelConfig) -> list[str]:
+        """The lines a diagram shows for the scheme."""
+        shown = telling(call, config)
+        return [cls.formula] + ([shown] if shown else [])
+
+    def site_modules(self, slot: str) -> dict[str, nn.Module]:
+        """The modules of one sublayer's site, by part name (`norm`, `post_norm`, ...)."""
+        return {}
+
+    def enter(self, g: Lowering, site: Site, stream: fx.Node) -> fx.Node:
+        """Emit the nodes giving the sublayer's input; returns it."""
+        raise NotImplementedError
+
+    def leave(self, g: Lowering, site: Site, stream: fx.Node, out: fx.Node) -> fx.Node:
+        """Emit the nodes writing the sublayer's output back; returns the new stream."""
+        raise NotImplementedError
+
+    def expand(self, g: Lowering, hidden: fx.Node) -> fx.Node:
+        """The stream made from the embedding."""
+        return hidden
+
+    def reduce(self, g: Lowering, stream: fx.Node) -> fx.Node:
+        """The hidden state the final norm takes, from the stream."""
+        return stream
+
+    def picture(self, slot: str) -> tuple[list[str], list[str]]:
+        """What a diagram draws on a sublayer's branch: the parts before the component and after it, by part name."""
+        return [], []
+
+    def hf_names(self, slot: str) -> dict[str, str]:
+        """A site's part names -> the transformers decoder layer's module names (e.g. norm -> input_layernorm)."""
+        return {}
+
+
+# ---- training statistics ------------------------------------------------------------------------------------
 
 _recomputing = False  # True while activation checkpointing re-runs a forward pass during backward
 
@@ -120,25 +324,17 @@ def recomputing() -> Iterator[None]:
         _recomputing = previous
 
 
+def distributed() -> bool:
+    """Whether several processes train together."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
     """A new tensor: this one summed over all training processes (a copy when not distributed)."""
     total = tensor.clone()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if distributed():
         dist.all_reduce(total)
     return total
-
-
-def register(name: str, slot: str, *params: Param) -> Callable[[type[Component]], type[Component]]:
-    """Class decorator: make a Component callable from the language as `name(...)`."""
-    assert slot in SLOTS, slot
-
-    def decorate(cls: type[Component]) -> type[Component]:
-        assert name not in REGISTRY, f"component {name!r} registered twice"
-        cls.spec = Spec(name, slot, params, cls, (cls.__doc__ or "").strip().splitlines()[0])
-        REGISTRY[name] = cls.spec
-        return cls
-
-    return decorate
 
 
 for _module in pkgutil.walk_packages(__path__, __name__ + "."):

@@ -1,26 +1,40 @@
 """Optimisers and learning-rate schedules for nanollm models.
 
-AdamW alone, or Muon on the hidden matrices with AdamW on the rest (token embedding, LM head, norms,
-biases): the split of modded-nanogpt and Moonlight. Weight decay applies to matrices only.
+AdamW alone, or Muon on the hidden matrices with AdamW on the rest (token embedding, LM head, other lookup
+tables, norms, biases): the split of modded-nanogpt and Moonlight. Each parameter's role is the module's
+own word for it (`components.param_roles`). Weight decay applies to matrices and tables only.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ..components import MATRIX, TABLE, param_roles
 from .muon import Muon
 
-if TYPE_CHECKING:
-    from ..train.recipe import Recipe
+__all__ = ["Muon", "OptimizerSettings", "ParamSplit", "split_params", "build_optimizers", "lr_multiplier"]
 
-__all__ = ["Muon", "ParamSplit", "split_params", "build_optimizers", "lr_multiplier"]
 
-OUTER_MATRICES = ("embed.weight", "lm_head.weight")  # the vocabulary's matrices: AdamW, as Muon's authors advise
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """What the optimisers need to know: the rule, and its hyperparameters."""
+
+    optimizer: str  # "adamw" or "muon"
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    muon_lr: float
+    muon_momentum: float
+    muon_nesterov: bool
+    muon_ns_steps: int
+    muon_adjust_lr: str
 
 
 @dataclass
@@ -28,22 +42,19 @@ class ParamSplit:
     """A model's trainable parameters by the update rule they get."""
 
     hidden_matrices: dict[str, nn.Parameter]  # Muon's (with optimizer=muon)
-    outer_matrices: dict[str, nn.Parameter]  # embedding and untied head: AdamW with weight decay
+    tables: dict[str, nn.Parameter]  # embeddings, an untied head, other lookup tables: AdamW with weight decay
     vectors: dict[str, nn.Parameter]  # norms, biases, scalars: AdamW without weight decay
 
 
 def split_params(model: nn.Module) -> ParamSplit:
-    """Sort a nanollm model's parameters: hidden matrices (2-D or stacked), the vocabulary's matrices, the rest."""
+    """Sort a nanollm model's trainable parameters by the role each module gives its own."""
     split = ParamSplit({}, {}, {})
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.dim() < 2:
-            split.vectors[name] = param
-        elif name in OUTER_MATRICES:
-            split.outer_matrices[name] = param
-        else:
-            split.hidden_matrices[name] = param
+    groups = {MATRIX: split.hidden_matrices, TABLE: split.tables}
+    for prefix, module in model.named_modules():
+        roles = param_roles(module)
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad:
+                groups.get(roles[name], split.vectors)[f"{prefix}.{name}" if prefix else name] = param
     return split
 
 
@@ -54,19 +65,19 @@ def adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True)
 
 
-def build_optimizers(model: nn.Module, recipe: Recipe) -> list[torch.optim.Optimizer]:
-    """The recipe's optimisers over the model's parameters: [AdamW] or [Muon, AdamW]."""
+def build_optimizers(model: nn.Module, settings: OptimizerSettings) -> list[torch.optim.Optimizer]:
+    """The optimisers over the model's parameters: [AdamW] or [Muon, AdamW]."""
     split = split_params(model)
     hidden = list(split.hidden_matrices.values())
-    muon = recipe.optimizer == "muon"
-    groups = [  # with Muon, AdamW keeps only the vocabulary's matrices and the vectors
-        {"params": ([] if muon else hidden) + list(split.outer_matrices.values()), "weight_decay": recipe.weight_decay},
+    muon = settings.optimizer == "muon"
+    groups = [  # with Muon, AdamW keeps only the tables and the vectors
+        {"params": ([] if muon else hidden) + list(split.tables.values()), "weight_decay": settings.weight_decay},
         {"params": list(split.vectors.values()), "weight_decay": 0.0},
     ]
-    optimizers = [adamw(groups, recipe.lr, (recipe.beta1, recipe.beta2), recipe.eps)]
+    optimizers = [adamw(groups, settings.lr, (settings.beta1, settings.beta2), settings.eps)]
     if muon:
-        optimizers.insert(0, Muon(hidden, lr=recipe.muon_lr, weight_decay=recipe.weight_decay, momentum=recipe.muon_momentum,
-                                  nesterov=recipe.muon_nesterov, ns_steps=recipe.muon_ns_steps, adjust_lr_fn=recipe.muon_adjust_lr))
+        optimizers.insert(0, Muon(hidden, lr=settings.muon_lr, weight_decay=settings.weight_decay, momentum=settings.muon_momentum,
+                                  nesterov=settings.muon_nesterov, ns_steps=settings.muon_ns_steps, adjust_lr_fn=settings.muon_adjust_lr))
     return optimizers
 
 

@@ -11,20 +11,22 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..analysis import Analysis, LayerReport, human
-from ..components import REGISTRY
-from ..ir import Arch, Call, Group, Layer, ModelConfig, format_value
+from ..analysis import Analysis, LayerReport
+from ..human import human
+from ..compiler import make_scheme
+from ..components import REGISTRY, norm_label
+from ..ir import Arch, Call, Group, Layer, ModelConfig
 from .text import Network
 
 SPAN_CHARS = 36  # a block's layer list longer than this is given as a count
 MAX_PERIOD = 64  # the longest repeating pattern looked for when folding a list
-ALWAYS_SHOWN = ("experts", "top")  # a mixture of experts reads as "top k of E experts", defaults or not
 # (fill, stroke) pairs: cool colours for mixers, warm ones for FFNs. A kind takes the pair its name hashes
 # to, so it keeps its colour from one diagram to the next (the next free pair if two kinds meet).
 PALETTES = {
     "mixer": (("#e6def3", "#6f4fa8"), ("#d3eef0", "#23858f"), ("#dbe8f6", "#3b70ae"), ("#dfe3ea", "#4b5d7a"), ("#d9efdf", "#2f8a4c")),
     "ffn": (("#f6dbe7", "#b0467f"), ("#f7efc6", "#a08310"), ("#f7dcd7", "#bb4034"), ("#ece2d6", "#8a6240"), ("#fde5cc", "#cf6f1d")),
 }
+OTHER_PALETTE = (("#e3f0d0", "#5b8a1e"), ("#f3e3f7", "#8e3fa3"), ("#e0ecec", "#3f7f7f"))  # sublayers of any other slot
 
 
 @dataclass(frozen=True)
@@ -109,36 +111,24 @@ def depth(items: tuple[Item, ...]) -> int:
 
 
 def family(call: Call) -> str:
-    """The component's family: its folder under nanollm/components (attention, ffn, ...)."""
+    """The component's family, a label for diagrams: its folder under nanollm/components (attention, ffn, ...)."""
     return REGISTRY[call.name].module.__module__.split(".")[-2]
 
 
-def describe(call: Call, config: ModelConfig, heads: bool = True) -> list[str]:
-    """What a component's box says under its name: its telling arguments, and (if `heads`) attention's head layout.
-
-    Shown: sizes (d_ff), carried arguments (a window), experts and top, and every other argument that is
-    not at its default; the full call is in the tooltip and the tables.
-    """
-    params = {p.name: p for p in REGISTRY[call.name].params}
-    shown = [
-        f"{name}={format_value(value)}"
-        for name, value in call.args
-        if name in ALWAYS_SHOWN or params[name].width or params[name].carry or value != params[name].default_for(config)
-    ]
-    lines = [", ".join(shown)] if shown else []
-    if heads and family(call) == "attention":
-        lines.append(f"{config.n_heads} heads, {config.n_kv_heads} KV, head_dim {config.head_dim}")
-    return lines
+def describe(call: Call, config: ModelConfig) -> list[str]:
+    """What a component's box says under its name: the component's own description (its telling arguments,
+    attention's head layout); the full call is in the tooltip and the tables."""
+    return REGISTRY[call.name].module.describe(call, config)
 
 
 def figures(report: LayerReport) -> list[str]:
-    """A layer's figures as a block is annotated with them (active parameters and KV cache only where they tell)."""
+    """A layer's figures as a block is annotated with them (active parameters and the cache only where they tell)."""
     shown = [f"params {human(report.params)}"]
     if report.params_active != report.params:
         shown.append(f"active {human(report.params_active)}")
     shown.append(f"FLOPs/token {human(report.flops_per_token_fwd)}")
-    if report.kv_cache_bytes_per_token:
-        shown.append(f"KV cache {human(report.kv_cache_bytes_per_token, 'B')}/token")
+    if report.cache_bytes_per_token:
+        shown.append(f"cache {human(report.cache_bytes_per_token, 'B')}/token")
     return shown
 
 
@@ -162,11 +152,13 @@ def head_text(config: ModelConfig, analysis: Analysis) -> tuple[list[str], list[
 
 
 def colours(kinds: list[str]) -> dict[str, tuple[str, str]]:
-    """(fill, stroke) for each component kind: mixers, then FFNs, each in order of first appearance."""
+    """(fill, stroke) for each component kind: mixers, then FFNs, then other sublayers, each in order of first appearance."""
     taken: dict[str, tuple[str, str]] = {}
-    for slot, palette in PALETTES.items():
+    palettes = [(lambda k, slot=slot: REGISTRY[k].kind == slot, palette) for slot, palette in PALETTES.items()]
+    palettes.append((lambda k: REGISTRY[k].kind not in PALETTES, OTHER_PALETTE))
+    for belongs, palette in palettes:
         for kind in kinds:
-            if kind in taken or REGISTRY[kind].slot != slot:
+            if kind in taken or not belongs(kind):
                 continue
             start = zlib.crc32(kind.encode())
             free = [palette[(start + k) % len(palette)] for k in range(len(palette))]
@@ -188,7 +180,19 @@ def layer_span(indices: tuple[int, ...]) -> str:
 
 def kinds(arch: Arch) -> list[str]:
     """The component kinds of a model's layers, in order of first appearance."""
-    return list(dict.fromkeys(call.name for layer in arch.layers for call in (layer.mixer, layer.ffn)))
+    return list(dict.fromkeys(call.name for layer in arch.layers for call in layer.calls()))
+
+
+def site_picture(arch: Arch, layer: Layer, slot: str) -> tuple[list[str], list[str]]:
+    """The labels drawn on a sublayer's branch before and after its component (norms), as its residual scheme places them."""
+    return make_scheme(layer.residual, arch.config).picture(slot)
+
+
+def residual_words(arch: Arch) -> str:
+    """One line on how sublayers meet the residual stream, for a diagram's legend."""
+    schemes = dict.fromkeys(layer.residual for layer in arch.layers)
+    lines = [make_scheme(call, arch.config).formula for call in schemes]
+    return lines[0] if len(lines) == 1 else "; ".join(f"{call.name}: {line}" for call, line in zip(schemes, lines))
 
 
 def stack_network(arch: Arch, analysis: Analysis, items: tuple[Item, ...]) -> Network:
@@ -210,20 +214,21 @@ def stack_network(arch: Arch, analysis: Analysis, items: tuple[Item, ...]) -> Ne
             block = f"b{len(network.clusters)}"
             network.clusters[block] = [layer_span(item.indices), ", ".join(figures(analysis.layers[item.index]))]
             layer = arch.layers[item.index]
-            for slot, call in (("mixer", layer.mixer), ("ffn", layer.ffn)):
+            for slot, call in layer.sublayers:
                 inside = clusters + (block,)
-                norm = network.node(f"{block}_{slot}_norm", ["RMSNorm"], clusters=inside)
+                before, after = site_picture(arch, layer, slot)
+                chain = [network.node(f"{block}_{slot}_before{k}", [label], clusters=inside) for k, label in enumerate(before)]
                 lines = [f"{call.name} · {family(call)}", *describe(call, config)]
-                component = network.node(f"{block}_{slot}", lines, palette[call.name], clusters=inside)
+                chain.append(network.node(f"{block}_{slot}", lines, palette[call.name], clusters=inside))
+                chain += [network.node(f"{block}_{slot}_after{k}", [label], clusters=inside) for k, label in enumerate(after)]
                 residual = network.node(f"{block}_{slot}_add", ["+"], shape="circle", clusters=inside)
-                network.edge(stream, norm)
-                network.edge(norm, component)
-                network.edge(component, residual)
+                for source, target in zip([stream, *chain], [*chain, residual]):
+                    network.edge(source, target)
                 network.edge(stream, residual, dashed=True)
                 stream = residual
 
     add(items, ())
-    network.edge(stream, network.node("norm", ["RMSNorm"]))
+    network.edge(stream, network.node("norm", [norm_label(config)]))
     details, numbers = head_text(config, analysis)
     network.edge("norm", network.node("head", ["LM head", *details, *numbers]))
     network.edge("head", network.node("logits", ["logits"], shape="text"))

@@ -7,14 +7,16 @@ import math
 from typing import TYPE_CHECKING, Iterator
 from xml.sax.saxutils import escape, quoteattr
 
-from ..analysis import Analysis, human
-from ..components import REGISTRY
+from ..analysis import Analysis
+from ..human import human
+from ..components import REGISTRY, norm_label, telling
 from ..ir import Arch, Call, Layer, ModelConfig
+from .stack import (Block, Item, Repeated, blocks, colours, depth, describe, embedding_text, family, figures, head_text, kinds,
+                    layer_span, residual_words, site_picture)
 from .text import NEUTRAL, Network
 
 if TYPE_CHECKING:
     import networkx as nx
-from .stack import Block, Item, Repeated, blocks, colours, depth, describe, embedding_text, family, figures, head_text, kinds, layer_span
 
 FONT = "DejaVu Sans, Verdana, Helvetica, Arial, sans-serif"
 INK, MUTED, FRAME, STREAM = "#222222", "#5f6368", "#9aa0a6", "#3c4043"
@@ -29,7 +31,8 @@ TITLE, TEXT, SMALL = 13, 11.5, 10.5  # font sizes
 LINE = 14  # height of one line of TEXT
 ADD_R = 8  # the residual add's circle
 NORM_H = 16
-SUBLAYER_H = 8 + 8 + NORM_H + 8 + 10 + 2 * ADD_R  # a sublayer around its component box: branch, norm, gaps, add
+PART_H = 8 + NORM_H  # a norm on a sublayer's branch, with the gap below it
+SUBLAYER_H = 8 + 8 + 10 + 2 * ADD_R  # a sublayer around its component box and norms: branch, gaps, add
 DETAILED_BLOCKS = 6  # more distinct blocks than this are drawn as one row each
 CHAR = 0.6  # an average character's width in font sizes (DejaVu Sans, the widest common sans)
 
@@ -123,9 +126,10 @@ def labelled_box(c: Canvas, x: float, y: float, w: float, title: str, lines: lis
     return box_height(lines)
 
 
-def component_lines(call: Call, config: ModelConfig, width: float, heads: bool = True) -> list[str]:
-    """A component's detail lines, wrapped to its box."""
-    return [part for line in describe(call, config, heads) for part in wrap(line, width - 20, TEXT)]
+def component_lines(call: Call, config: ModelConfig, width: float, detailed: bool = True) -> list[str]:
+    """A component's detail lines, wrapped to its box: its description, or in a row only its telling arguments."""
+    lines = describe(call, config) if detailed else [line for line in [telling(call, config)] if line]
+    return [part for line in lines for part in wrap(line, width - 20, TEXT)]
 
 
 class StackDrawing:
@@ -157,7 +161,7 @@ class StackDrawing:
         self.y += GAP
         top = self.y
         c.box(self.box_x + 60, top, BOX_W - 120, NORM_H + 2, NEUTRAL, radius=4)
-        c.text(self.cx, top + 13, "RMSNorm", size=SMALL, anchor="middle")
+        c.text(self.cx, top + 13, norm_label(config), size=SMALL, anchor="middle")
         self.arrive(top, top + NORM_H + 2)
         self.y = top + NORM_H + 2
         self.place(self.items, 0)
@@ -178,7 +182,7 @@ class StackDrawing:
             f"{len(self.arch.layers)} layers, d_model {config.d_model}, {config.n_heads} heads ({config.n_kv_heads} KV) × {config.head_dim}, "
             f"vocab {config.vocab_size:,}, seq_len {analysis.seq_len}",
             f"{human(analysis.params_total)} params" + (f" ({human(analysis.params_active)} active)" if analysis.params_active != analysis.params_total else "")
-            + f", {human(analysis.flops_per_token_fwd)} FLOPs/token forward, KV cache {human(analysis.kv_cache_bytes_per_token, 'B')}/token",
+            + f", {human(analysis.flops_per_token_fwd)} FLOPs/token forward, inference cache {human(analysis.cache_bytes_per_token, 'B')}/token",
             *notes,
         ]
         for line in summary:
@@ -188,14 +192,14 @@ class StackDrawing:
         self.y += 12
         x = MARGIN
         for kind, pair in self.palette.items():
-            label = f"{kind} {REGISTRY[kind].slot}"
+            label = f"{kind} {REGISTRY[kind].kind}"
             if x + 20 + width_of(label, SMALL) > self.width - MARGIN:
                 x, self.y = MARGIN, self.y + LINE + 4
             c.box(x, self.y, 14, 12, pair, radius=3)
             c.text(x + 20, self.y + 10, label, size=SMALL)
             x += 36 + width_of(label, SMALL)
         self.y += 14 + LINE
-        c.text(MARGIN, self.y, "each sublayer adds f(RMSNorm(h)) to the residual stream h; figures are per layer", size=SMALL, fill=MUTED)
+        c.text(MARGIN, self.y, f"{residual_words(self.arch)}; norm is {norm_label(config)}; figures are per layer", size=SMALL, fill=MUTED)
         self.y += GAP
 
     def arrive(self, top: float, bottom: float) -> None:
@@ -233,15 +237,16 @@ class StackDrawing:
         data = {
             "class_": "block",
             "data_layers": " ".join(map(str, block.indices)),
-            "data_mixer": layer.mixer.name,
-            "data_ffn": layer.ffn.name,
+            **{f"data_{slot}": call.name for slot, call in layer.sublayers},
+            "data_residual": layer.residual.name,
             "data_params": str(report.params),
             "data_params_active": str(report.params_active),
             "data_flops_per_token_fwd": repr(report.flops_per_token_fwd),
-            "data_kv_cache_bytes_per_token": repr(report.kv_cache_bytes_per_token),
+            "data_cache_bytes_per_token": repr(report.cache_bytes_per_token),
         }
-        tooltip = (f"{layer_span(block.indices)}\n{layer.mixer}\n{layer.ffn}\nparams {report.params:,} (active {report.params_active:,})\n"
-                   f"forward FLOPs/token {report.flops_per_token_fwd:,.0f}\nKV cache bytes/token {report.kv_cache_bytes_per_token:,.1f}")
+        calls = "\n".join(str(call) for call in layer.calls())
+        tooltip = (f"{layer_span(block.indices)}\n{calls}\nparams {report.params:,} (active {report.params_active:,})\n"
+                   f"forward FLOPs/token {report.flops_per_token_fwd:,.0f}\ncache bytes/token {report.cache_bytes_per_token:,.1f}")
         top = self.y
         rows = [(layer_span(block.indices), INK)] + [(text, MUTED) for text in figures(report)]
         with self.c.group(tooltip, **data):
@@ -253,10 +258,10 @@ class StackDrawing:
         self.y = top + height
 
     def component(self, call: Call, x: float, y: float, width: float) -> float:
-        """A mixer or FFN box in its kind's colour; returns its height."""
-        with self.c.group(class_=REGISTRY[call.name].slot, data_kind=call.name):
+        """A sublayer's component box in its kind's colour; returns its height."""
+        with self.c.group(class_=REGISTRY[call.name].kind, data_kind=call.name):
             tag = f" · {family(call)}" if self.detailed else ""
-            lines = component_lines(call, self.config, width, heads=self.detailed)  # rows leave the heads to the title
+            lines = component_lines(call, self.config, width, detailed=self.detailed)  # rows leave the heads to the title
             return labelled_box(self.c, x, y, width, call.name, lines, self.palette[call.name], tag)
 
     def component_height(self, call: Call) -> float:
@@ -264,44 +269,61 @@ class StackDrawing:
         return box_height(component_lines(call, self.config, BOX_W))
 
     def detailed_block(self, layer: Layer, top: float) -> float:
-        """Two pre-norm residual sublayers, the mixer below the FFN; returns the block's height."""
-        height = sum(SUBLAYER_H + self.component_height(call) for call in (layer.mixer, layer.ffn)) + 8
+        """The layer's sublayers, each on its residual branch, the first at the bottom; returns the block's height."""
+        pictures = {slot: site_picture(self.arch, layer, slot) for slot, _ in layer.sublayers}
+        height = 8 + sum(SUBLAYER_H + PART_H * sum(map(len, pictures[slot])) + self.component_height(call) for slot, call in layer.sublayers)
         self.c.box(self.x0, top, FRAME_W, height, ("#fafafa", FRAME), radius=10)
-        middle = self.sublayer(layer.mixer, top + height)
-        upper = self.sublayer(layer.ffn, middle)
-        self.c.line([(self.cx, upper), (self.cx, top)], arrow=False)
+        bottom = top + height
+        for slot, call in layer.sublayers:
+            bottom = self.sublayer(call, *pictures[slot], bottom)
+        self.c.line([(self.cx, bottom), (self.cx, top)], arrow=False)
         return height
 
-    def sublayer(self, call: Call, bottom: float) -> float:
-        """Branch, norm, component and residual add, drawn upward from `bottom`; returns the top (SUBLAYER_H + box height)."""
+    def part(self, label: str, bottom: float) -> float:
+        """A norm on the branch, drawn above `bottom` and joined to it; returns its top."""
+        c, cx = self.c, self.cx
+        top = bottom - PART_H
+        c.box(self.box_x + 70, top, BOX_W - 140, NORM_H, NEUTRAL, radius=4)
+        c.text(cx, top + 12, label, size=SMALL - 1, anchor="middle")
+        c.line([(cx, bottom), (cx, top + NORM_H)])
+        return top
+
+    def sublayer(self, call: Call, before: list[str], after: list[str], bottom: float) -> float:
+        """Branch, the norms before the component, the component, the norms after it and the residual add, drawn
+        upward from `bottom`; returns the top."""
         c, cx = self.c, self.cx
         branch = bottom - 8
         c.line([(cx, bottom), (cx, branch)], arrow=False)
         c.add("circle", cx=cx, cy=branch, r=2.5, fill=STREAM)
-        norm_top = branch - 8 - NORM_H
-        c.box(self.box_x + 70, norm_top, BOX_W - 140, NORM_H, NEUTRAL, radius=4)
-        c.text(cx, norm_top + 12, "RMSNorm", size=SMALL - 1, anchor="middle")
-        c.line([(cx, branch), (cx, norm_top + NORM_H)])
+        y = branch
+        for label in before:
+            y = self.part(label, y)
         height = self.component_height(call)
-        box_top = norm_top - 8 - height
+        box_top = y - 8 - height
         self.component(call, self.box_x, box_top, BOX_W)
-        c.line([(cx, norm_top), (cx, box_top + height)])
-        add = box_top - 10 - ADD_R
+        c.line([(cx, y), (cx, box_top + height)])
+        y = box_top
+        for label in after:
+            y = self.part(label, y)
+        add = y - 10 - ADD_R
         c.add("circle", cx=cx, cy=add, r=ADD_R, fill="#ffffff", stroke=STREAM, stroke_width=1.3)
         c.add("path", d=f"M{num(cx - 4.5)} {num(add)} H{num(cx + 4.5)} M{num(cx)} {num(add - 4.5)} V{num(add + 4.5)}", stroke=STREAM, stroke_width=1.3)
-        c.line([(cx, box_top), (cx, add + ADD_R)])
+        c.line([(cx, y), (cx, add + ADD_R)])
         skip = self.x0 + SKIP_W / 2
         c.line([(cx, branch), (skip, branch), (skip, add), (cx - ADD_R, add)])
         return add - ADD_R
 
     def row_block(self, layer: Layer, top: float, minimum: float) -> float:
-        """Mixer and FFN side by side in one row (for stacks of many distinct blocks); returns the height."""
-        half = (BOX_W - 16) / 2
-        height = max(minimum, 16 + max(box_height(component_lines(call, self.config, half, heads=False)) for call in (layer.mixer, layer.ffn)))
+        """The sublayers side by side in one row (for stacks of many distinct blocks); returns the height."""
+        count = len(layer.sublayers)
+        width = (BOX_W - 16 * (count - 1)) / count
+        height = max(minimum, 16 + max(box_height(component_lines(call, self.config, width, detailed=False)) for call in layer.calls()))
         self.c.box(self.x0, top, FRAME_W, height, ("#fafafa", FRAME), radius=8)
-        self.component(layer.mixer, self.box_x, top + 8, half)
-        self.component(layer.ffn, self.box_x + half + 16, top + 8, half)
-        self.c.line([(self.box_x + half, top + height / 2), (self.box_x + half + 16, top + height / 2)])
+        for k, call in enumerate(layer.calls()):
+            x = self.box_x + k * (width + 16)
+            self.component(call, x, top + 8, width)
+            if k:
+                self.c.line([(x - 16, top + height / 2), (x, top + height / 2)])
         return height
 
 

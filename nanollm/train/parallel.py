@@ -1,8 +1,8 @@
 """How the model runs on the processes Accelerate launched: DDP or FSDP2, activation checkpointing, compile.
 
-The model is the compiled fx GraphModule, whose graph calls each layer's components (norms, mixer, FFN)
-directly, so a layer's boundary is the set of modules under `layers.<i>`: FSDP2 shards each such set as
-one group (`fully_shard([...])`), and activation checkpointing wraps each mixer and FFN call. Under FSDP2 the
+The model is the compiled fx GraphModule, whose graph calls each layer's modules (its residual sites' norms,
+its sublayers' components) directly, so a layer's boundary is the set of modules under `layers.<i>`: FSDP2
+shards each such set as one group (`fully_shard([...])`), and activation checkpointing wraps each sublayer's call. Under FSDP2 the
 model stays on the meta device until it is sharded, and is given real weights a layer at a time, each layer
 sharded as soon as it has them: no process ever holds more than one full layer besides the embedding, final
 norm and head, whatever the model's size.
@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..compiler import materialize_own
+from ..compiler import layer_of, materialize_own
 from ..components import Component, recomputing
 from ..errors import ArchError
 
@@ -66,11 +66,11 @@ def check_launch(world_size: int) -> None:
 
 
 def layer_groups(model: fx.GraphModule) -> list[list[nn.Module]]:
-    """Each layer's modules as the graph calls them, in model order: [mixer_norm, mixer, ffn_norm, ffn]."""
-    groups: dict[str, list[nn.Module]] = {}
+    """Each layer's modules as the graph calls them, in model order (e.g. [mixer_norm, mixer, ffn_norm, ffn])."""
+    groups: dict[int, list[nn.Module]] = {}
     for node in model.graph.nodes:
-        if node.op == "call_module" and node.target.startswith("layers."):
-            layer = ".".join(node.target.split(".")[:2])
+        layer = layer_of(str(node.target)) if node.op == "call_module" else None
+        if layer is not None:
             groups.setdefault(layer, []).append(model.get_submodule(node.target))
     return list(groups.values())
 
@@ -104,7 +104,7 @@ def checkpointed(forward: Any, *args: Any) -> Any:
 
 
 def checkpoint_activations(model: fx.GraphModule) -> None:
-    """Activation checkpointing of every mixer and FFN (their inputs are kept, their insides recomputed)."""
+    """Activation checkpointing of every sublayer's component (its inputs are kept, its insides recomputed)."""
     for module in model.modules():
         if isinstance(module, Component):
             module.forward = functools.partial(checkpointed, module.forward)

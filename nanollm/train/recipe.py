@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from ..errors import ArchError, did_you_mean
+from ..optim import OptimizerSettings
 
 
 def option(default: Any, doc: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -98,6 +99,10 @@ class Recipe:
     def to_json(self) -> dict[str, Any]:
         """Plain-data form."""
         return dataclasses.asdict(self)
+
+    def optimizer_settings(self) -> OptimizerSettings:
+        """The optimisers' part of the recipe."""
+        return OptimizerSettings(**{f.name: getattr(self, f.name) for f in fields(OptimizerSettings)})
 
 
 KEYS = {f.name: f for f in fields(Recipe)}

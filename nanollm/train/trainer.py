@@ -26,10 +26,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .. import Compiled, compile
+from ..compiled import Compiled, compile
 from ..components import Component
 from ..errors import ArchError
 from ..ir import arch_from_json, arch_to_json
+from ..memory import TrainingMemory, training_memory
 from ..optim import build_optimizers, lr_multiplier, split_params
 from .checkpoint import distributed, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Source, TrainingRows, heldout_rows, open_source
@@ -68,18 +69,11 @@ class Plan:
         return self.tokens_per_step * self.flops_per_token
 
 
-def training_memory(plan: Plan, compiled: Compiled, recipe: Recipe) -> dict[str, float]:
-    """Bytes one process needs: fp32 weights and gradients, optimiser state, one micro-batch's activations and logits."""
-    split = split_params(compiled.graph)
-    count = {name: sum(p.numel() for p in group.values()) for name, group in vars(split).items()}
-    params = sum(count.values())
-    muon = count["hidden_matrices"] if recipe.optimizer == "muon" else 0
-    share = plan.processes if plan.parallel == "fsdp" else 1  # FSDP shards the state; DDP copies it
-    state = (8 * params + 8 * (params - muon) + 4 * muon) / share  # weights + gradients, then Adam's 2 moments or Muon's 1
-    width = 2 if plan.mixed_precision else 4  # the analysis counts bf16 activations
-    activations = compiled.analyze(plan.seq_len).activation_bytes * plan.micro_batch_size * width / 2
-    logits = 2 * 4 * plan.micro_batch_size * plan.seq_len * compiled.config.vocab_size  # fp32 logits and their gradient
-    return {"state": state, "activations": activations + logits, "total": state + activations + logits}
+def plan_memory(plan: Plan, compiled: Compiled, recipe: Recipe) -> TrainingMemory:
+    """Memory one process needs for this run (the model `compile --budget` reports too)."""
+    muon = sum(p.numel() for p in split_params(compiled.graph).hidden_matrices.values()) if recipe.optimizer == "muon" else 0
+    return training_memory(compiled.analyze(plan.seq_len), compiled.config.vocab_size, muon_params=muon, processes=plan.processes,
+                           sharded=plan.parallel == "fsdp", bf16=plan.mixed_precision, micro_batch=plan.micro_batch_size)
 
 
 def available_memory(device: torch.device, processes: int) -> float:
@@ -174,7 +168,7 @@ def resolve_run(arch_path: Path, recipe_path: str | None, overrides: dict[str, A
         manifest = json.loads((resume / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise ArchError(f"--resume {resume}: no run there (manifest.json missing or unreadable)") from None
-    if arch_to_json(compiled.arch) != manifest["arch"]:
+    if arch_from_json(manifest["arch"]) != compiled.arch:
         raise ArchError(f"--resume {resume}: {arch_path} is not the model this run trains (its .arch resolves differently)")
     fixed = sorted(set(overrides) - RESUMABLE_KEYS)
     if fixed:
@@ -186,7 +180,7 @@ RECIPE_COLUMNS = 3
 
 
 def settings_table(recipe: Recipe, plan: Plan, compiled: Compiled, run_dir: Path, tokenizer: Any, source_name: str, device: Any,
-                   memory: dict[str, float]) -> Table:
+                   memory: TrainingMemory) -> Table:
     """The resolved settings, printed when a run starts."""
     table = Table(title=f"nanollm train -> {run_dir}", title_justify="left", show_header=False)
     table.add_column(style="bold")
@@ -198,8 +192,9 @@ def settings_table(recipe: Recipe, plan: Plan, compiled: Compiled, run_dir: Path
         ("batch", f"{plan.batch_size} x {plan.seq_len} tokens = {plan.tokens_per_step:,} per step; micro-batch {plan.micro_batch_size} x {plan.accumulation} accumulation x {plan.processes} processes"),
         ("length", f"{plan.steps} steps, {plan.steps * plan.tokens_per_step:,} tokens, {plan.steps * plan.flops_per_step:.3e} FLOPs ({plan.flops_per_token:.4g} training FLOPs/token)"),
         ("runtime", f"{device}, {'bf16 mixed precision' if plan.mixed_precision else 'fp32'}, parallel {plan.parallel}, compile {'on' if plan.compile else 'off'}, activation checkpointing {'on' if recipe.activation_checkpointing else 'off'}"),
-        ("memory", f"about {memory['total'] / 2**30:.2f} GiB per process: {memory['state'] / 2**30:.2f} GiB weights, gradients and optimiser state, "
-                   f"{memory['activations'] / 2**30:.2f} GiB activations and logits"),
+        ("memory", f"about {memory.total / 2**30:.2f} GiB per process: {memory.state / 2**30:.2f} GiB weights, gradients and optimiser state, "
+                   f"{(memory.activations + memory.logits) / 2**30:.2f} GiB activations and logits"
+                   + (f", {memory.fsdp_gathered / 2**30:.2f} GiB gathered layers" if memory.fsdp_gathered else "")),
     ]
     if recipe.budget is not None:
         achieved = plan.steps * plan.flops_per_step
@@ -263,13 +258,13 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
     check_launch(accelerator.num_processes)
     run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if distributed() else run_dir  # one timestamp for all
     plan = make_plan(recipe, compiled, accelerator)
-    memory = training_memory(plan, compiled, recipe)
+    memory = plan_memory(plan, compiled, recipe)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     free = available_memory(accelerator.device, local_processes if accelerator.device.type == "cpu" else 1)
-    if memory["total"] > free:
+    if memory.total > free:
         raise ArchError(
-            f"training needs about {memory['total'] / 2**30:.1f} GiB per process ({memory['state'] / 2**30:.1f} GiB of weights, "
-            f"gradients and optimiser state, {memory['activations'] / 2**30:.1f} GiB of activations) but {free / 2**30:.1f} GiB "
+            f"training needs about {memory.total / 2**30:.1f} GiB per process ({memory.state / 2**30:.1f} GiB of weights, "
+            f"gradients and optimiser state, {(memory.activations + memory.logits) / 2**30:.1f} GiB of activations and logits) but {free / 2**30:.1f} GiB "
             f"is free: use a smaller model, micro_batch_size or seq_len, or shard with --parallel fsdp over more devices"
         )
     main = accelerator.is_main_process
@@ -296,7 +291,7 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
             warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
             wrapped = accelerator.prepare_model(NextTokenLoss(model))  # DDP over processes; bf16 autocast when mixed
     runner = torch.compile(wrapped) if plan.compile else wrapped
-    optimizers = build_optimizers(model, recipe)
+    optimizers = build_optimizers(model, recipe.optimizer_settings())
     multiplier = lr_multiplier(recipe.schedule, plan.steps, recipe.warmup_fraction, recipe.decay_fraction, recipe.final_lr_ratio)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier) for optimizer in optimizers]
 
@@ -327,7 +322,7 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
             manifest["recipe"] = recipe.to_json()
         manifest.update({
             "plan": {**plan.__dict__, "tokens_per_step": plan.tokens_per_step, "tokens": plan.steps * plan.tokens_per_step,
-                     "flops": plan.steps * plan.flops_per_step, "memory_bytes": memory},
+                     "flops": plan.steps * plan.flops_per_step, "memory_bytes": memory.to_json()},
             "analysis": analysis.to_json(),
             "data": {"source": source.name, "tokenizer": recipe.tokenizer or "embedded", "vocab": len(tokenizer),
                      "eos_token_id": tokenizer.eos_token_id, "held_out_tokens": held_out.tokens, "held_out_bytes": held_out.bytes},

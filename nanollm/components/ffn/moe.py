@@ -15,8 +15,8 @@ import torch
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
-from .. import INIT_STD, Component, Param, collects_statistics, register, sum_over_processes
-from ...ir import ModelConfig
+from .. import INIT_STD, Component, Param, collects_statistics, register, sum_over_processes, telling
+from ...ir import Call, ModelConfig
 from .dispatch import DROPS, capacity_limited, dropless, expert_counts
 from .router import BALANCES, ROUTERS, Router
 from .swiglu import SwiGLU
@@ -48,8 +48,8 @@ def load_metrics(load: torch.Tensor) -> dict[str, torch.Tensor]:
     "moe",
     "ffn",
     Param("top", int, "experts per token (k)", default=2, minimum=1),
-    Param("experts", int, "routed experts (E)", default=8, minimum=1),
-    Param("d_ff", int, "hidden width of each expert", default="d_ff", minimum=1, width=True),
+    Param("experts", int, "routed experts (E)", default=8, minimum=1, maximum=1 << 16),
+    Param("d_ff", int, "hidden width of each expert", setting="d_ff", minimum=1, width=True),
     Param("shared", int, "always-on shared experts, each of width d_ff", default=0, minimum=0),
     Param("router", str, "scoring: softmax over experts, or sigmoid per expert", default="softmax", choices=ROUTERS),
     Param("norm_topk", bool, "renormalise the k routing weights to sum to 1", default=True),
@@ -67,7 +67,8 @@ def load_metrics(load: torch.Tensor) -> dict[str, torch.Tensor]:
 class MoE(Component):
     """Top-k routed mixture of SwiGLU experts (+ shared experts); returns (output, weighted router losses)."""
 
-    returns_aux = True
+    outputs = ("out", "aux_loss")
+    hf_module = "mlp"
 
     def __init__(
         self,
@@ -177,10 +178,21 @@ class MoE(Component):
     def flop_handles(self, seq_len: int) -> dict[str, Callable]:
         return {"aten::_grouped_mm": grouped_mm_handle}
 
+    @classmethod
+    def describe(cls, call: Call, config: ModelConfig) -> list[str]:
+        return [telling(call, config, always=("experts", "top"))]  # a mixture reads as "top k of E experts", defaults or not
+
+    def hf_weights(self) -> dict[str, str]:
+        names = {
+            "router.weight": "gate.weight",
+            "gate_up": "experts.gate_up_proj",  # both (E, 2 * d_ff, d_model), gate rows first
+            "down": "experts.down_proj",
+        }
+        if self.balance == "bias":
+            names["selection_bias"] = "gate.e_score_correction_bias"
+        if self.shared_experts is not None:
+            names.update({f"shared_experts.{ours}": f"shared_experts.{theirs}" for ours, theirs in self.shared_experts.hf_weights().items()})
+        return names
+
     def extra_repr(self) -> str:
-        r = self.router
-        return (
-            f"top={self.top}, experts={self.experts}, d_ff={self.down.shape[-1]}, shared={self.shared}, router={r.kind}, "
-            f"norm_topk={r.norm_topk}, scale={r.scale}, groups={r.groups}, top_groups={r.top_groups}, balance={self.balance}, "
-            f"aux={r.aux}, bias_rate={self.bias_rate}, z_loss={r.z_coef}, jitter={r.jitter}, capacity={self.capacity}, drop={self.drop}"
-        )
+        return f"top={self.top}, experts={self.experts}, d_ff={self.down.shape[-1]}, shared={self.shared}, balance={self.balance}"

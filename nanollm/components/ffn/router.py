@@ -103,8 +103,4 @@ class Router(nn.Module):
         return self.aux * (fraction * affinity.mean(dim=1)).sum(dim=1).mean()
 
     def extra_repr(self) -> str:
-        return (
-            f"experts={self.experts}, top={self.top}, kind={self.kind}, norm_topk={self.norm_topk}, scale={self.scale}, "
-            f"groups={self.groups}, top_groups={self.top_groups}, balance={self.balance}, aux={self.aux}, "
-            f"z_loss={self.z_coef}, jitter={self.jitter}"
-        )
+        return f"experts={self.experts}, top={self.top}, kind={self.kind}"

@@ -1,0 +1,169 @@
+"""Import transformers models: a config -> the nanollm IR (per family, one file each), weights -> the compiled model.
+
+A family adapter (`Family`) reads its transformers config into an `Arch` and names where the decoder lives
+in the state dict. Weight names come from the model itself: each component maps its own parameters
+(`Component.hf_names`), each residual scheme its norms (`Residual.hf_names`); nothing here knows a component.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import transformers
+from torch import fx
+
+from ..compiled import Compiled
+from ..compiler import Site, make_scheme
+from ..components import complete
+from ..errors import ArchError
+from ..ir import Arch, Call, ModelConfig
+
+
+@dataclass(frozen=True)
+class Family:
+    """How nanollm reads one transformers model type."""
+
+    causal_lms: tuple[str, ...]  # the model classes from_hf takes, e.g. ("Qwen3ForCausalLM",)
+    arch_from_config: Callable[[Any], Arch]
+    decoder: Callable[[str], str] = lambda model_class: "model."  # state-dict prefix of the decoder, by model class
+    ignored: tuple[str, ...] = ()  # state-dict prefixes of weights that are not the language model's (a vision tower)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def family(model_type: str, family: Family) -> None:
+    """Register a family adapter under a transformers model_type."""
+    FAMILIES[model_type] = family
+
+
+def supported() -> str:
+    """The model classes from_hf takes, for messages."""
+    return ", ".join(name for f in FAMILIES.values() for name in f.causal_lms)
+
+
+def call(name: str, kind: str, config: ModelConfig, **args: Any) -> Call:
+    """A resolved call: the given arguments, defaults for the rest, checked as the language checks it."""
+    try:
+        return complete(Call(name, tuple(args.items())), kind, config)
+    except ArchError as error:
+        raise ArchError(f"the transformers config maps to a {name} call nanollm refuses: {error.message}") from None
+
+
+def common_settings(hf: Any) -> dict[str, Any]:
+    """The ModelConfig settings every decoder config states the same way."""
+    return dict(
+        vocab_size=hf.vocab_size,
+        d_model=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_attention_heads,
+        n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+        head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        d_ff=hf.intermediate_size,
+        norm_eps=float(hf.rms_norm_eps),
+        tie_embeddings=bool(hf.tie_word_embeddings),
+    )
+
+
+def rope_call(parameters: dict[str, Any] | None, config: ModelConfig) -> Call:
+    """The position encoding of transformers' rope_parameters (one layer type's): rope, linear rope, YaRN, or none."""
+    if parameters is None:
+        return Call("nope")
+    kind = parameters.get("rope_type", "default")
+    theta = float(parameters["rope_theta"])
+    shape = {"fraction": float(parameters.get("partial_rotary_factor", 1.0))}
+    if kind == "default":
+        return call("rope", "position", config, theta=theta, **shape)
+    if kind == "linear":
+        return call("rope", "position", config, theta=theta, factor=float(parameters["factor"]), **shape)
+    if kind == "yarn":
+        extra = {name: float(parameters[key]) for name, key in (("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"), ("mscale", "mscale"),
+                 ("mscale_all_dim", "mscale_all_dim"), ("attention_factor", "attention_factor")) if parameters.get(key) is not None}
+        return call("yarn", "position", config, theta=theta, factor=float(parameters["factor"]),
+                    original=int(parameters["original_max_position_embeddings"]), truncate=bool(parameters.get("truncate", True)), **extra, **shape)
+    raise ArchError(f"transformers rope_type {kind!r} is not supported (default, linear and yarn are)")
+
+
+def refuse(condition: bool, message: str) -> None:
+    """ArchError(message) if the config asks for something nanollm does not reproduce."""
+    if condition:
+        raise ArchError(message)
+
+
+def arch_from_config(hf: Any) -> Arch:
+    """The nanollm IR of a supported transformers config; ArchError for what nanollm cannot express."""
+    adapter = FAMILIES.get(hf.model_type)
+    if adapter is None:
+        raise ArchError(f"transformers model_type {hf.model_type!r} is not supported (from_hf takes {supported()})")
+    return adapter.arch_from_config(hf)
+
+
+def load_config(path: str | os.PathLike) -> Any:
+    """The transformers config of a local model directory or config.json file (never the hub)."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ArchError(f"{path}: no config.json there (give a model directory or its config.json)")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ArchError(f"{file}: not a readable JSON config ({error})") from None
+    if "model_type" not in data:
+        raise ArchError(f"{file}: no model_type in it, so it is not a transformers config")
+    try:
+        return transformers.AutoConfig.for_model(**data)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ArchError(f"{file}: transformers cannot read it ({str(error).splitlines()[0]})") from None
+
+
+def weight_names(model: fx.GraphModule, arch: Arch, decoder: str = "model.") -> dict[str, str]:
+    """nanollm parameter (and persistent buffer) name -> transformers name, asked of each component and residual site."""
+    names = {"embed.weight": f"{decoder}embed_tokens.weight", "norm.weight": f"{decoder}norm.weight"}
+    if not arch.config.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    schemes = {call: make_scheme(call, arch.config) for call in {layer.residual for layer in arch.layers}}
+    for i, layer in enumerate(arch.layers):
+        theirs = f"{decoder}layers.{i}."
+        for slot, _ in layer.sublayers:
+            site = Site(i, slot)
+            for part, module_name in schemes[layer.residual].hf_names(slot).items():
+                for name, _ in model.get_submodule(site.module(part)).named_parameters():
+                    names[f"{site.module(part)}.{name}"] = f"{theirs}{module_name}.{name}"
+            for ours, hf_name in model.get_submodule(site.module()).hf_names().items():
+                names[f"{site.module()}.{ours}"] = theirs + hf_name
+    return names
+
+
+def from_hf(model: transformers.PreTrainedModel | str | os.PathLike) -> fx.GraphModule:
+    """A nanollm model carrying the weights of a supported transformers causal LM (or a local directory / hub id of one)."""
+    if isinstance(model, (str, os.PathLike)):
+        arch_from_config(transformers.AutoConfig.from_pretrained(model))  # refuse before loading any weight
+        model = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    arch = arch_from_config(model.config)
+    adapter = FAMILIES[model.config.model_type]
+    if type(model).__name__ not in adapter.causal_lms:
+        raise ArchError(f"from_hf takes a causal LM ({supported()}), not {type(model).__name__}")
+    ours = Compiled(arch).build(device=model.device, dtype=model.dtype)
+    names = weight_names(ours, arch, adapter.decoder(type(model).__name__))
+    theirs = model.state_dict()
+    unused = theirs.keys() - names.values() - ({"lm_head.weight"} if arch.config.tie_embeddings else set())
+    unused = {name for name in unused if not name.startswith(adapter.ignored)}
+    if unused:
+        raise ArchError(f"transformers weights nanollm has no place for: {', '.join(sorted(unused))}")
+    ours.load_state_dict({name: theirs[hf_name] for name, hf_name in names.items()}, strict=True)
+    return ours
+
+
+from . import deepseek, gemma3, mixtral, olmo, qwen3  # noqa: E402  the family adapters register themselves
+
+
+def moe_call(hf: Any, config: ModelConfig) -> Call:
+    """The `moe` call of a Qwen3-MoE, Mixtral or DeepSeek-V3 sparse layer (DeepSeek-V3's is proven at block level)."""
+    makers = {"qwen3_moe": qwen3.moe_call, "mixtral": mixtral.moe_call, "deepseek_v3": deepseek.moe_call}
+    if hf.model_type not in makers:
+        raise ArchError(f"transformers model_type {hf.model_type!r} has no MoE layer nanollm knows")
+    return makers[hf.model_type](hf, config)

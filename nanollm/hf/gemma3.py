@@ -1,0 +1,47 @@
+"""Gemma 3: sandwich norms, (1 + w) RMSNorm, sqrt(d) embeddings, GeGLU, a RoPE per layer type, soft-caps, the
+query_pre_attn_scalar logit scale; the text model of Gemma3ForCausalLM and of Gemma3ForConditionalGeneration."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ..ir import Arch, Call, Layer, ModelConfig
+from . import Family, call, common_settings, family, refuse, rope_call
+
+
+def gemma3_text(hf: Any) -> Arch:
+    """A Gemma3TextConfig's model."""
+    refuse(getattr(hf, "use_bidirectional_attention", False), "Gemma 3 with use_bidirectional_attention is not causal; nanollm is")
+    refuse(hf.attention_bias, "the transformers config has attention_bias = true; nanollm attention has no biases")
+    refuse(hf.hidden_activation != "gelu_pytorch_tanh",
+           f"Gemma 3 hidden_activation {hf.hidden_activation!r} is not supported (gelu_pytorch_tanh is, as geglu)")
+    head_dim = hf.head_dim
+    scale = 0.0 if hf.query_pre_attn_scalar == head_dim else float(hf.query_pre_attn_scalar) ** -0.5
+    full = hf.rope_parameters["full_attention"]
+    config = ModelConfig(
+        **common_settings(hf), qk_norm="head", rope_theta=float(full["rope_theta"]), norm=Call("rmsnorm", (("zero_centered", True),)),
+        residual=Call("sandwich"), attn_scale=scale, attn_softcap=float(hf.attn_logit_softcapping or 0.0),
+        logit_softcap=float(hf.final_logit_softcapping or 0.0), embed_scale=True,
+    )
+    config = dataclasses.replace(config, rope=rope_call(full, config))
+    local = rope_call(hf.rope_parameters["sliding_attention"], config)
+    ffn = call("geglu", "ffn", config, d_ff=hf.intermediate_size)
+    mixers = {
+        "full_attention": call("global", "mixer", config),
+        "sliding_attention": call("sliding", "mixer", config, window=hf.sliding_window, rope=local),
+    }
+    for layer_type in hf.layer_types:
+        refuse(layer_type not in mixers, f"Gemma 3 layer type {layer_type!r} is not supported")
+    return Arch(config, tuple(Layer((("mixer", mixers[t]), ("ffn", ffn)), config.residual) for t in hf.layer_types))
+
+
+def gemma3(hf: Any) -> Arch:
+    """A Gemma3Config (image-text): its text model; the vision tower is not nanollm's."""
+    return gemma3_text(hf.text_config)
+
+
+family("gemma3_text", Family(("Gemma3ForCausalLM",), gemma3_text))
+family("gemma3", Family(
+    ("Gemma3ForConditionalGeneration",), gemma3, decoder=lambda model_class: "model.language_model.",
+    ignored=("model.vision_tower.", "model.multi_modal_projector."),
+))
