@@ -22,12 +22,11 @@ from .components import REGISTRY
 from .errors import ArchError
 from .ir import Arch, ModelConfig
 from .memory import TrainingMemory, training_memory
-from .resolve import AUTO, bind, convert, default_layer, merge, parse_number, read, resolve
+from .resolve import AUTO, MAX_LAYERS, bind, convert, default_layer, merge, parse_number, read, resolve
 from .syntax import Arg, ArchFile, LayerItem, LayerStmt, Repeat, Setting, Term, Value, format_file
 
 WIDTH_MULTIPLE = 64  # d_model, d_ff and every hidden width are multiples of this
 MAX_D_MODEL = 1 << 16
-MAX_REPEAT = 1 << 14
 DEFAULT_ASPECT = 1024 / 28  # Qwen3-0.6B's d_model per layer, when a file fixes neither
 
 
@@ -197,7 +196,12 @@ class Family:
         """The depth count holding the aspect ratio at this width (or the file's own when depth is fixed)."""
         if not self.free_depth:
             return self.reference_depth
-        return max(1, round((width[2] / self.aspect - self.other_layers) / self.unit_layers))
+        return min(self.deepest, max(1, round((width[2] / self.aspect - self.other_layers) / self.unit_layers)))
+
+    @property
+    def deepest(self) -> int:
+        """The largest depth count within nanollm's layer limit."""
+        return max(1, (MAX_LAYERS - self.other_layers) // self.unit_layers)
 
     def scaled(self, value: float, d_model: int) -> int:
         """A hidden width at its reference ratio to d_model, as a multiple of 64."""
@@ -439,7 +443,7 @@ def solve(
         width, depth = family.widths[index], family.depth_for(family.widths[index])
     else:
         width = family.widths[0]
-        depth = nearest(lambda n: figures(family, width).at(n, target.metric), 1, MAX_REPEAT, target.value, family.reference_depth)
+        depth = nearest(lambda n: figures(family, width).at(n, target.metric), 1, family.deepest, target.value, family.reference_depth)
     arch = family.arch(width, depth)
     graph = lower(arch)
     analysis = analyze(arch, graph, arch.config.seq_len)

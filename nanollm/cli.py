@@ -224,6 +224,21 @@ def cmd_render(args: argparse.Namespace) -> None:
     write(Path(args.output), Subject(Path(args.file).name, arch, graph, analysis, notes, tables), args.view)
 
 
+def cmd_import(args: argparse.Namespace) -> None:
+    from .hf import arch_from_config, load_config  # transformers is imported only here
+    from .source import arch_source
+
+    hf = load_config(args.source)
+    text = arch_source(arch_from_config(hf), f"{hf.model_type} from {args.source}, written by `nanollm import`")
+    if args.output:
+        try:
+            Path(args.output).write_text(text, encoding="utf-8")
+        except OSError as error:
+            raise NanollmError(f"cannot write {args.output}: {error.strerror or error}") from None
+    else:
+        sys.stdout.write(text)
+
+
 def cmd_graph(args: argparse.Namespace) -> None:
     print(compile(Path(args.file)).graph.graph)
 
@@ -327,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     compare_cmd.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     add_budget_options(compare_cmd, required=True)
     compare_cmd.set_defaults(run=cmd_compare)
+    import_cmd = commands.add_parser("import", help="write the .arch file of a transformers model from its config alone (no weights)")
+    import_cmd.add_argument("source", help="a model directory or its config.json")
+    import_cmd.add_argument("-o", "--output", help="the .arch file to write (default: print it)")
+    import_cmd.set_defaults(run=cmd_import)
     graph_cmd = commands.add_parser("graph", help="print the torch.fx graph")
     graph_cmd.add_argument("file")
     graph_cmd.set_defaults(run=cmd_graph)

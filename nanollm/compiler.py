@@ -8,13 +8,14 @@ This module owns the naming convention: a sublayer's modules are `layers.<i>.<sl
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import operator
 import re
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -117,8 +118,23 @@ def make_table(rotary: Rotary) -> nn.Module:
     return REGISTRY[rotary.position.name].module(rotary.head_dim, **rotary.position.kwargs())
 
 
-def lower(arch: Arch, device: torch.device | str = "meta", dtype: torch.dtype = ANALYSIS_DTYPE) -> fx.GraphModule:
-    """Build the model's modules on `device` and the fx graph that wires them; forward(input_ids) -> (logits, aux_loss)."""
+@contextlib.contextmanager
+def without_init() -> Iterator[None]:
+    """torch.nn.init's functions as no-ops: modules built on the meta device skip the initialisation a build redoes
+    anyway (`materialize`), which on meta runs slow decompositions and first imports torch._dynamo (~2 s)."""
+    names = [name for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")]
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
+def lower(arch: Arch) -> fx.GraphModule:
+    """Build the model's modules on the meta device and the fx graph that wires them; forward(input_ids) -> (logits, aux_loss)."""
     config = arch.config
     # What a module's outputs and FLOPs depend on besides its input shapes: its call and the settings (the
     # layer count never matters to one layer).
@@ -128,9 +144,8 @@ def lower(arch: Arch, device: torch.device | str = "meta", dtype: torch.dtype = 
     schemes = {call: make_scheme(call, config) for call in dict.fromkeys(layer.residual for layer in arch.layers)}
     model_scheme = make_scheme(config.residual, config)
     tables: dict[Rotary, str] = {}
-    with torch.device(device):
-        # Passing the weight skips nn.Embedding's normal_ init, whose meta kernel imports torch._dynamo (~2 s).
-        root.embed = nn.Embedding(config.vocab_size, config.d_model, _weight=torch.empty(config.vocab_size, config.d_model))
+    with torch.device("meta"), without_init():
+        root.embed = nn.Embedding(config.vocab_size, config.d_model)
         g.built_from["embed"] = ("embed", config.vocab_size, config.d_model)
         root.layers = nn.ModuleList()
         for i, layer in enumerate(arch.layers):
@@ -155,7 +170,7 @@ def lower(arch: Arch, device: torch.device | str = "meta", dtype: torch.dtype = 
         if not config.tie_embeddings:
             root.lm_head = Unembedding(config.d_model, config.vocab_size, bias=False)
             g.built_from["lm_head"] = ("lm_head", config.d_model, config.vocab_size)
-    root.to(dtype)
+    root.to(ANALYSIS_DTYPE)
 
     input_ids = g.graph.placeholder("input_ids")
     hidden = g.module("embed", (input_ids,), "embed")

@@ -18,7 +18,7 @@ NONE = "none"  # a slot written `none` has no sublayer
 RESIDUAL = "residual"  # the attribute giving a layer its own residual scheme
 ATTRIBUTES = (*(slot for slot in SLOTS if slot != STATEMENT_SLOT), RESIDUAL)
 AUTO = "auto"  # a size left free for budget sizing
-MAX_LAYERS = 1 << 14  # past every real model; a longer list is refused before it is expanded
+MAX_LAYERS = 1024  # past every real model (and DeepNet's 1,000 layers); a longer list is refused before it is expanded
 SUFFIXES = {"k": 1024, "M": 1024**2, "G": 1024**3}
 SHORTHAND = re.compile(r"^([A-Za-z_]+?)(\d+)$")  # `top2` means top=2
 
@@ -193,7 +193,8 @@ def convert(value: Value | Term, kind: str | type, what: str, minimum: float | N
         bound = "positive" if minimum == 1 and kind == "int" else f"at least {minimum:g}"
         raise ArchError(f"{what} must be {bound}, got {value.text}", value.pos)
     if maximum is not None and number > maximum:
-        raise ArchError(f"{what} must be at most {maximum:,g}, got {value.text}", value.pos)
+        bound = f"{int(maximum):,}" if kind == "int" else f"{maximum:g}"
+        raise ArchError(f"{what} must be at most {bound}, got {value.text}", value.pos)
     return number
 
 

@@ -1,6 +1,6 @@
 """Every component checked against an implementation written outside this repo, fp32 on CPU.
 
-References: Hugging Face transformers (Qwen3 / Llama modules with copied weights) and, for the
+References: Hugging Face transformers (Qwen3 / Llama / Gemma 2-3 / OLMo 2-3 / StableLM modules with copied weights) and, for the
 sliding window, an explicit-mask attention written below straight from the definition "query i sees
 key j iff i - window < j <= i". The mixture of experts has its own file, test_moe.py.
 """
@@ -11,8 +11,12 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, Qwen3Config
+from transformers import Gemma2Config, Gemma3TextConfig, LlamaConfig, Olmo2Config, Olmo3Config, Qwen3Config, StableLmConfig
+from transformers.models.gemma2.modeling_gemma2 import Gemma2Attention, Gemma2RotaryEmbedding
+from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention, Gemma3MLP, Gemma3RMSNorm, Gemma3RotaryEmbedding
 from transformers.models.llama.modeling_llama import LlamaAttention
+from transformers.models.olmo2.modeling_olmo2 import Olmo2Attention, Olmo2RotaryEmbedding
+from transformers.models.olmo3.modeling_olmo3 import Olmo3Attention, Olmo3RotaryEmbedding
 from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3Attention,
     Qwen3MLP,
@@ -20,6 +24,7 @@ from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3RotaryEmbedding,
     apply_rotary_pos_emb,
 )
+from transformers.models.stablelm.modeling_stablelm import StableLmAttention, StableLmRotaryEmbedding
 
 from nanollm.compiler import initialize, make_table
 from nanollm.components import REGISTRY, Rotary, complete
@@ -230,3 +235,136 @@ def test_mixer_is_causal(name):
         out = mix(module, changed)
         assert torch.equal(out[:, :t], base[:, :t]), f"output before {t} depends on token {t}"
         assert not torch.allclose(out[:, t], base[:, t]), f"output at {t} ignores token {t}"
+
+
+# --- Gemma, OLMo and partial-rotary pieces --------------------------------------------------------------------
+
+GEMMA_NORM = Call("rmsnorm", (("zero_centered", True),))
+
+
+def settings(**changes) -> ModelConfig:
+    """CONFIG with some settings changed, its rope completed afresh (dataclasses.replace would keep CONFIG's theta)."""
+    kept = {f.name: getattr(CONFIG, f.name) for f in dataclasses.fields(CONFIG) if f.name != "rope"}
+    return ModelConfig(**(kept | changes))
+
+
+@pytest.mark.parametrize("dim", [16, 64])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_zero_centered_rmsnorm_matches_gemma3(dim, scale):
+    """x / rms(x) * (1 + w), with w well away from 0 so that w alone could not pass."""
+    ours = RMSNorm(dim, 1e-6, zero_centered=True)
+    torch.nn.init.normal_(ours.weight, mean=0.5, std=0.3)
+    theirs = Gemma3RMSNorm(dim, eps=1e-6)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, dim) * scale
+    close(ours(x), theirs(x))
+
+
+def gemma3_config(config: ModelConfig, **overrides) -> Gemma3TextConfig:
+    """A Gemma3TextConfig of the same sizes (every layer global unless `layer_types` says), eager attention."""
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    return Gemma3TextConfig(**{
+        "vocab_size": config.vocab_size, "hidden_size": config.d_model, "intermediate_size": config.d_ff, "num_hidden_layers": 1,
+        "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
+        "rms_norm_eps": config.norm_eps, "layer_types": ["full_attention"], "attn_implementation": "eager",
+        "rope_parameters": {"full_attention": dict(rope), "sliding_attention": dict(rope)}, **overrides,
+    })
+
+
+@pytest.mark.parametrize("d_ff", [128, 48])
+def test_geglu_matches_gemma3_mlp(d_ff):
+    ours = build("geglu", d_ff=d_ff)
+    theirs = Gemma3MLP(gemma3_config(dataclasses.replace(CONFIG, d_ff=d_ff)))
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 7, CONFIG.d_model)
+    close(ours(x), theirs(x))
+
+
+def attention_mask(length: int, window: int | None = None) -> torch.Tensor:
+    """The additive (1, 1, T, T) mask transformers' eager attention takes: 0 where query i sees key j, -inf elsewhere."""
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    visible = (j <= i) & (i - j < window) if window else j <= i
+    return torch.zeros(length, length).masked_fill(~visible, float("-inf"))[None, None]
+
+
+def hf_attention(theirs, rotary, x: torch.Tensor, window: int | None = None, **rotary_args) -> torch.Tensor:
+    """A transformers attention module's output on x, its rotary module's tables, and a causal (windowed) mask."""
+    positions = torch.arange(x.shape[1])[None]
+    out, _ = theirs.eval()(x, position_embeddings=rotary(x, positions, **rotary_args), attention_mask=attention_mask(x.shape[1], window))
+    return out
+
+
+@pytest.mark.parametrize("query_pre_attn_scalar", [16, 64, 256])
+@pytest.mark.parametrize("window", [None, 3], ids=["global", "sliding"])
+def test_attention_with_scale_and_zero_centered_qk_norm_matches_gemma3(query_pre_attn_scalar, window):
+    """Per-head (1 + w) QK-norm, RoPE, logits scaled by query_pre_attn_scalar^-1/2 (not head_dim^-1/2)."""
+    config = settings(norm=GEMMA_NORM, rope_theta=1e4)
+    ours = build("sliding" if window else "global", config, scale=query_pre_attn_scalar ** -0.5, **({"window": window} if window else {}))
+    layer_type = "sliding_attention" if window else "full_attention"
+    hf = gemma3_config(config, query_pre_attn_scalar=query_pre_attn_scalar, layer_types=[layer_type], sliding_window=window or 4096)
+    theirs = Gemma3Attention(hf, 0)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 13, config.d_model)
+    close(mix(ours, x), hf_attention(theirs, Gemma3RotaryEmbedding(hf), x, window, layer_type=layer_type))
+
+
+@pytest.mark.parametrize("softcap", [0.0, 1.0, 5.0])
+@pytest.mark.parametrize("window", [None, 3], ids=["global", "sliding"])
+def test_softcapped_attention_matches_gemma2(softcap, window):
+    """c tanh(s / c) on the scaled logits before the mask and softmax (Gemma 2; transformers' Gemma 3 never applies it)."""
+    config = settings(qk_norm="none", rope_theta=1e4)
+    ours = build("sliding" if window else "global", config, scale=32 ** -0.5, softcap=softcap, **({"window": window} if window else {}))
+    hf = Gemma2Config(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff, num_hidden_layers=1,
+        num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, rope_theta=1e4,
+        query_pre_attn_scalar=32, attn_logit_softcapping=softcap or None, attn_implementation="eager",
+        layer_types=["sliding_attention" if window else "full_attention"], sliding_window=window or 4096,
+    )
+    theirs = Gemma2Attention(hf, 0)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 13, config.d_model)
+    expected = hf_attention(theirs, Gemma2RotaryEmbedding(hf), x, window)
+    close(mix(ours, x), expected)
+    if softcap:  # the cap bites at these logits: uncapped attention is far off
+        uncapped = build("sliding" if window else "global", config, scale=32 ** -0.5, **({"window": window} if window else {}))
+        uncapped.load_state_dict(ours.state_dict())
+        assert (mix(uncapped, x) - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("family", ["olmo2", "olmo3"])
+def test_projection_qk_norm_attention_matches_olmo(family, n_kv_heads):
+    """RMSNorm over the whole q and k projections (H * head_dim wide) before the head split and RoPE."""
+    config = settings(n_kv_heads=n_kv_heads, qk_norm="projection", rope_theta=1e4)
+    ours = build("global", config)
+    assert ours.q_norm.weight.shape == (config.n_heads * config.head_dim,)
+    common = dict(vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff, num_hidden_layers=1,
+                  num_attention_heads=config.n_heads, num_key_value_heads=n_kv_heads, rms_norm_eps=config.norm_eps,
+                  attn_implementation="eager")
+    if family == "olmo2":
+        hf = Olmo2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+        theirs, rotary, args = Olmo2Attention(hf, 0), Olmo2RotaryEmbedding(hf), {}
+    else:
+        hf = Olmo3Config(**common, layer_types=["full_attention"], rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1e4}, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+        theirs, rotary, args = Olmo3Attention(hf, 0), Olmo3RotaryEmbedding(hf), {"layer_type": "full_attention"}
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 13, config.d_model)
+    close(mix(ours, x), hf_attention(theirs, rotary, x, **args))
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_partial_rotary_attention_matches_stablelm(fraction):
+    """RoPE on the first fraction of each head's dimensions, the rest unrotated (StableLM, no QK-norm, no biases)."""
+    rope = complete(Call("rope", (("theta", 1e4), ("fraction", fraction))), "position", CONFIG)
+    config = dataclasses.replace(CONFIG, qk_norm="none")
+    ours = build("global", config, rope=rope)
+    hf = StableLmConfig(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff, num_hidden_layers=1,
+        num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads, attn_implementation="eager",
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": fraction},
+    )
+    theirs = StableLmAttention(hf, 0)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 13, config.d_model)
+    close(mix(ours, x), hf_attention(theirs, StableLmRotaryEmbedding(hf), x))

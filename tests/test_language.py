@@ -217,3 +217,52 @@ def test_errors_point_at_the_source(text, line, col, message, hint):
     assert report[2].index("^") == col + 1
     if hint:
         assert hint in error.hint and report[3] == f"  {error.hint}"
+
+
+ABSURD_ERRORS = [
+    # text, line, col, message: refused at the place written, before any expansion or allocation
+    ("repeat 1e9 < sliding(1024) >", 1, 8, "the layer list grows to 1,000,000,000 layers here: nanollm allows at most 1,024"),
+    ("repeat 3 < repeat 100000 < global > >", 1, 8, "the layer list grows to 300,000 layers here"),
+    ("repeat 1000 < global >\nrepeat 1000 < global >", 2, 8, "the layer list grows to 2,000 layers here"),
+    ("n_layers = 1e6", 1, 1, "n_layers = 1,000,000: nanollm allows at most 1,024 layers"),
+    ("head_dim = 1e9", 1, 12, "head_dim must be at most 1,048,576, got 1e9"),
+    ("d_model = 1G", 1, 11, "d_model must be at most 1,048,576, got 1G"),
+    ("vocab_size = 1e12", 1, 14, "vocab_size must be at most 16,777,216"),
+    ("global ffn=moe(experts=1M)", 1, 24, "moe: experts must be at most 65,536"),
+    ("sliding(1e12)", 1, 9, "sliding: window must be at most 1,073,741,824"),
+    ("global(heads=1e9)", 1, 14, "global: heads must be at most 1,048,576"),
+    ("seq_len = 1G", 1, 11, "seq_len must be at most 16,777,216"),
+]
+
+
+@pytest.mark.parametrize("text, line, col, message", ABSURD_ERRORS, ids=[e[0][:30] for e in ABSURD_ERRORS])
+def test_absurd_sizes_are_refused_where_written(text, line, col, message):
+    with pytest.raises(ArchError) as raised:
+        load(text)
+    assert message in raised.value.message
+    assert (raised.value.pos.line, raised.value.pos.col) == (line, col)
+
+
+@pytest.mark.parametrize("text", [
+    "head_dim = 1048576\nn_layers = 2",
+    "d_model = 1048576\nn_heads = 1\nn_kv_heads = 1\nn_layers = 2",
+    "vocab_size = 16777216\nd_ff = 1048576\nn_layers = 2",
+    "seq_len = 16777216\nsliding(1073741824); global",
+    "global ffn=moe(experts=65536, top=2)",
+], ids=["head_dim", "d_model", "vocab and d_ff", "seq_len and window", "experts"])
+def test_the_largest_sizes_allowed_analyse_on_meta_without_allocating(text):
+    """At every limit the analysis stays on the meta device: no table or weight follows the sizes into memory."""
+    import resource
+
+    import nanollm
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    analysis = nanollm.compile(text).analysis
+    assert analysis.params_total > 0 and analysis.flops_per_token_fwd > 0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 512 * 1024  # KiB: well under any real table
+
+
+def test_the_deepest_model_allowed_compiles_and_analyses():
+    import nanollm
+
+    assert len(nanollm.compile("d_model = 64\nn_heads = 2\nn_kv_heads = 1\nhead_dim = 32\nn_layers = 1024").analysis.layers) == 1024

@@ -69,23 +69,43 @@ def common_settings(hf: Any) -> dict[str, Any]:
     )
 
 
-def rope_call(parameters: dict[str, Any] | None, config: ModelConfig) -> Call:
-    """The position encoding of transformers' rope_parameters (one layer type's): rope, linear rope, YaRN, or none."""
+def rope_call(parameters: dict[str, Any] | None, config: ModelConfig, partial: bool = False) -> Call:
+    """The position encoding of transformers' rope_parameters (one layer type's): rope, linear rope, YaRN, or none.
+
+    `partial`: whether the family's attention rotates only the partial_rotary_factor share of each head. Where it
+    rotates whole heads (every family here), transformers' default RoPE ignores the factor, and its linear or YaRN
+    tables come out narrower than the heads they rotate (an error there, refused here).
+    """
     if parameters is None:
         return Call("nope")
     kind = parameters.get("rope_type", "default")
     theta = float(parameters["rope_theta"])
-    shape = {"fraction": float(parameters.get("partial_rotary_factor", 1.0))}
+    fraction = float(parameters.get("partial_rotary_factor", 1.0))
+    if fraction != 1.0 and not partial:
+        refuse(kind != "default", f"partial_rotary_factor {fraction:g} with rope_type {kind!r}: transformers' tables would not fit "
+                                  "the whole heads this family rotates")
+        fraction = 1.0
+    shape = {"fraction": fraction}
     if kind == "default":
         return call("rope", "position", config, theta=theta, **shape)
     if kind == "linear":
         return call("rope", "position", config, theta=theta, factor=float(parameters["factor"]), **shape)
     if kind == "yarn":
-        extra = {name: float(parameters[key]) for name, key in (("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"), ("mscale", "mscale"),
-                 ("mscale_all_dim", "mscale_all_dim"), ("attention_factor", "attention_factor")) if parameters.get(key) is not None}
+        # transformers treats a zero (falsy) beta or mscale as unset, as here
+        extra = {key: float(parameters[key]) for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor")
+                 if parameters.get(key)}
         return call("yarn", "position", config, theta=theta, factor=float(parameters["factor"]),
                     original=int(parameters["original_max_position_embeddings"]), truncate=bool(parameters.get("truncate", True)), **extra, **shape)
     raise ArchError(f"transformers rope_type {kind!r} is not supported (default, linear and yarn are)")
+
+
+def layer_type_rope(hf: Any, layer_type: str) -> dict[str, Any] | None:
+    """One layer type's rope_parameters in a config that has them per layer type (Gemma 3, OLMo 3), as transformers
+    reads them: its YaRN takes `truncate` from the top level of rope_parameters, never from the layer type's own."""
+    parameters = hf.rope_parameters[layer_type]
+    if parameters is None or parameters.get("rope_type") != "yarn":
+        return parameters
+    return {**parameters, "truncate": hf.rope_parameters.get("truncate", True)}
 
 
 def refuse(condition: bool, message: str) -> None:

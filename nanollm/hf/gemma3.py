@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from ..ir import Arch, Call, Layer, ModelConfig
-from . import Family, call, common_settings, family, refuse, rope_call
+from . import Family, call, common_settings, family, layer_type_rope, refuse, rope_call
 
 
 def gemma3_text(hf: Any) -> Arch:
@@ -17,14 +17,15 @@ def gemma3_text(hf: Any) -> Arch:
            f"Gemma 3 hidden_activation {hf.hidden_activation!r} is not supported (gelu_pytorch_tanh is, as geglu)")
     head_dim = hf.head_dim
     scale = 0.0 if hf.query_pre_attn_scalar == head_dim else float(hf.query_pre_attn_scalar) ** -0.5
-    full = hf.rope_parameters["full_attention"]
+    full = layer_type_rope(hf, "full_attention")
+    # No attention soft-cap: transformers' Gemma3Attention never applies attn_logit_softcapping (Gemma 3 replaced
+    # Gemma 2's soft-cap with QK-norm), so a config setting it runs uncapped there.
     config = ModelConfig(
         **common_settings(hf), qk_norm="head", rope_theta=float(full["rope_theta"]), norm=Call("rmsnorm", (("zero_centered", True),)),
-        residual=Call("sandwich"), attn_scale=scale, attn_softcap=float(hf.attn_logit_softcapping or 0.0),
-        logit_softcap=float(hf.final_logit_softcapping or 0.0), embed_scale=True,
+        residual=Call("sandwich"), attn_scale=scale, logit_softcap=float(hf.final_logit_softcapping or 0.0), embed_scale=True,
     )
     config = dataclasses.replace(config, rope=rope_call(full, config))
-    local = rope_call(hf.rope_parameters["sliding_attention"], config)
+    local = rope_call(layer_type_rope(hf, "sliding_attention"), config)
     ffn = call("geglu", "ffn", config, d_ff=hf.intermediate_size)
     mixers = {
         "full_attention": call("global", "mixer", config),
@@ -37,7 +38,9 @@ def gemma3_text(hf: Any) -> Arch:
 
 def gemma3(hf: Any) -> Arch:
     """A Gemma3Config (image-text): its text model; the vision tower is not nanollm's."""
-    return gemma3_text(hf.text_config)
+    arch = gemma3_text(hf.text_config)
+    # transformers ties this model's head by the outer config's tie_word_embeddings, not the text config's
+    return Arch(dataclasses.replace(arch.config, tie_embeddings=bool(hf.tie_word_embeddings)), arch.layers)
 
 
 family("gemma3_text", Family(("Gemma3ForCausalLM",), gemma3_text))

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from ..ir import Arch, Call, Layer, ModelConfig
-from . import Family, call, common_settings, family, refuse, rope_call
+from . import Family, call, common_settings, family, layer_type_rope, refuse, rope_call
 
 
 def olmo_config(hf: Any, rope_parameters: dict[str, Any]) -> ModelConfig:
@@ -36,8 +36,8 @@ def olmo3(hf: Any) -> Arch:
     transformers' Olmo3Config(rope_theta=x) sets only the full layers' theta; the sliding layers keep theirs,
     so each type's parameters are read from rope_parameters, never from rope_theta.
     """
-    config = olmo_config(hf, hf.rope_parameters["full_attention"])
-    local = rope_call(hf.rope_parameters["sliding_attention"], config)
+    config = olmo_config(hf, layer_type_rope(hf, "full_attention"))
+    local = rope_call(layer_type_rope(hf, "sliding_attention"), config)
     mixers = {
         "full_attention": call("global", "mixer", config),
         "sliding_attention": call("sliding", "mixer", config, window=hf.sliding_window, rope=local),

@@ -111,8 +111,10 @@ def depth(items: tuple[Item, ...]) -> int:
 
 
 def family(call: Call) -> str:
-    """The component's family, a label for diagrams: its folder under nanollm/components (attention, ffn, ...)."""
-    return REGISTRY[call.name].module.__module__.split(".")[-2]
+    """A label for diagrams: the component's folder under nanollm/components (attention, ffn, ...), else its kind."""
+    spec = REGISTRY[call.name]
+    parts = spec.module.__module__.split(".")
+    return parts[-2] if parts[:2] == ["nanollm", "components"] and len(parts) > 3 else spec.kind
 
 
 def describe(call: Call, config: ModelConfig) -> list[str]:
