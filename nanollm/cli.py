@@ -272,10 +272,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     table = Table(title=f"held-out evaluation of {result['checkpoint']} (step {result['step']})", title_justify="left", show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")
-    for label, value in (("tokens", f"{result['tokens']:,}"), ("bytes", f"{result['bytes']:,}"), ("loss (nats/token)", f"{result['loss']:.4f}"),
+    for label, value in (("held-out set", result["fingerprint"]), ("tokens", f"{result['tokens']:,}"), ("sequences", f"{result['sequences']:,}"),
+                         ("bytes", f"{result['bytes']:,}"), ("loss (nats/token)", f"{result['loss']:.4f} ± {result['loss_stderr']:.4f}"),
                          ("perplexity", f"{result['perplexity']:.3f}"), ("bits per byte", f"{result['bits_per_byte']:.4f}")):
         table.add_row(label, value)
-    console().print(table)
+    out = console()
+    out.print(table)
+    if result["run_fingerprint"] != result["fingerprint"]:
+        scored = f"set {result['run_fingerprint']}" if result["run_fingerprint"] else "an older set (chosen before sets had fingerprints)"
+        out.print(f"note: the run's own evaluations at step {result['step']} scored {scored}: these figures do not compare with its metrics.jsonl")
 
 
 def recipe_flag_type(name: str):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 from itertools import islice
 
 import pytest
@@ -14,6 +15,7 @@ from nanollm.train.data import (
     StdlibSource,
     TrainingDocuments,
     TrainingRows,
+    document_hash,
     held_out,
     heldout_rows,
     read_source_file,
@@ -74,6 +76,15 @@ def test_packing_keeps_every_token_in_order(seq_len):
     assert stream + packer.tokens[1:] == expected  # ... and nothing is lost: it waits in the packer
 
 
+def stream_of(rows: torch.Tensor) -> list[int]:
+    """The token stream packed rows hold (each row after the first repeats the previous row's last token)."""
+    return rows[0].tolist() + [t for row in rows[1:].tolist() for t in row[1:]]
+
+
+def tokens_of(documents: list[str]) -> list[int]:
+    return [t for doc in documents for t in CharTokenizer()(doc)["input_ids"] + [0]]
+
+
 def test_split_is_by_content_and_disjoint():
     share = 0.25
     documents = TrainingDocuments(ListSource(DOCS), share, buffer_size=1, seed=0)
@@ -82,15 +93,50 @@ def test_split_is_by_content_and_disjoint():
     assert 0 < len(held) < len(DOCS)
     assert not held & set(training)
     assert set(training) == set(DOCS) - held  # two epochs of the rest
-    rows = heldout_rows(ListSource(DOCS), CharTokenizer(), 8, share, max_tokens=10_000)
-    stream = rows[0].tolist() + [t for row in rows[1:].tolist() for t in row[1:]]
-    in_order = [t for doc in DOCS if doc in held for t in CharTokenizer()(doc)["input_ids"] + [0]]
-    assert stream == in_order[: len(stream)]  # held-out rows: one epoch, source order, no repeats
+    rows = heldout_rows(ListSource(DOCS + DOCS[:5]), CharTokenizer(), 8, share, max_tokens=10_000, scan=None)
+    by_hash = sorted(held, key=document_hash)
+    assert stream_of(rows) == tokens_of(by_hash)[: len(stream_of(rows))]  # every held-out document once, in hash order
+    assert len(tokens_of(by_hash)) - len(stream_of(rows)) < 8  # all of them: the set asked for more than there is
+
+
+def test_the_evaluation_set_depends_on_the_documents_alone():
+    """Any order of the source gives the same rows; the set is the held-out documents of smallest hash, just enough
+    of them; a larger set extends a smaller one; and only the first `scan` documents are read."""
+    share, seq_len = 0.5, 8
+    by_hash = sorted((doc for doc in DOCS if held_out(doc, share)), key=document_hash)
+    reference = heldout_rows(ListSource(DOCS), CharTokenizer(), seq_len, share, max_tokens=48, scan=None)
+    for seed in range(3):
+        shuffled = random.Random(seed).sample(DOCS, len(DOCS))
+        assert torch.equal(heldout_rows(ListSource(shuffled), CharTokenizer(), seq_len, share, max_tokens=48, scan=None), reference)
+    assert reference.shape == (6, seq_len + 1)
+    needed = [doc for i, doc in enumerate(by_hash) if len(tokens_of(by_hash[:i])) <= 48]  # until the stream has 48 + 1 tokens
+    assert stream_of(reference) == tokens_of(needed)[:49]
+    larger = heldout_rows(ListSource(DOCS), CharTokenizer(), seq_len, share, max_tokens=200, scan=None)
+    assert torch.equal(larger[:6], reference)
+    source = ListSource(DOCS)
+    first = heldout_rows(source, CharTokenizer(), seq_len, share, max_tokens=48, scan=20)
+    assert source.index == 20
+    assert torch.equal(first, heldout_rows(ListSource(DOCS[:20]), CharTokenizer(), seq_len, share, max_tokens=48, scan=None))
+
+
+def test_the_evaluation_set_is_the_same_for_every_seed():
+    """The embedded corpus, whose training order the seed shuffles, gives one evaluation set for every seed: read
+    whole, or only its first documents (in their sorted order). Taken in the seed's order, as before, these
+    8,192 tokens differed between seeds 0 and 1."""
+    from nanollm.train.recipe import Recipe
+    from nanollm.train.tokenizer import load_tokenizer
+    from nanollm.train.trainer import held_out_set
+
+    tokenizer = load_tokenizer(None)
+    for scan in (None, 600):
+        sets = [held_out_set(Recipe(seed=seed, eval_tokens=8192, eval_scan=scan), tokenizer, 64) for seed in (0, 1)]
+        assert sets[0].tokens == 8192 and torch.equal(sets[0].rows, sets[1].rows) and sets[0].fingerprint == sets[1].fingerprint
+    assert StdlibSource(seed=0).order() != StdlibSource(seed=1).order()  # while training reads them in other orders
 
 
 def test_heldout_needs_one_sequence():
     with pytest.raises(ArchError, match="held-out split"):
-        heldout_rows(ListSource(DOCS), CharTokenizer(), 8, 0.0, max_tokens=64)
+        heldout_rows(ListSource(DOCS), CharTokenizer(), 8, 0.0, max_tokens=64, scan=None)
 
 
 def test_everything_held_out_is_an_error():

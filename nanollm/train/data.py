@@ -2,13 +2,16 @@
 
 Every stage is deterministic for a seed and its position is plain data (`state_dict`), so a resumed run
 continues with exactly the rows it would have seen. Documents go to the held-out split by a hash of their
-text, so the two splits never share a document, whatever the order or the number of epochs.
+text, so the two splits never share a document, whatever the order or the number of epochs. The evaluation
+set is chosen by that hash too, from the source in its own order, so it depends on the data alone.
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import glob
 import hashlib
+import itertools
 import os
 import random
 import sysconfig
@@ -66,11 +69,11 @@ def read_source_file(path: Path) -> str:
 
 
 class StdlibSource:
-    """The standard library's sources, one document per file, in a seeded order that changes each epoch."""
+    """The standard library's sources, one document per file, in a seeded order that changes each epoch (seed None: sorted)."""
 
     name = "python-stdlib"
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int | None) -> None:
         self.files, self.seed = stdlib_files(), seed
         self.epoch, self.index = 0, 0
         self._order: tuple[int, list[Path]] = (-1, [])
@@ -81,7 +84,8 @@ class StdlibSource:
         """This epoch's file order."""
         if self._order[0] != self.epoch:
             files = list(self.files)
-            random.Random(f"{self.seed}/{self.epoch}").shuffle(files)
+            if self.seed is not None:
+                random.Random(f"{self.seed}/{self.epoch}").shuffle(files)
             self._order = (self.epoch, files)
         return self._order[1]
 
@@ -190,8 +194,8 @@ def local_files(data: str) -> list[Path] | None:
     return files
 
 
-def open_source(data: str | None, config: str | None, split: str, text_field: str, seed: int) -> Source:
-    """The document source a recipe names."""
+def open_source(data: str | None, config: str | None, split: str, text_field: str, seed: int | None) -> Source:
+    """The document source a recipe names; seed None reads it in its own order (datasets are never reordered)."""
     if data is None:
         return StdlibSource(seed)
     return DatasetSource(data, config, split, text_field)
@@ -200,10 +204,14 @@ def open_source(data: str | None, config: str | None, split: str, text_field: st
 # ---- split, shuffle, tokenise, pack -------------------------------------------------------------------
 
 
+def document_hash(text: str) -> int:
+    """A document's stable 64-bit BLAKE2 hash: it decides the held-out split and orders the evaluation set."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8).digest(), "big")
+
+
 def held_out(text: str, share: float) -> bool:
     """Whether a document belongs to the evaluation split: a stable hash of its text below `share`."""
-    digest = hashlib.blake2b(text.encode("utf-8", errors="replace"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < share * 2**64
+    return document_hash(text) < share * 2**64
 
 
 class Tokenizer(Protocol):
@@ -212,6 +220,11 @@ class Tokenizer(Protocol):
     eos_token_id: int | None
 
     def __call__(self, text: str, **kwargs: Any) -> Any: ...
+
+
+def document_tokens(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A document's tokens, then EOS, as packing lays them out."""
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 class TrainingDocuments:
@@ -264,9 +277,7 @@ class PackedRows:
     def next_row(self) -> list[int]:
         """seq_len + 1 tokens (StopIteration when the documents end first)."""
         while len(self.tokens) <= self.seq_len:
-            ids = self.tokenizer(self.documents(), add_special_tokens=False, verbose=False)["input_ids"]
-            self.tokens.extend(ids)
-            self.tokens.append(self.tokenizer.eos_token_id)
+            self.tokens.extend(document_tokens(self.tokenizer, self.documents()))
         row = self.tokens[: self.seq_len + 1]
         del self.tokens[: self.seq_len]
         return row
@@ -291,23 +302,32 @@ class TrainingRows(PackedRows):
         self.tokens = list(state["tokens"])
 
 
-def heldout_rows(source: Source, tokenizer: Tokenizer, seq_len: int, eval_share: float, max_tokens: int) -> torch.Tensor:
-    """The evaluation set: held-out documents of the source's first epoch, packed, up to `max_tokens` targets."""
+def heldout_rows(source: Source, tokenizer: Tokenizer, seq_len: int, eval_share: float, max_tokens: int, scan: int | None) -> torch.Tensor:
+    """The evaluation set, up to `max_tokens` targets packed as training packs them: the distinct held-out documents
+    of smallest hash among the first `scan` documents of `source` (read in its own order; all of it when None).
 
-    def documents() -> str:
-        while True:
-            text = next(source)
-            if source.epoch > 0:
-                raise StopIteration
-            if text and held_out(text, eval_share):
-                return text
-
-    packer, rows = PackedRows(documents, tokenizer, seq_len), []
-    try:
-        while len(rows) < max(1, max_tokens // seq_len):
-            rows.append(packer.next_row())
-    except StopIteration:
-        pass
-    if not rows:
-        raise ArchError(f"--data {source.name}: the held-out split has less than one sequence of {seq_len} tokens; raise eval_share")
-    return torch.tensor(rows, dtype=torch.long)
+    One pass, keeping (and tokenising) only the documents that can still be chosen: memory is about `max_tokens`.
+    """
+    count = max(1, max_tokens // seq_len)
+    needed = count * seq_len + 1  # the packed stream: every target, and the first row's first token
+    chosen: list[tuple[int, str, list[int]]] = []  # (hash, text, tokens), sorted
+    total = 0  # tokens in `chosen`
+    for _ in itertools.count() if scan is None else range(scan):
+        text = next(source)
+        if source.epoch > 0:
+            break
+        if not text or not held_out(text, eval_share):
+            continue
+        key = (document_hash(text), text)
+        position = bisect.bisect_left(chosen, key, key=lambda entry: entry[:2])
+        if (position < len(chosen) and chosen[position][:2] == key) or (position == len(chosen) and total >= needed):
+            continue  # a repeat of a chosen document, or after every document of a set already full
+        tokens = document_tokens(tokenizer, text)
+        chosen.insert(position, (*key, tokens))
+        total += len(tokens)
+        while total - len(chosen[-1][2]) >= needed:  # the last one is no longer needed
+            total -= len(chosen.pop()[2])
+    stream = torch.tensor([token for *_, tokens in chosen for token in tokens], dtype=torch.long)
+    if len(stream) <= seq_len:
+        raise ArchError(f"--data {source.name}: the held-out split has less than one sequence of {seq_len} tokens; raise eval_share (or eval_scan, if the source has more documents)")
+    return stream.unfold(0, seq_len + 1, seq_len)[:count].clone()  # rows overlapping by one token, as in training

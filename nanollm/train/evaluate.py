@@ -1,6 +1,7 @@
-"""Held-out evaluation: cross-entropy, perplexity, and bits per byte (which compares across tokenizers)."""
+"""Held-out evaluation: cross-entropy with its standard error, perplexity, and bits per byte (which compares across tokenizers)."""
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,29 +32,42 @@ class HeldOut:
         """Target tokens scored."""
         return self.rows[:, 1:].numel()
 
+    @property
+    def sequences(self) -> int:
+        """Rows scored."""
+        return len(self.rows)
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits of BLAKE2 over the rows' shape and tokens: two runs with one fingerprint scored the same tokens."""
+        shape = "x".join(map(str, self.rows.shape)).encode()
+        return hashlib.blake2b(shape + self.rows.numpy().astype("<i8").tobytes(), digest_size=8).hexdigest()
+
 
 @torch.no_grad()
 def evaluate(model: Callable, held_out: HeldOut, micro_batch: int, device: torch.device) -> dict[str, float]:
-    """Mean held-out loss (nats/token), perplexity and bits per byte; the rows are split over processes.
+    """Mean held-out loss (nats/token) and its standard error over the sequences, perplexity and bits per byte.
 
-    Every process runs the same number of forward passes (sharded models gather weights collectively),
-    padding its share with weightless copies of a row.
+    The rows are split over processes. Every process runs the same number of forward passes (sharded models
+    gather weights collectively), padding its share with copies of the first row whose losses are dropped.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
-    mine = held_out.rows[rank::world]
-    share = math.ceil(len(held_out.rows) / world)
-    weights = torch.ones(share)
-    if len(mine) < share:
-        weights[len(mine):] = 0
-        mine = torch.cat([mine, held_out.rows[:1].expand(share - len(mine), -1)])
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for rows, weight in zip(mine.split(micro_batch), weights.split(micro_batch)):
-        rows, weight = rows.to(device), weight.to(device)
+    count = len(held_out.rows)
+    mine = torch.arange(rank, count, world)
+    padding = torch.zeros(math.ceil(count / world) - len(mine), dtype=torch.long)
+    sums = []  # nats per row
+    for index in torch.cat([mine, padding]).split(micro_batch):
+        rows = held_out.rows[index].to(device)
         logits, _ = model(rows[:, :-1])
         losses = F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten(), reduction="none")
-        total += (losses.view(len(rows), -1).sum(dim=1) * weight).sum().double()
+        sums.append(losses.view(len(rows), -1).double().sum(dim=1))
+    nats = torch.zeros(count, dtype=torch.float64, device=device)  # every row's nats, each filled by one process
+    nats[mine.to(device)] = torch.cat(sums)[: len(mine)]
     if world > 1:
-        dist.all_reduce(total)
-    nats = total.item()
-    loss = nats / held_out.tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": nats / math.log(2) / max(1, held_out.bytes)}
+        dist.all_reduce(nats)
+    per_sequence = nats / held_out.rows[:, 1:].shape[1]  # rows score equally many tokens: the mean of these is the loss
+    total = nats.sum().item()
+    loss = total / held_out.tokens
+    stderr = per_sequence.std().item() / math.sqrt(count) if count > 1 else math.nan
+    return {"loss": loss, "loss_stderr": stderr, "perplexity": math.exp(min(loss, 700)),
+            "bits_per_byte": total / math.log(2) / max(1, held_out.bytes)}

@@ -34,6 +34,7 @@ class Recipe:
     shuffle_buffer: int = option(256, "documents held in the shuffle buffer")
     eval_share: float = option(0.02, "share of documents held out for evaluation (chosen by content hash)")
     eval_tokens: int = option(32768, "held-out tokens per evaluation")
+    eval_scan: int | None = option(20000, "documents read, in the source's own order, to choose the evaluation set from; none: the whole source")
     # length (at most one; none of them: `steps` of the recipe)
     steps: int | None = option(None, "optimiser steps in all, counted from the start of the run")
     tokens: int | None = option(None, "training tokens in all")
@@ -75,7 +76,7 @@ class Recipe:
             value, choices = getattr(self, f.name), f.metadata["choices"]
             if choices and value not in choices:
                 raise ArchError(f"recipe: {f.name} = {value!r}: choose one of {', '.join(choices)}")
-        for name in ("seq_len", "batch_size", "micro_batch_size", "shuffle_buffer", "eval_tokens", "steps", "tokens",
+        for name in ("seq_len", "batch_size", "micro_batch_size", "shuffle_buffer", "eval_tokens", "eval_scan", "steps", "tokens",
                      "default_steps", "muon_ns_steps", "log_every", "keep_checkpoints"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -105,8 +105,19 @@ def recipe_source(recipe: Recipe) -> Source:
 
 
 def held_out_set(recipe: Recipe, tokenizer: Any, seq_len: int) -> HeldOut:
-    """The recipe's evaluation rows (read by a source of their own, so training's position is untouched)."""
-    return HeldOut.build(heldout_rows(recipe_source(recipe), tokenizer, seq_len, recipe.eval_share, recipe.eval_tokens), tokenizer)
+    """The recipe's evaluation rows, from a source of their own read in its own order: training's seed and position never touch them."""
+    source = open_source(recipe.data, recipe.data_config, recipe.data_split, recipe.text_field, seed=None)
+    rows = heldout_rows(source, tokenizer, seq_len, recipe.eval_share, recipe.eval_tokens, recipe.eval_scan)
+    return HeldOut.build(rows, tokenizer)
+
+
+def held_out_sets(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The evaluation sets a run has scored: each entry's fingerprint from the step after its `after_step` on.
+
+    Runs from before evaluation sets had fingerprints scored one unknown set (fingerprint None), chosen in the
+    seed's document order.
+    """
+    return manifest["data"].get("held_out_sets", [{"after_step": 0, "fingerprint": None}])
 
 
 def console() -> Console:
@@ -180,7 +191,7 @@ RECIPE_COLUMNS = 3
 
 
 def settings_table(recipe: Recipe, plan: Plan, compiled: Compiled, run_dir: Path, tokenizer: Any, source_name: str, device: Any,
-                   memory: TrainingMemory) -> Table:
+                   memory: TrainingMemory, held_out: HeldOut) -> Table:
     """The resolved settings, printed when a run starts."""
     table = Table(title=f"nanollm train -> {run_dir}", title_justify="left", show_header=False)
     table.add_column(style="bold")
@@ -189,6 +200,10 @@ def settings_table(recipe: Recipe, plan: Plan, compiled: Compiled, run_dir: Path
     rows = [
         ("model", f"{analysis.n_layers} layers, d_model {compiled.config.d_model}, {analysis.params_total:,} parameters ({analysis.params_active:,} active)"),
         ("data", f"{source_name}; tokenizer {recipe.tokenizer or 'embedded byte-level BPE'} ({len(tokenizer)} tokens)"),
+        ("eval", f"{held_out.tokens:,} tokens in {held_out.sequences} sequences: the held-out documents of smallest hash "
+                 f"{f'among the first {recipe.eval_scan:,} documents' if recipe.eval_scan else 'in the whole source'}; set {held_out.fingerprint}"
+                 + (" (short of eval_tokens: no more held-out text among the documents read)"
+                    if held_out.tokens < max(1, recipe.eval_tokens // plan.seq_len) * plan.seq_len else "")),
         ("batch", f"{plan.batch_size} x {plan.seq_len} tokens = {plan.tokens_per_step:,} per step; micro-batch {plan.micro_batch_size} x {plan.accumulation} accumulation x {plan.processes} processes"),
         ("length", f"{plan.steps} steps, {plan.steps * plan.tokens_per_step:,} tokens, {plan.steps * plan.flops_per_step:.3e} FLOPs ({plan.flops_per_token:.4g} training FLOPs/token)"),
         ("runtime", f"{device}, {'bf16 mixed precision' if plan.mixed_precision else 'fp32'}, parallel {plan.parallel}, compile {'on' if plan.compile else 'off'}, activation checkpointing {'on' if recipe.activation_checkpointing else 'off'}"),
@@ -314,6 +329,12 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
     analysis = compiled.analyze(plan.seq_len)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # evaluations logged after the resumed step are logged again, on this set: the record says which set each one scored
+        scored = [entry for entry in held_out_sets(manifest) if entry["after_step"] < step] if manifest is not None else []
+        previous = scored[-1]["fingerprint"] if scored else None
+        changed = bool(scored) and previous != held_out.fingerprint
+        if changed or not scored:
+            scored.append({"after_step": step, "fingerprint": held_out.fingerprint})
         if manifest is None:
             manifest = {"arch_file": str(arch_path), "arch_text": Path(arch_path).read_text(encoding="utf-8"),
                         "arch": arch_to_json(compiled.arch), "recipe": recipe.to_json(), "resumes": []}
@@ -325,11 +346,16 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
                      "flops": plan.steps * plan.flops_per_step, "memory_bytes": memory.to_json()},
             "analysis": analysis.to_json(),
             "data": {"source": source.name, "tokenizer": recipe.tokenizer or "embedded", "vocab": len(tokenizer),
-                     "eos_token_id": tokenizer.eos_token_id, "held_out_tokens": held_out.tokens, "held_out_bytes": held_out.bytes},
+                     "eos_token_id": tokenizer.eos_token_id, "held_out_tokens": held_out.tokens, "held_out_bytes": held_out.bytes,
+                     "held_out_sequences": held_out.sequences, "held_out_fingerprint": held_out.fingerprint, "held_out_sets": scored},
             **environment(accelerator.device, accelerator.num_processes),
         })
         write_manifest(run_dir / "manifest.json", manifest)
-        out_console.print(settings_table(recipe, plan, compiled, run_dir, tokenizer, source.name, accelerator.device, memory))
+        out_console.print(settings_table(recipe, plan, compiled, run_dir, tokenizer, source.name, accelerator.device, memory, held_out))
+        if changed:
+            earlier = f"held-out set {previous}" if previous else "an older held-out set (chosen in the seed's document order, before sets had fingerprints)"
+            out_console.print(f"note: the evaluations logged up to step {step} scored {earlier}; from step {step + 1} on they score set "
+                              f"{held_out.fingerprint}. Compare across the change by scoring checkpoints again with nanollm eval.", style="yellow")
     log = MetricsLog(run_dir, step) if main else None
     peak = peak_flops(accelerator.device, plan.mixed_precision, recipe.peak_flops)
     sync_target = wrapped if plan.parallel == "ddp" else model
@@ -399,7 +425,7 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
                     for name, value in metrics.items():
                         if value.dim() == 1:
                             log.histogram(name, value, step)
-                    shown = f"loss {values['loss']:.4f}" + (f"  eval {values['eval/loss']:.4f}" if "eval/loss" in values else "")
+                    shown = f"loss {values['loss']:.4f}" + (f"  eval {values['eval/loss']:.4f} ± {values['eval/loss_stderr']:.4f}" if "eval/loss" in values else "")
                     progress.update(task, loss=f"{values['loss']:.4f}")
                     progress.console.print(f"step {step:>6}/{plan.steps}  {shown}  lr {values['lr']:.2e}  "
                                            f"{values['tokens_per_s']:,.0f} tok/s  {flops:.3e} FLOPs")
@@ -418,13 +444,15 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
             out_console.print(table)
         if "eval/loss" in final:
             out_console.print(f"done: {step} steps, {tokens:,} tokens, {flops:.3e} FLOPs; loss {final['loss']:.4f}, held-out loss "
-                              f"{final['eval/loss']:.4f} (perplexity {final['eval/perplexity']:.2f}, {final['eval/bits_per_byte']:.4f} bits/byte) -> {run_dir}")
+                              f"{final['eval/loss']:.4f} ± {final['eval/loss_stderr']:.4f} (perplexity {final['eval/perplexity']:.2f}, "
+                              f"{final['eval/bits_per_byte']:.4f} bits/byte; set {held_out.fingerprint}) -> {run_dir}")
     accelerator.end_training()
     return run_dir
 
 
 def evaluate_run(path: Path, eval_tokens: int | None = None) -> dict[str, Any]:
-    """Held-out perplexity and bits per byte of a run's latest checkpoint (or of a given checkpoint)."""
+    """Held-out loss (with its standard error), perplexity and bits per byte of a run's latest checkpoint (or of a given
+    checkpoint), with the fingerprint of the set scored and of the set the run's own evaluations scored at that step."""
     from .checkpoint import load_model, read_state
 
     checkpoint = latest_checkpoint(path)
@@ -447,4 +475,7 @@ def evaluate_run(path: Path, eval_tokens: int | None = None) -> dict[str, Any]:
     model.eval()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         result = evaluate(model, held_out, manifest["plan"]["micro_batch_size"], device)
-    return {"checkpoint": str(checkpoint), "step": read_state(checkpoint)["step"], "tokens": held_out.tokens, "bytes": held_out.bytes, **result}
+    step = read_state(checkpoint)["step"]
+    run_fingerprint = [entry["fingerprint"] for entry in held_out_sets(manifest) if entry["after_step"] < step][-1]
+    return {"checkpoint": str(checkpoint), "step": step, "tokens": held_out.tokens, "bytes": held_out.bytes, "sequences": held_out.sequences,
+            "fingerprint": held_out.fingerprint, "run_fingerprint": run_fingerprint, **result}
