@@ -34,7 +34,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 import nanollm
 from nanollm.compiler import initialize, make_component
 from nanollm.components.ffn import dispatch
-from nanollm.hf import ffn_weight_names, moe_call
+from nanollm.hf import moe_call
 
 EXPERTS, TOP = 64, 8
 
@@ -82,7 +82,7 @@ def main() -> None:
     call = moe_call(hf_config("eager"), config)
     ours = make_component(call, config)
     state = eager.state_dict()
-    ours.load_state_dict({name: state[hf_name] for name, hf_name in ffn_weight_names(call, "", "").items()})
+    ours.load_state_dict({name: state[hf_name] for name, hf_name in ours.hf_weights().items()})
     floor = make_component(nanollm.Call("swiglu", (("d_ff", TOP * args.d_expert),)), config)
     initialize(floor)
 

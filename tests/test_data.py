@@ -8,7 +8,7 @@ from itertools import islice
 import pytest
 import torch
 
-from nanollm.errors import ArchError
+from nanollm.errors import DataError
 from nanollm.train.data import (
     DatasetSource,
     PackedRows,
@@ -135,13 +135,13 @@ def test_the_evaluation_set_is_the_same_for_every_seed():
 
 
 def test_heldout_needs_one_sequence():
-    with pytest.raises(ArchError, match="held-out split"):
+    with pytest.raises(DataError, match="held-out split"):
         heldout_rows(ListSource(DOCS), CharTokenizer(), 8, 0.0, max_tokens=64, scan=None)
 
 
 def test_everything_held_out_is_an_error():
     documents = TrainingDocuments(ListSource(DOCS), 1.0, buffer_size=4, seed=0)
-    with pytest.raises(ArchError, match="held out"):
+    with pytest.raises(DataError, match="held out"):
         documents()
 
 
@@ -235,7 +235,7 @@ def test_local_files_through_datasets(tmp_path, suffix):
     ids=["missing", "empty", "csv", "empty-folder"],
 )
 def test_bad_data_is_a_clear_error(tmp_path, setup, message):
-    with pytest.raises(ArchError, match=message) as error:
+    with pytest.raises(DataError, match=message) as error:
         source = DatasetSource(setup(tmp_path), None, "train", "text")
         next(source)
     assert "\n" not in str(error.value)
@@ -244,5 +244,5 @@ def test_bad_data_is_a_clear_error(tmp_path, setup, message):
 def test_missing_text_field_is_named(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"content": "x"}) + "\n")
-    with pytest.raises(ArchError, match="no 'text' field .*content"):
+    with pytest.raises(DataError, match="no 'text' field .*content"):
         next(DatasetSource(str(path), None, "train", "text"))

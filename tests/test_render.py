@@ -315,3 +315,31 @@ def test_no_nan_or_overflowing_coordinates(tmp_path):
         numbers = [float(v) for e in root.iter() for k, v in e.attrib.items() if k in ("x", "y", "width", "height", "cx", "cy")
                    and v.replace(".", "").lstrip("-").isdigit()]
         assert code == 0 and all(math.isfinite(v) and 0 <= v <= max(float(root.get("width")), float(root.get("height"))) for v in numbers)
+
+
+PLACEMENTS = "vocab_size = 512\nd_model = 64\nn_heads = 4\nn_kv_heads = 2\nhead_dim = 16\nd_ff = 128\nseq_len = 64\n"
+
+
+@pytest.mark.parametrize("residual, norm, label, chain", [
+    ("prenorm", "rmsnorm", "RMSNorm", ["norm", "component", "add"]),
+    ("postnorm", "rmsnorm", "RMSNorm", ["component", "norm", "add"]),
+    ("sandwich", "rmsnorm(zero_centered=true)", "RMSNorm (1 + w)", ["norm", "component", "norm", "add"]),
+])
+def test_diagrams_draw_each_residual_schemes_norm_placement(tmp_path, residual, norm, label, chain):
+    source = PLACEMENTS + f"residual = {residual}\nnorm = {norm}\nglobal; sliding(8) ffn=geglu"
+    code, text = render(tmp_path, source, ".svg")
+    assert code == 0
+    root = ET.fromstring(text)
+    for group in root.findall(f".//{SVG}g[@class='block']"):
+        assert group.get("data-residual") == residual
+        assert svg_texts(group).count(label) == 2 * chain.count("norm")  # two sublayers per block
+    assert f"norm is {label}" in " ".join(svg_texts(root))
+    network_ = network(subject(source), "stack")
+    first = "b0_mixer"  # the first block's mixer: the path into its residual add, as drawn
+    path = nx.shortest_path(network_.graph, next(n for n in network_.graph if n.startswith("b0_mixer") and "before" in n)
+                            if chain[0] == "norm" else first, "b0_mixer_add")
+    kinds = ["add" if n.endswith("_add") else "component" if n == first else "norm" for n in path]
+    assert kinds == chain
+    assert [network_.graph.nodes[n]["lines"][0] for n in path if n not in (first, "b0_mixer_add")] == [label] * chain.count("norm")
+    (graph,) = pydot.graph_from_dot_data(dot(network_))  # and the text formats parse
+    assert len(graph.get_edges()) == network_.graph.number_of_edges()

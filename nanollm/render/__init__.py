@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import fx
 
 from ..analysis import Analysis
-from ..errors import ArchError
+from ..errors import RenderError
 from ..ir import Arch
 from .graph import graph_network
 from .stack import stack, stack_network
@@ -81,23 +81,23 @@ def check_output(path: Path) -> None:
     """An error unless nanollm can write this file: a known suffix, and Graphviz's `dot` for .png and .pdf."""
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise ArchError(f"cannot tell the format of '{path}': use a file ending in {', '.join(SUFFIXES)}")
+        raise RenderError(f"cannot tell the format of '{path}': use a file ending in {', '.join(SUFFIXES)}")
     if suffix in (".png", ".pdf") and shutil.which("dot") is None:
-        raise ArchError(f"{suffix} needs Graphviz's `dot` program, which is not installed (.svg, .html, .mmd and .dot need nothing)")
+        raise RenderError(f"{suffix} needs Graphviz's `dot` program, which is not installed (.svg, .html, .mmd and .dot need nothing)")
 
 
 def write(path: Path, subject: Subject, view: str = "stack") -> None:
     """Draw the view into `path`, in the format its suffix names."""
     check_output(path)
     if view not in VIEWS:
-        raise ArchError(f"unknown view '{view}': use {' or '.join(VIEWS)}")
+        raise RenderError(f"unknown view '{view}': use {' or '.join(VIEWS)}")
     suffix = path.suffix.lower()
     if suffix in (".png", ".pdf"):
         command = [shutil.which("dot") or "dot", f"-T{suffix[1:]}", "-o", str(path)]
         done = subprocess.run(command, input=dot(network(subject, view)).encode(), capture_output=True)
         if done.returncode:
             message = done.stderr.decode(errors="replace").strip().splitlines() or [f"exit code {done.returncode}"]
-            raise ArchError(f"Graphviz's dot failed: {message[-1]}")
+            raise RenderError(f"Graphviz's dot failed: {message[-1]}")
         return
     if suffix == ".svg":
         content = svg(subject, view)
@@ -108,4 +108,4 @@ def write(path: Path, subject: Subject, view: str = "stack") -> None:
     try:
         path.write_text(content, encoding="utf-8")
     except OSError as error:
-        raise ArchError(f"cannot write {path}: {error.strerror or error}") from None
+        raise RenderError(f"cannot write {path}: {error.strerror or error}") from None

@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from ..errors import ArchError
+from ..errors import DataError
 
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -78,7 +78,7 @@ class StdlibSource:
         self.epoch, self.index = 0, 0
         self._order: tuple[int, list[Path]] = (-1, [])
         if not self.files:
-            raise ArchError(f"no Python sources found under {sysconfig.get_paths()['stdlib']}")
+            raise DataError(f"no Python sources found under {sysconfig.get_paths()['stdlib']}")
 
     def order(self) -> list[Path]:
         """This epoch's file order."""
@@ -117,21 +117,21 @@ class DatasetSource:
         if files is not None:
             builder = LOCAL_FORMATS[files[0].suffix]
             if any(LOCAL_FORMATS[f.suffix] != builder for f in files):
-                raise ArchError(f"--data {data}: mixes file formats; give one of .txt, .jsonl, .parquet at a time")
+                raise DataError(f"--data {data}: mixes file formats; give one of .txt, .jsonl, .parquet at a time")
             extra = {}
             if builder == "text":  # one document per file, whatever text_field says of structured rows
                 extra, self.text_field = {"sample_by": "document", "encoding_errors": "replace"}, "text"
             try:
                 self.dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True, **extra)
             except StopIteration:  # the json builder's way of saying there is no row to infer columns from
-                raise ArchError(f"--data {data}: the corpus is empty") from None
+                raise DataError(f"--data {data}: the corpus is empty") from None
             except Exception as error:  # pyarrow and the builders each raise their own kinds
-                raise ArchError(f"--data {data}: cannot read it as {builder} ({one_line(error)})") from None
+                raise DataError(f"--data {data}: cannot read it as {builder} ({one_line(error)})") from None
         else:
             try:
                 self.dataset = datasets.load_dataset(data, config, split=split, streaming=True)
             except Exception as error:  # the hub, the builder and the network each raise their own kinds
-                raise ArchError(f"--data {data}: not a local file and not loadable as a Hugging Face dataset ({one_line(error)})") from None
+                raise DataError(f"--data {data}: not a local file and not loadable as a Hugging Face dataset ({one_line(error)})") from None
         self.start = self.dataset.state_dict()
         self.epoch, self.iterator = 0, iter(self.dataset)
 
@@ -145,14 +145,14 @@ class DatasetSource:
                 break
             except StopIteration:
                 if attempt:
-                    raise ArchError(f"--data {self.name}: the corpus is empty") from None
+                    raise DataError(f"--data {self.name}: the corpus is empty") from None
                 self.epoch += 1
                 self.dataset.load_state_dict(self.start)
                 self.iterator = iter(self.dataset)
             except Exception as error:  # a malformed row surfaces only when it is read
-                raise ArchError(f"--data {self.name}: cannot read a row ({one_line(error)})") from None
+                raise DataError(f"--data {self.name}: cannot read a row ({one_line(error)})") from None
         if self.text_field not in row:
-            raise ArchError(f"--data {self.name}: rows have no '{self.text_field}' field (fields: {', '.join(row)}); set text_field")
+            raise DataError(f"--data {self.name}: rows have no '{self.text_field}' field (fields: {', '.join(row)}); set text_field")
         text = row[self.text_field]
         return text if isinstance(text, str) else ""
 
@@ -179,18 +179,18 @@ def local_files(data: str) -> list[Path] | None:
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_FORMATS)
         if not files:
-            raise ArchError(f"--data {data}: the folder holds no .txt, .jsonl or .parquet files")
+            raise DataError(f"--data {data}: the folder holds no .txt, .jsonl or .parquet files")
     elif glob.has_magic(data):
         files = sorted(Path(p) for p in glob.glob(data, recursive=True) if Path(p).is_file())
         if not files:
-            raise ArchError(f"--data {data}: no file matches")
+            raise DataError(f"--data {data}: no file matches")
     elif data.startswith((".", "/", "~")) or path.suffix in LOCAL_FORMATS:
-        raise ArchError(f"--data {data}: no such file or folder")
+        raise DataError(f"--data {data}: no such file or folder")
     else:
         return None  # `owner/name` or `name`: a Hugging Face dataset
     for f in files:
         if f.suffix not in LOCAL_FORMATS:
-            raise ArchError(f"--data {f}: unsupported file type '{f.suffix}' (use .txt, .jsonl or .parquet)")
+            raise DataError(f"--data {f}: unsupported file type '{f.suffix}' (use .txt, .jsonl or .parquet)")
     return files
 
 
@@ -242,7 +242,7 @@ class TrainingDocuments:
             if text and not held_out(text, self.eval_share):
                 return text
             if self.source.epoch > epoch + 1:
-                raise ArchError(f"--data {self.source.name}: every document is empty or held out; lower eval_share")
+                raise DataError(f"--data {self.source.name}: every document is empty or held out; lower eval_share")
 
     def __call__(self) -> str:
         """A document out of the shuffle buffer (filled first), chosen by the seeded generator."""
@@ -329,5 +329,5 @@ def heldout_rows(source: Source, tokenizer: Tokenizer, seq_len: int, eval_share:
             total -= len(chosen.pop()[2])
     stream = torch.tensor([token for *_, tokens in chosen for token in tokens], dtype=torch.long)
     if len(stream) <= seq_len:
-        raise ArchError(f"--data {source.name}: the held-out split has less than one sequence of {seq_len} tokens; raise eval_share (or eval_scan, if the source has more documents)")
+        raise DataError(f"--data {source.name}: the held-out split has less than one sequence of {seq_len} tokens; raise eval_share (or eval_scan, if the source has more documents)")
     return stream.unfold(0, seq_len + 1, seq_len)[:count].clone()  # rows overlapping by one token, as in training

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..compiler import layer_of, materialize_own
 from ..components import Component, recomputing
-from ..errors import ArchError
+from ..errors import LaunchError
 
 
 def requested_processes() -> int | None:
@@ -55,10 +55,10 @@ def requested_processes() -> int | None:
 
 
 def check_launch(world_size: int) -> None:
-    """ArchError when the launcher was asked for several processes but started one (`accelerate launch --cpu` does)."""
+    """LaunchError when the launcher was asked for several processes but started one (`accelerate launch --cpu` does)."""
     requested = requested_processes()
     if world_size == 1 and requested is not None and requested > 1:
-        raise ArchError(
+        raise LaunchError(
             f"accelerate launch was asked for {requested} processes but started 1 (--cpu and MULTI_CPU/use_cpu configs "
             f"always start one); use `accelerate launch --multi_gpu --num_processes {requested} ...` or "
             f"runtime/accelerate/multi_gpu_ddp.yaml: nanollm runs on the CPU by itself when there is no GPU"

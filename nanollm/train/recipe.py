@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ArchError, did_you_mean
+from ..errors import RecipeError, did_you_mean
 from ..optim import OptimizerSettings
 
 
@@ -71,31 +71,31 @@ class Recipe:
     keep_checkpoints: int = option(2, "checkpoints kept in the run directory")
 
     def check(self) -> None:
-        """ArchError (one line) for values that cannot work."""
+        """RecipeError (one line) for values that cannot work."""
         for f in fields(self):
             value, choices = getattr(self, f.name), f.metadata["choices"]
             if choices and value not in choices:
-                raise ArchError(f"recipe: {f.name} = {value!r}: choose one of {', '.join(choices)}")
+                raise RecipeError(f"recipe: {f.name} = {value!r}: choose one of {', '.join(choices)}")
         for name in ("seq_len", "batch_size", "micro_batch_size", "shuffle_buffer", "eval_tokens", "eval_scan", "steps", "tokens",
                      "default_steps", "muon_ns_steps", "log_every", "keep_checkpoints"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ArchError(f"recipe: {name} must be at least 1, got {value}")
+                raise RecipeError(f"recipe: {name} must be at least 1, got {value}")
         for name in ("lr", "muon_lr", "eps", "budget", "peak_flops"):
             value = getattr(self, name)
             if value is not None and not (value > 0 and math.isfinite(value)):
-                raise ArchError(f"recipe: {name} must be a positive number, got {value}")
+                raise RecipeError(f"recipe: {name} must be a positive number, got {value}")
         for name in ("eval_share", "warmup_fraction", "decay_fraction", "final_lr_ratio", "beta1", "beta2", "muon_momentum"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ArchError(f"recipe: {name} must be between 0 and 1, got {getattr(self, name)}")
+                raise RecipeError(f"recipe: {name} must be between 0 and 1, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
-                raise ArchError(f"recipe: {name} must not be negative, got {getattr(self, name)}")
+                raise RecipeError(f"recipe: {name} must not be negative, got {getattr(self, name)}")
         lengths = [name for name in ("steps", "tokens", "budget") if getattr(self, name) is not None]
         if len(lengths) > 1:
-            raise ArchError(f"recipe: {' and '.join(lengths)} both set the run's length: give one")
+            raise RecipeError(f"recipe: {' and '.join(lengths)} both set the run's length: give one")
         if self.schedule == "wsd" and self.warmup_fraction + self.decay_fraction > 1:
-            raise ArchError("recipe: warmup_fraction + decay_fraction is more than the whole run")
+            raise RecipeError("recipe: warmup_fraction + decay_fraction is more than the whole run")
 
     def to_json(self) -> dict[str, Any]:
         """Plain-data form."""
@@ -118,7 +118,7 @@ def convert(name: str, value: Any, where: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise ArchError(f"{where}: {name} cannot be empty")
+        raise RecipeError(f"{where}: {name} cannot be empty")
     if base == "bool":
         if isinstance(value, bool):
             return value
@@ -133,7 +133,7 @@ def convert(name: str, value: Any, where: str) -> Any:
     elif isinstance(value, str):
         return value
     wanted = {"int": "a whole number", "float": "a number", "bool": "true or false"}.get(base, "text")
-    raise ArchError(f"{where}: {name} takes {wanted}, got {value!r}")
+    raise RecipeError(f"{where}: {name} takes {wanted}, got {value!r}")
 
 
 def parse_value(name: str, text: str) -> Any:
@@ -152,25 +152,25 @@ def parse_value(name: str, text: str) -> Any:
 
 
 def load_recipe(path: str | Path | None, overrides: dict[str, Any]) -> Recipe:
-    """The recipe file's settings (or the defaults) with overrides applied; unknown keys and bad values are ArchErrors."""
+    """The recipe file's settings (or the defaults) with overrides applied; unknown keys and bad values are RecipeErrors."""
     values: dict[str, Any] = {}
     if path is not None:
         try:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except OSError as error:
-            raise ArchError(f"cannot read recipe {path}: {error.strerror or error}") from None
+            raise RecipeError(f"cannot read recipe {path}: {error.strerror or error}") from None
         except yaml.YAMLError as error:
             mark = getattr(error, "problem_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-            raise ArchError(f"{where}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
+            raise RecipeError(f"{where}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ArchError(f"{path}: a recipe is a mapping of settings (key: value)")
+            raise RecipeError(f"{path}: a recipe is a mapping of settings (key: value)")
         for name, value in data.items():
             if name not in KEYS:
                 hint = did_you_mean(str(name), KEYS)
-                raise ArchError(f"{path}: unknown recipe key '{name}'" + (f" ({hint})" if hint else ""))
+                raise RecipeError(f"{path}: unknown recipe key '{name}'" + (f" ({hint})" if hint else ""))
             values[name] = convert(name, value, str(path))
     return with_overrides(values, overrides)
 

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import ArchError
+from ..errors import DataError
 from .data import one_line, read_source_file, stdlib_files
 
 EMBEDDED_VOCAB = 8192
@@ -74,7 +74,7 @@ def load_tokenizer(name: str | None) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as error:  # transformers raises OSError, ValueError, or the hub client's errors
-        raise ArchError(f"--tokenizer {name}: cannot load it ({one_line(error)})") from None
+        raise DataError(f"--tokenizer {name}: cannot load it ({one_line(error)})") from None
     if tokenizer.eos_token_id is None:
-        raise ArchError(f"--tokenizer {name}: the tokenizer has no EOS token, which separates packed documents")
+        raise DataError(f"--tokenizer {name}: the tokenizer has no EOS token, which separates packed documents")
     return tokenizer
