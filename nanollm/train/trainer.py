@@ -119,6 +119,11 @@ def console() -> Console:
     return Console(stderr=False, highlight=False)
 
 
+def warn(message: str) -> None:
+    """One line on stderr, never wrapped."""
+    Console(stderr=True, highlight=False, soft_wrap=True).print(message, markup=False)
+
+
 def bf16_mixed_precision(recipe: Recipe) -> bool:
     """Whether the run computes in bf16 (autocast, or FSDP's parameter dtype): asked for, or auto on GPUs."""
     return recipe.mixed_precision == "bf16" or (recipe.mixed_precision == "auto" and torch.cuda.is_available())
@@ -302,7 +307,7 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
 
     step, tokens, flops, totals = 0, 0, 0.0, {}
     if manifest is not None:
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint = latest_checkpoint(run_dir, report=warn if main else None)  # every process verifies what it loads
         if checkpoint is None:
             raise ArchError(f"--resume {run_dir}: the run has no complete checkpoint yet")
         state = load_checkpoint(checkpoint, model, optimizers)
@@ -429,10 +434,10 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
 
 
 def evaluate_run(path: Path, eval_tokens: int | None = None) -> dict[str, Any]:
-    """Held-out perplexity and bits per byte of a run's latest checkpoint (or of a given checkpoint)."""
+    """Held-out perplexity and bits per byte of a run's newest intact checkpoint (or of a given checkpoint)."""
     from .checkpoint import load_model, read_state
 
-    checkpoint = latest_checkpoint(path)
+    checkpoint = latest_checkpoint(path, ("model.safetensors",), warn)
     if checkpoint is None:
         raise ArchError(f"{path}: no checkpoint there (give a run directory or a checkpoint folder)")
     run_dir = checkpoint.parent.parent
