@@ -231,13 +231,17 @@ def cmd_fmt(args: argparse.Namespace) -> None:
         sys.stdout.write(text)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int | None:
     from .train.recipe import KEYS
-    from .train.trainer import train
+    from .train.trainer import PREEMPTED_EXIT_CODE, Preempted, train
 
     overrides = {name: getattr(args, name) for name in KEYS if getattr(args, name, None) is not None}
     out = Path(args.out) if args.out else None
-    train(Path(args.file), args.recipe, overrides, out, Path(args.resume) if args.resume else None)
+    try:
+        train(Path(args.file), args.recipe, overrides, out, Path(args.resume) if args.resume else None)
+    except Preempted:  # the trainer has said where the checkpoint is and how to continue
+        return PREEMPTED_EXIT_CODE
+    return None
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -337,11 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     add_train_commands(commands)
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0  # a command returns an exit code only when it is not 0
     except ArchError as error:
         sys.stderr.write(f"{error}\n")
         return 2
-    return 0
 
 
 if __name__ == "__main__":

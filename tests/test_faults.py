@@ -1,5 +1,6 @@
 """Training that survives faults, on CPU: damaged checkpoints (eval and --resume fall back to the newest intact one),
-and a full disk during a save (the run directory stays usable)."""
+preemption (SIGTERM or SIGINT finishes the step, checkpoints and exits 75; resuming gives the uninterrupted losses bit
+for bit, in one process and in two), and a full disk during a save (the run directory stays usable)."""
 from __future__ import annotations
 
 import errno
@@ -7,7 +8,9 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,10 +18,16 @@ from safetensors import SafetensorError
 from safetensors.torch import save
 
 import nanollm.train.checkpoint as checkpoint_module
+import nanollm.train.trainer as trainer
 from nanollm.cli import main
 from nanollm.train.checkpoint import TENSOR_FILES, damage, latest_checkpoint
 from nanollm.train.log import MetricsLog
 from test_train import ACCELERATE, FAST, MICRO, MICRO_MOE, ROOT, in_process_error, metrics, train
+
+PREEMPTED = 75
+# 6 steps of an MoE model with router noise (resuming needs every generator and the selection bias), an evaluation at
+# step 3 and at the end, a checkpoint every 2 steps
+SIGNAL_RUN = ["--steps", 6, "--log-every", 1, *FAST, "--eval-every", 3, "--checkpoint-every", 2, "--keep-checkpoints", 10]
 
 
 def same_figures(reference: list[dict], lines: list[dict]) -> None:
@@ -142,12 +151,95 @@ def test_checkpoints_from_before_checksums_still_load(run, moe_arch, capsys):
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(trained) -> list[dict]:
+    """The metrics of SIGNAL_RUN without a stop."""
+    run = trained.parent / "uninterrupted"
+    assert train(trained.parent / "micro.arch", "--out", run, *SIGNAL_RUN) == 0
+    return metrics(run)
+
+
+def send_at(monkeypatch, target: object, name: str, when, signals: tuple[signal.Signals, ...], seen: list) -> None:
+    """Patch `target.name` to send this process `signals` at the start of the call for which `when(*args)` holds,
+    noting the SIGINT handler in force after them in `seen`."""
+    original = getattr(target, name)
+
+    def sending(*args, **kwargs):
+        if when(*args):
+            for signum in signals:
+                os.kill(os.getpid(), signum)
+            seen.append(signal.getsignal(signal.SIGINT))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, sending)
+
+
+@pytest.mark.parametrize("signals, target, name, when, stopped, kept", [
+    # while the metrics line of step 1 is written: the step is done, not yet checkpointed
+    ((signal.SIGTERM,), MetricsLog, "write", lambda log, step, values: step == 1, 1, [1]),
+    ((signal.SIGINT,), MetricsLog, "write", lambda log, step, values: step == 1, 1, [1]),  # Ctrl-C
+    # while the run is set up: a checkpoint of step 0, so that --resume works
+    ((signal.SIGTERM,), trainer, "held_out_set", lambda *args: True, 0, [0]),
+    # during the evaluation of step 3: it finishes and is logged, then the checkpoint
+    ((signal.SIGTERM,), trainer, "evaluate", lambda *args: True, 3, [2, 3]),
+    # during the write of step 2's checkpoint: it finishes, and no other is written; a repeated SIGTERM changes nothing
+    ((signal.SIGTERM, signal.SIGTERM), checkpoint_module, "save_tensors", lambda path, tensors: path.name == "optimizer.safetensors", 2, [2]),
+], ids=["sigterm-mid-step", "sigint-mid-step", "sigterm-in-set-up", "sigterm-in-evaluation", "two-sigterms-in-a-checkpoint-write"])
+def test_a_stop_signal_finishes_the_step_checkpoints_and_resumes_bit_for_bit(moe_arch, uninterrupted, tmp_path, monkeypatch, capfd,
+                                                                            signals, target, name, when, stopped, kept):
+    run, seen = tmp_path / "run", []
+    send_at(monkeypatch, target, name, when, signals, seen)
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    capfd.readouterr()
+    assert train(moe_arch, "--out", run, *SIGNAL_RUN) == PREEMPTED
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # restored
+    assert seen == [signal.SIG_DFL]  # after the first signal, another SIGINT ends the process at once
+    assert err_lines(capfd) == [
+        f"{signals[0].name}: finishing this step, then checkpointing and stopping (another SIGINT stops at once, without a checkpoint)",
+        f"stopped by {signals[0].name} at step {stopped} of 6, checkpointed in {run / 'checkpoints'}; "
+        f"continue with `nanollm train {moe_arch} --resume {run}`"]
+    assert sorted((run / "checkpoints").iterdir()) == [run / "checkpoints" / "latest", *(step_dir(run, step) for step in kept)]
+    assert latest_checkpoint(run) == step_dir(run, stopped)
+    assert [m["step"] for m in metrics(run)] == list(range(1, stopped + 1))
+    assert [m["step"] for m in metrics(run) if "eval/loss" in m] == ([stopped] if name == "evaluate" else [])
+    monkeypatch.undo()
+    assert train(moe_arch, "--resume", run) == 0
+    same_figures(uninterrupted, metrics(run))
+
+
 def two_processes_training(tmp_path: Path) -> list[str]:
     """The command line of `nanollm train` on the dense micro model in two gloo processes under `accelerate launch`."""
     arch = tmp_path / "micro.arch"
     arch.write_text(MICRO)
     return [str(a) for a in ACCELERATE + ["--config_file", ROOT / "runtime/accelerate/multi_gpu_ddp.yaml", "--num_processes", "2",
                                           "-m", "nanollm", "train", arch]]
+
+
+def logged_steps(run: Path) -> list[str]:
+    path = run / "metrics.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_sigterm_stops_two_processes_at_the_same_step_and_resumes_bit_for_bit(tmp_path):
+    """`accelerate launch` forwards the scheduler's SIGTERM to its two gloo processes; they agree on the step to stop
+    after, write one whole checkpoint there, and the resumed run logs the uninterrupted run's figures to the last bit."""
+    launcher = two_processes_training(tmp_path)
+    common = [str(a) for a in ["--steps", 16, "--log-every", 1, *FAST]]
+    result = subprocess.run(launcher + ["--out", str(tmp_path / "uninterrupted"), *common], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run, log = tmp_path / "run", tmp_path / "stderr.txt"
+    with open(log, "w") as err, subprocess.Popen(launcher + ["--out", str(run), *common], stdout=subprocess.DEVNULL, stderr=err) as job:
+        while len(logged_steps(run)) < 2 and job.poll() is None:  # two steps done: preempt it
+            time.sleep(0.05)
+        job.send_signal(signal.SIGTERM)
+        job.wait(timeout=600)
+    assert job.returncode != 0  # the launcher reports the signal as a failure of its own
+    stopped = latest_checkpoint(run)
+    assert stopped is not None and "stopped by SIGTERM at step" in log.read_text(), log.read_text()[-3000:]
+    assert 2 <= json.loads((stopped / "state.json").read_text())["step"] < 16
+    result = subprocess.run(launcher + ["--resume", str(run)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    same_figures(metrics(tmp_path / "uninterrupted"), metrics(run))
 
 
 def full_disk_on_call(monkeypatch, name: str, call: int) -> None:

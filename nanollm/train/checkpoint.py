@@ -25,7 +25,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
 
 from ..errors import ArchError
 
@@ -136,7 +136,11 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizers: list[to
 
     If the write fails (a full disk), every process raises ArchError naming the problem; earlier checkpoints stay whole.
     """
-    model_state, optim_state = get_state_dict(model, optimizers, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if any(optimizer.state for optimizer in optimizers):
+        model_state, optim_state = get_state_dict(model, optimizers, options=options)
+    else:  # step 0, before any update: get_state_dict would first step them on zero gradients, and resuming carry that step
+        model_state, optim_state = get_model_state_dict(model, options=options), {"state": {}, "param_groups": []}
     if distributed():
         rngs = [None] * dist.get_world_size()
         dist.all_gather_object(rngs, rng_state())
@@ -233,8 +237,11 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizers: list[torch.o
     for key, value in load_file(str(checkpoint / "optimizer.safetensors")).items():
         name, entry = key.rsplit("/", 1)
         optim_state["state"].setdefault(name, {})[entry] = value
-    set_state_dict(model, optimizers, model_state_dict=load_file(str(checkpoint / "model.safetensors")),
-                   optim_state_dict=optim_state, options=StateDictOptions(full_state_dict=True, strict=True))
+    if optim_state["state"]:
+        set_state_dict(model, optimizers, model_state_dict=load_file(str(checkpoint / "model.safetensors")),
+                       optim_state_dict=optim_state, options=StateDictOptions(full_state_dict=True, strict=True))
+    else:  # saved at step 0: the optimisers stay as fresh as they were
+        load_model(checkpoint, model)
     rngs: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in load_file(str(checkpoint / "rng.safetensors")).items():
         rank, name = key.split("/", 1)

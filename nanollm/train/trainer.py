@@ -3,7 +3,8 @@
 Accelerate launches the processes and sets up devices, mixed precision and DDP; FSDP2 (one fully_shard group
 per layer), activation checkpointing and torch.compile come from parallel.py; the loop itself is plain:
 micro-batches with gradient accumulation, clipping, the optimisers and schedules, component statistics,
-logging, evaluation and atomic checkpoints.
+logging, evaluation and atomic checkpoints. SIGTERM or SIGINT ends it cleanly: the step finishes, every process
+stops at the same one, and a checkpoint is written.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import copy
 import json
 import math
 import os
+import signal
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -38,6 +40,10 @@ from .log import MetricsLog, environment, peak_flops, write_manifest
 from .parallel import check_launch, checkpoint_activations, gradient_sync, shard
 from .recipe import LENGTH_KEYS, Recipe, load_recipe, with_overrides
 from .tokenizer import load_tokenizer
+
+# The exit code of a run stopped by SIGTERM or SIGINT after checkpointing: sysexits' EX_TEMPFAIL ("try again
+# later"), for a cluster script to requeue the job with --resume.
+PREEMPTED_EXIT_CODE = 75
 
 # What a resumed run may change: its length, how it runs, and how it reports; never what it computes.
 RESUMABLE_KEYS = set(LENGTH_KEYS) | {"default_steps", "micro_batch_size", "compile", "activation_checkpointing", "parallel",
@@ -122,6 +128,47 @@ def console() -> Console:
 def warn(message: str) -> None:
     """One line on stderr, never wrapped."""
     Console(stderr=True, highlight=False, soft_wrap=True).print(message, markup=False)
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM or SIGINT after writing a checkpoint; `--resume` continues it."""
+
+
+class StopSignals:
+    """SIGTERM and SIGINT while training: the first asks the loop to stop after the current step, with a checkpoint.
+
+    After it, SIGINT takes its default action (the process ends at once, without a checkpoint), and a repeated SIGTERM
+    changes nothing: schedulers signal a launcher and its processes alike, and the launcher forwards its own.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            return
+        self.received = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if os.environ.get("RANK", "0") == "0":  # the main process speaks; a raw write, as the handler may interrupt a print
+            os.write(2, f"{self.received}: finishing this step, then checkpointing and stopping (another SIGINT stops at once, "
+                        f"without a checkpoint)\n".encode())
+
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any process was asked to stop: a collective, so that every process stops after the same step."""
+        flag = torch.tensor(float(self.received is not None), device=device)
+        if distributed():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def bf16_mixed_precision(recipe: Recipe) -> bool:
@@ -255,11 +302,21 @@ def summary_table(components: dict[str, Component], totals: dict[str, dict[str, 
 
 def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, Any] | None = None,
           out: Path | None = None, resume: Path | None = None) -> Path:
-    """Train a model on a recipe; returns the run directory. Also continues a run (`resume`)."""
+    """Train a model on a recipe; returns the run directory. Also continues a run (`resume`).
+
+    SIGTERM or SIGINT stops it after the current step with a checkpoint, then raises Preempted.
+    """
+    with StopSignals() as stop:
+        return run_training(Path(arch_path), recipe_path, overrides or {}, out, resume, stop)
+
+
+def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, Any], out: Path | None, resume: Path | None,
+                 stop: StopSignals) -> Path:
+    """train() under its signal handlers."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
-    compiled, recipe, run_dir, manifest = resolve_run(Path(arch_path), recipe_path, overrides or {}, out, resume)
+    compiled, recipe, run_dir, manifest = resolve_run(arch_path, recipe_path, overrides, out, resume)
     # Accelerate's bf16 autocast comes with prepare_model (single process, DDP); FSDP2 casts by its own policy.
     # DDP must not broadcast buffers: components accumulate statistics in them per process (summed at the
     # step's end), and the state they update from those sums (MoE selection bias) is the same everywhere.
@@ -306,6 +363,7 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
     schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier) for optimizer in optimizers]
 
     step, tokens, flops, totals = 0, 0, 0.0, {}
+    saved_step = None  # the step of the run's newest checkpoint
     if manifest is not None:
         checkpoint = latest_checkpoint(run_dir, report=warn if main else None)  # every process verifies what it loads
         if checkpoint is None:
@@ -315,6 +373,7 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
             scheduler.load_state_dict(saved)
         rows.load_state_dict(state["data"])
         step, tokens, flops = state["step"], state["tokens"], state["flops"]
+        saved_step = step
         totals = {name: {k: torch.tensor(v, device=accelerator.device) for k, v in entry.items()} for name, entry in state["totals"].items()}
         if step >= plan.steps:
             if main:
@@ -340,7 +399,7 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
         })
         write_manifest(run_dir / "manifest.json", manifest)
         out_console.print(settings_table(recipe, plan, compiled, run_dir, tokenizer, source.name, accelerator.device, memory))
-    log = MetricsLog(run_dir, step) if main else None
+    log = MetricsLog(run_dir, saved_step) if main else None
     peak = peak_flops(accelerator.device, plan.mixed_precision, recipe.peak_flops)
     sync_target = wrapped if plan.parallel == "ddp" else model
     components = {name: module for name, module in model.named_modules() if isinstance(module, Component)}
@@ -366,8 +425,12 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
     interval_start, interval_tokens, paused = time.perf_counter(), 0, 0.0
     model.train()
     final: dict[str, float] = {}
+    stopped = False
     with progress:
         while step < plan.steps:
+            stopped = stop.agreed(accelerator.device)
+            if stopped:
+                break
             batch = rows.next_rows(plan.batch_size)[rank * per_process:(rank + 1) * per_process].to(accelerator.device)
             step_loss = torch.zeros((), device=accelerator.device)
             step_aux = torch.zeros((), device=accelerator.device)
@@ -418,18 +481,27 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
             if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 or last:
                 pause = time.perf_counter()
                 save(step)
+                saved_step = step
                 paused += time.perf_counter() - pause
             progress.update(task, completed=step)
+    if stopped and saved_step != step:
+        save(step)
 
     if main:
         log.close()
         table = summary_table(components, totals, step)
         if table is not None:
             out_console.print(table)
-        if "eval/loss" in final:
+        if stopped:
+            launch = " under the same accelerate launch" if plan.processes > 1 else ""
+            warn(f"stopped by {stop.received or 'a signal to another process'} at step {step} of {plan.steps}, checkpointed in "
+                 f"{run_dir / 'checkpoints'}; continue with `nanollm train {arch_path} --resume {run_dir}`{launch}")
+        elif "eval/loss" in final:
             out_console.print(f"done: {step} steps, {tokens:,} tokens, {flops:.3e} FLOPs; loss {final['loss']:.4f}, held-out loss "
                               f"{final['eval/loss']:.4f} (perplexity {final['eval/perplexity']:.2f}, {final['eval/bits_per_byte']:.4f} bits/byte) -> {run_dir}")
     accelerator.end_training()
+    if stopped:
+        raise Preempted(f"{run_dir} stopped at step {step}")
     return run_dir
 
 
