@@ -155,6 +155,7 @@ class StopSignals:
             signal.signal(signum, handler)
 
     def handle(self, signum: int, frame: Any) -> None:
+        """The handler of both signals: note the first, and hand SIGINT back to the system."""
         if self.received is not None:
             return
         self.received = signal.Signals(signum).name
