@@ -7,7 +7,6 @@ import math
 import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from .analysis import Analysis
@@ -15,7 +14,7 @@ from .budget import Solution, solve, validate
 from .compiled import compile
 from .components import SLOTS, brief
 from .errors import NanollmError
-from .human import human
+from .human import console, human
 from .ir import Arch, ModelConfig
 from .render import VIEWS, Subject, check_output, write
 from .resolve import read
@@ -50,11 +49,6 @@ def positive_number(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
-
-
-def console() -> Console:
-    """Rich console; pipes get full-width tables, not ellipses."""
-    return Console(width=None if sys.stdout.isatty() else 160)
 
 
 BUDGET_OPTIONS = ("law", "tokens", "params", "devices")
@@ -253,13 +247,17 @@ def cmd_fmt(args: argparse.Namespace) -> None:
         sys.stdout.write(text)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int | None:
     from .train.recipe import KEYS
-    from .train.trainer import train
+    from .train.trainer import PREEMPTED_EXIT_CODE, Preempted, train
 
     overrides = {name: getattr(args, name) for name in KEYS if getattr(args, name, None) is not None}
     out = Path(args.out) if args.out else None
-    train(Path(args.file), args.recipe, overrides, out, Path(args.resume) if args.resume else None)
+    try:
+        train(Path(args.file), args.recipe, overrides, out, Path(args.resume) if args.resume else None)
+    except Preempted:  # the trainer has said where the checkpoint is and how to continue
+        return PREEMPTED_EXIT_CODE
+    return None
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -368,11 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     add_train_commands(commands)
     args = parser.parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0  # a command returns an exit code only when it is not 0
     except NanollmError as error:
         sys.stderr.write(f"{error}\n")
         return 2
-    return 0
 
 
 if __name__ == "__main__":

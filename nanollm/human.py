@@ -1,5 +1,14 @@
-"""Figures for people."""
+"""Figures and tables for people."""
 from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+
+
+def console() -> Console:
+    """The rich console of every command: pipes get full-width tables, not ellipses."""
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
 def human(number: float, unit: str = "") -> str:

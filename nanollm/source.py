@@ -1,7 +1,7 @@
 """The IR back as .arch source: the inverse of resolution, for models that come without a file (a transformers config).
 
 Settings are written where they differ from the defaults (call settings where they differ from the default
-call completed under this model's settings), calls with only the arguments a reader needs (`components.brief`),
+call completed under this model's settings), calls with only the arguments a reader needs (`components.written_args`),
 and the layer list folded into repeat groups (`ir.fold`); an attribute every layer of a group shares is written
 once, on the group. Printed by `syntax.format_file`, so the text is canonical, and resolving it gives the same IR.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
-from .components import REGISTRY, SLOTS, brief, complete
+from .components import SLOTS, complete, written_args
 from .errors import Source
 from .ir import Arch, Call, Group, Layer, ModelConfig, fold, format_value
 from .resolve import NONE, RESIDUAL, STATEMENT_SLOT
@@ -24,10 +24,8 @@ def value(item: object, config: ModelConfig) -> Value | Term:
 
 
 def term(call: Call, config: ModelConfig) -> Term:
-    """A call as a user writes it: arguments at their defaults left out (carried ones kept, as `brief` does)."""
-    params = {p.name: p for p in REGISTRY[call.name].params}
-    args = tuple(Arg(name, value(v, config), None) for name, v in call.args
-                 if params[name].carry or v != params[name].default_for(config))
+    """A call as a user writes it (`components.written_args`)."""
+    args = tuple(Arg(name, value(v, config), None) for name, v in written_args(call, config))
     return Term(call.name, args or None, None)
 
 

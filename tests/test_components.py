@@ -345,8 +345,9 @@ def test_projection_qk_norm_attention_matches_olmo(family, n_kv_heads):
         hf = Olmo2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
         theirs, rotary, args = Olmo2Attention(hf, 0), Olmo2RotaryEmbedding(hf), {}
     else:
-        hf = Olmo3Config(**common, layer_types=["full_attention"], rope_parameters={
-            "full_attention": {"rope_type": "default", "rope_theta": 1e4}, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+        rope = {"rope_type": "default", "rope_theta": 1e4}
+        hf = Olmo3Config(**common, layer_types=["full_attention"],
+                         rope_parameters={"full_attention": rope, "sliding_attention": dict(rope)})
         theirs, rotary, args = Olmo3Attention(hf, 0), Olmo3RotaryEmbedding(hf), {"layer_type": "full_attention"}
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 13, config.d_model)

@@ -15,7 +15,7 @@ from torch import fx, nn
 import nanollm
 from nanollm.cli import main
 from nanollm.compiler import Lowering, Site
-from nanollm.components import BRANCH, POSITIONS, REGISTRY, TABLE, TOKEN_IDS, Component, Param, Residual, register
+from nanollm.components import BRANCH, POSITIONS, REGISTRY, TOKEN_IDS, Component, Param, Residual, register
 from nanollm.ir import ModelConfig
 from nanollm.optim import split_params
 from nanollm.render import Subject, write

@@ -137,7 +137,8 @@ def rotate_pairs(x: torch.Tensor, inv_freq: torch.Tensor, start: int) -> torch.T
 @pytest.mark.parametrize("fraction, placement", [(1.0, "first"), (0.5, "first"), (0.25, "last")])
 def test_interleaved_rotation_matches_the_pairing_definition(fraction: float, placement: str) -> None:
     head_dim, length, theta = 16, 20, 100.0
-    call = complete(Call("rope", (("theta", theta), ("fraction", fraction), ("placement", placement), ("interleaved", True))), "position", CONFIG)
+    args = (("theta", theta), ("fraction", fraction), ("placement", placement), ("interleaved", True))
+    call = complete(Call("rope", args), "position", CONFIG)
     width = int(head_dim * fraction)
     start = head_dim - width if placement == "last" else 0
     inv_freq = 1.0 / theta ** (torch.arange(0, width, 2, dtype=torch.float64) / width)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 import statistics
 import subprocess
@@ -109,12 +108,12 @@ def test_a_checkpoint_killed_mid_write_leaves_the_previous_one(arch, tmp_path, m
     real_save = checkpoint_module.save_tensors
     writes = []
 
-    def dying_save(path: Path, tensors: dict) -> None:
+    def dying_save(path: Path, tensors: dict) -> dict:
         writes.append(path.name)
         if len(writes) == 5:  # the second checkpoint: model written, then the process dies writing the optimiser
             path.write_bytes(b"partial")
             raise KeyboardInterrupt("killed")
-        real_save(path, tensors)
+        return real_save(path, tensors)
 
     monkeypatch.setattr(checkpoint_module, "save_tensors", dying_save)
     with pytest.raises(KeyboardInterrupt):

@@ -108,15 +108,16 @@ def complete(call: Call, kind: str, config: ModelConfig) -> Call:
     return Call(call.name, tuple(args.items()))
 
 
-def brief(call: Call, config: ModelConfig) -> str:
-    """A call as a user would write it: arguments at their defaults left out (carried ones always shown), nested
-    calls likewise."""
+def written_args(call: Call, config: ModelConfig) -> list[tuple[str, Any]]:
+    """The arguments a user writes: those not at their defaults, and carried ones always (a bare call would take
+    the value of the one before it)."""
     params = {p.name: p for p in REGISTRY[call.name].params}
-    shown = []
-    for name, value in call.args:
-        param = params[name]
-        if param.carry or value != param.default_for(config):
-            shown.append(f"{name}={brief(value, config) if isinstance(value, Call) else format_value(value)}")
+    return [(name, value) for name, value in call.args if params[name].carry or value != params[name].default_for(config)]
+
+
+def brief(call: Call, config: ModelConfig) -> str:
+    """A call as a user would write it (`written_args`), nested calls likewise."""
+    shown = [f"{name}={brief(value, config) if isinstance(value, Call) else format_value(value)}" for name, value in written_args(call, config)]
     return f"{call.name}({', '.join(shown)})" if shown else call.name
 
 

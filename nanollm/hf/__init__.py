@@ -174,11 +174,14 @@ def from_hf(model: transformers.PreTrainedModel | str | os.PathLike) -> fx.Graph
     unused = {name for name in unused if not name.startswith(adapter.ignored)}
     if unused:
         raise ArchError(f"transformers weights nanollm has no place for: {', '.join(sorted(unused))}")
+    head = theirs.get("lm_head.weight")
+    if arch.config.tie_embeddings and head is not None and not torch.equal(head, theirs[names["embed.weight"]]):
+        raise ArchError("the transformers model's lm_head differs from its token embedding, though nanollm read its config as tied")
     ours.load_state_dict({name: theirs[hf_name] for name, hf_name in names.items()}, strict=True)
     return ours
 
 
-from . import deepseek, gemma3, mixtral, olmo, qwen3  # noqa: E402  the family adapters register themselves
+from . import deepseek, gemma3, mixtral, olmo, qwen3  # noqa: E402,F401  the family adapters register themselves
 
 
 def moe_call(hf: Any, config: ModelConfig) -> Call:

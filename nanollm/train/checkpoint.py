@@ -4,30 +4,34 @@ A checkpoint is a folder `checkpoints/step_<N>/` holding
   model.safetensors      the model's full state (weights and persistent buffers), gathered if sharded
   optimizer.safetensors  the optimisers' state tensors, keyed `<parameter name>/<state key>`
   rng.safetensors        every process's torch generator states
-  state.json             step, counters, optimiser hyperparameters, schedulers, the data position
-It is written into a hidden temporary folder and renamed into place, so a crash mid-write leaves every
-earlier checkpoint whole; `checkpoints/latest` names the newest.
+  state.json             step, counters, optimiser hyperparameters, schedulers, the data position, and the
+                         size and SHA-256 of each file above (written last, so it vouches for what was written)
+It is written into a hidden temporary folder and renamed into place, so a crash or a full disk mid-write
+leaves every earlier checkpoint whole; `checkpoints/latest` names the newest. Loading takes the newest
+checkpoint whose files match their checksums, and names each damaged one it skips.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+
+from ..components import distributed
+from ..errors import RunError
 
 STEP_PREFIX = "step_"
-
-
-def distributed() -> bool:
-    """Whether several processes train together."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors")
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -60,37 +64,58 @@ def write_json(path: Path, data: Any) -> None:
         os.fsync(handle.fileno())
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, read in chunks."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Write a safetensors file and sync it; returns its size and SHA-256, read back so they vouch for what was written."""
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    except SafetensorError as error:  # how safetensors reports a failed write (a full disk): made the OSError it is
+        code = re.search(r"os error (\d+)", str(error))
+        raise (OSError(int(code[1]), os.strerror(int(code[1])), str(path)) if code else OSError(str(error))) from None
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}  # from the page cache: a fraction of the write's time
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
-                    state: dict[str, Any], keep: int) -> Path | None:
-    """Write checkpoint `step` under `root` (a collective call: every process calls it); the main process writes."""
-    model_state, optim_state = get_state_dict(model, optimizers, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if distributed():
-        rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
-    if distributed() and dist.get_rank() != 0:
-        dist.barrier()
-        return None
+def set_aside(checkpoint: Path) -> None:
+    """Rename a checkpoint out of the run's way as `damaged-<name>`: kept for inspection, never deleted."""
+    target, copies = checkpoint.with_name(f"damaged-{checkpoint.name}"), 1
+    while target.exists():
+        copies += 1
+        target = checkpoint.with_name(f"damaged-{checkpoint.name}-{copies}")
+    checkpoint.rename(target)
+
+
+def write_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any],
+                     rngs: list[dict[str, torch.Tensor]], state: dict[str, Any], keep: int) -> Path:
+    """The main process's part of a save: write into a hidden folder, rename it into place, keep the newest `keep`.
+
+    An OSError (a full disk) removes the partial folder, so the space it took is free again, and propagates.
+    """
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(f".{STEP_PREFIX}*"):  # left by a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{STEP_PREFIX}{step:08d}"
+    for later in root.glob(f"{STEP_PREFIX}*"):
+        if later.name >= final.name:  # damaged checkpoints the run resumed before: it is rewriting their steps
+            set_aside(later)
     staging = root / f".{final.name}.tmp"
-    staging.mkdir()
-    save_tensors(staging / "model.safetensors", model_state)
-    tensors = {f"{name}/{key}": value for name, entries in optim_state["state"].items() for key, value in entries.items()}
-    save_tensors(staging / "optimizer.safetensors", tensors)
-    save_tensors(staging / "rng.safetensors", {f"{rank}/{key}": value for rank, s in enumerate(rngs) for key, value in s.items()})
-    write_json(staging / "state.json", {**state, "param_groups": optim_state["param_groups"]})
-    if final.exists():
-        shutil.rmtree(final)
+    try:
+        staging.mkdir()
+        files = {"model.safetensors": save_tensors(staging / "model.safetensors", model_state)}
+        tensors = {f"{name}/{key}": value for name, entries in optim_state["state"].items() for key, value in entries.items()}
+        files["optimizer.safetensors"] = save_tensors(staging / "optimizer.safetensors", tensors)
+        files["rng.safetensors"] = save_tensors(staging / "rng.safetensors",
+                                                {f"{rank}/{key}": value for rank, s in enumerate(rngs) for key, value in s.items()})
+        write_json(staging / "state.json", {**state, "param_groups": optim_state["param_groups"], "files": files})
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     staging.rename(final)
     pointer = root / "latest.tmp"
     pointer.write_text(final.name)
@@ -98,22 +123,97 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, optimizers: list[to
     fsync_dir(root)
     for old in sorted(root.glob(f"{STEP_PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    if distributed():
-        dist.barrier()
     return final
 
 
-def latest_checkpoint(path: Path) -> Path | None:
-    """The newest complete checkpoint of a run directory, a `checkpoints/` folder, or a checkpoint itself."""
-    if (path / "state.json").is_file():
-        return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    pointer = root / "latest"
-    named = root / pointer.read_text().strip() if pointer.is_file() else None
-    if named is not None and (named / "state.json").is_file():
-        return named
-    complete = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if (p / "state.json").is_file())
-    return complete[-1] if complete else None
+def save_checkpoint(root: Path, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
+                    state: dict[str, Any], keep: int) -> Path | None:
+    """Write checkpoint `step` under `root` (a collective call: every process calls it); the main process writes.
+
+    If the write fails (a full disk), every process raises RunError naming the problem; earlier checkpoints stay whole.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if any(optimizer.state for optimizer in optimizers):
+        model_state, optim_state = get_state_dict(model, optimizers, options=options)
+    else:  # step 0, before any update: get_state_dict would first step them on zero gradients, and resuming carry that step
+        model_state, optim_state = get_model_state_dict(model, options=options), {"state": {}, "param_groups": []}
+    if distributed():
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    final, failure = None, [None]
+    if not distributed() or dist.get_rank() == 0:
+        try:
+            final = write_checkpoint(root, step, model_state, optim_state, rngs, state, keep)
+        except OSError as error:
+            where = f"{error.strerror}: {error.filename}" if error.strerror and error.filename else str(error)
+            failure[0] = (f"could not write the checkpoint of step {step} ({where}); the earlier checkpoints are whole: "
+                          f"once that is fixed, continue with --resume {root.parent}")
+    if distributed():
+        dist.broadcast_object_list(failure)  # in place of a barrier: every process learns whether the save worked
+    if failure[0] is not None:
+        raise RunError(failure[0])
+    return final
+
+
+def damage(checkpoint: Path, files: tuple[str, ...]) -> str | None:
+    """What is wrong with a checkpoint's state and `files` (missing, cut short, altered, unreadable), or None if they verify.
+
+    A checkpoint written before checksums existed has only its files' structure checked (safetensors reads the header
+    and the extent it declares), which finds a truncated file.
+    """
+    try:
+        recorded = read_state(checkpoint).get("files")
+    except FileNotFoundError:
+        return "state.json missing"
+    except (OSError, ValueError):
+        return "state.json unreadable"
+    for name in files:
+        path = checkpoint / name
+        try:
+            if recorded is None:
+                with safe_open(str(path), framework="pt"):
+                    pass
+                continue
+            size, expected = path.stat().st_size, recorded[name]["bytes"]
+            if size != expected:
+                return f"{name} is {size:,} bytes instead of {expected:,}"
+            if file_sha256(path) != recorded[name]["sha256"]:
+                return f"{name} does not match its SHA-256 checksum"
+        except FileNotFoundError:
+            return f"{name} missing"
+        except OSError as error:  # a bad sector
+            return f"{name} unreadable ({error.strerror})"
+        except SafetensorError as error:
+            return f"{name} unreadable ({error})"
+    return None
+
+
+def latest_checkpoint(path: Path, files: tuple[str, ...] = TENSOR_FILES, report: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint whose state and `files` verify, in a run directory, a `checkpoints/` folder, or a checkpoint itself.
+
+    None if there is no checkpoint at all; RunError if there are some and none verifies. Each damaged checkpoint
+    skipped is reported to `report` in one line.
+    """
+    if path.name.startswith(STEP_PREFIX) and path.is_dir() or (path / "state.json").is_file():
+        candidates = [path]
+    else:
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        candidates = sorted(root.glob(f"{STEP_PREFIX}*"), reverse=True)
+    skipped = []
+    for candidate in candidates:
+        problem = damage(candidate, files)
+        if problem is None:
+            if skipped and report is not None:
+                unverified = "" if "files" in read_state(candidate) else " (written before checksums, so not verified)"
+                for line in skipped:
+                    report(f"skipped damaged checkpoint {line}; using {candidate.name}{unverified}")
+            return candidate
+        skipped.append(f"{candidate} ({problem})")
+    if skipped:
+        raise RunError(f"no checkpoint in {path} is intact: {'; '.join(skipped)}")
+    return None
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
@@ -133,8 +233,11 @@ def load_checkpoint(checkpoint: Path, model: nn.Module, optimizers: list[torch.o
     for key, value in load_file(str(checkpoint / "optimizer.safetensors")).items():
         name, entry = key.rsplit("/", 1)
         optim_state["state"].setdefault(name, {})[entry] = value
-    set_state_dict(model, optimizers, model_state_dict=load_file(str(checkpoint / "model.safetensors")),
-                   optim_state_dict=optim_state, options=StateDictOptions(full_state_dict=True, strict=True))
+    if optim_state["state"]:
+        set_state_dict(model, optimizers, model_state_dict=load_file(str(checkpoint / "model.safetensors")),
+                       optim_state_dict=optim_state, options=StateDictOptions(full_state_dict=True, strict=True))
+    else:  # saved at step 0: the optimisers stay as fresh as they were
+        load_model(checkpoint, model)
     rngs: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in load_file(str(checkpoint / "rng.safetensors")).items():
         rank, name = key.split("/", 1)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import distributed
+from ..components import distributed
 
 
 @dataclass(frozen=True)

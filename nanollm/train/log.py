@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -30,18 +31,26 @@ def peak_flops(device: torch.device, mixed_precision: bool, given: float | None)
     return next((peak for key, peak in BF16_PEAK_FLOPS if key in name), None)
 
 
+def logged_step(line: str) -> float:
+    """The step of a metrics line; infinite for one cut short (by a crash or a full disk), which resuming drops."""
+    try:
+        return json.loads(line)["step"]
+    except ValueError:
+        return math.inf
+
+
 class MetricsLog:
     """One JSON object per logged step in metrics.jsonl, the same scalars (and histograms) in TensorBoard."""
 
-    def __init__(self, run_dir: Path, resumed_step: int) -> None:
+    def __init__(self, run_dir: Path, resumed_step: int | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = run_dir / "metrics.jsonl"
-        if resumed_step and self.path.exists():  # drop what was logged after the checkpoint we resume from
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= resumed_step]
+        if resumed_step is not None and self.path.exists():  # drop what was logged after the checkpoint we resume from
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if logged_step(line) <= resumed_step]
             self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         self.file = open(self.path, "a", encoding="utf-8")
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_step + 1 if resumed_step else None)
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=None if resumed_step is None else resumed_step + 1)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         """Append a metrics line and its scalars."""

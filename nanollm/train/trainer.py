@@ -3,7 +3,8 @@
 Accelerate launches the processes and sets up devices, mixed precision and DDP; FSDP2 (one fully_shard group
 per layer), activation checkpointing and torch.compile come from parallel.py; the loop itself is plain:
 micro-batches with gradient accumulation, clipping, the optimisers and schedules, component statistics,
-logging, evaluation and atomic checkpoints.
+logging, evaluation and atomic checkpoints. SIGTERM or SIGINT ends it cleanly: the step finishes, every process
+stops at the same one, and a checkpoint is written.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import copy
 import json
 import math
 import os
+import signal
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -23,22 +25,34 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from ..compiled import Compiled, compile
-from ..components import Component
-from ..errors import ArchError
+from ..components import Component, distributed
+from ..errors import DataError, LaunchError, RecipeError, RunError
+from ..human import console
 from ..ir import arch_from_json, arch_to_json
 from ..memory import TrainingMemory, training_memory
 from ..optim import build_optimizers, lr_multiplier, split_params
-from .checkpoint import distributed, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Source, TrainingRows, heldout_rows, open_source
 from .evaluate import HeldOut, evaluate
 from .log import MetricsLog, environment, peak_flops, write_manifest
 from .parallel import check_launch, checkpoint_activations, gradient_sync, shard
 from .recipe import LENGTH_KEYS, Recipe, load_recipe, with_overrides
 from .tokenizer import load_tokenizer
+
+# The exit code of a run stopped by SIGTERM or SIGINT after checkpointing: sysexits' EX_TEMPFAIL ("try again
+# later"), for a cluster script to requeue the job with --resume.
+PREEMPTED_EXIT_CODE = 75
 
 # What a resumed run may change: its length, how it runs, and how it reports; never what it computes.
 RESUMABLE_KEYS = set(LENGTH_KEYS) | {"default_steps", "micro_batch_size", "compile", "activation_checkpointing", "parallel",
@@ -120,8 +134,51 @@ def held_out_sets(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return manifest["data"].get("held_out_sets", [{"after_step": 0, "fingerprint": None}])
 
 
-def console() -> Console:
-    return Console(stderr=False, highlight=False)
+def warn(message: str) -> None:
+    """One line on stderr, never wrapped."""
+    Console(stderr=True, highlight=False, soft_wrap=True).print(message, markup=False)
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM or SIGINT after writing a checkpoint; `--resume` continues it."""
+
+
+class StopSignals:
+    """SIGTERM and SIGINT while training: the first asks the loop to stop after the current step, with a checkpoint.
+
+    After it, SIGINT takes its default action (the process ends at once, without a checkpoint), and a repeated SIGTERM
+    changes nothing: schedulers signal a launcher and its processes alike, and the launcher forwards its own.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum: int, frame: Any) -> None:
+        """The handler of both signals: note the first, and hand SIGINT back to the system."""
+        if self.received is not None:
+            return
+        self.received = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if os.environ.get("RANK", "0") == "0":  # the main process speaks; a raw write, as the handler may interrupt a print
+            os.write(2, f"{self.received}: finishing this step, then checkpointing and stopping (another SIGINT stops at once, "
+                        f"without a checkpoint)\n".encode())
+
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any process was asked to stop: a collective, so that every process stops after the same step."""
+        flag = torch.tensor(float(self.received is not None), device=device)
+        if distributed():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def bf16_mixed_precision(recipe: Recipe) -> bool:
@@ -134,11 +191,11 @@ def make_plan(recipe: Recipe, compiled: Compiled, accelerator: Any) -> Plan:
     config = compiled.config
     seq_len = recipe.seq_len or config.seq_len
     if seq_len > config.seq_len:
-        raise ArchError(f"seq_len {seq_len} is over the model's context of {config.seq_len} tokens (its seq_len setting)")
+        raise RecipeError(f"seq_len {seq_len} is over the model's context of {config.seq_len} tokens (its seq_len setting)")
     processes = accelerator.num_processes
     micro = recipe.micro_batch_size or max(1, recipe.batch_size // processes)
     if recipe.batch_size % (micro * processes):
-        raise ArchError(f"batch_size {recipe.batch_size} is not a multiple of micro_batch_size {micro} x {processes} processes")
+        raise RecipeError(f"batch_size {recipe.batch_size} is not a multiple of micro_batch_size {micro} x {processes} processes")
     flops = compiled.analyze(seq_len).flops_per_token_train
     tokens_per_step = recipe.batch_size * seq_len
     if recipe.steps is not None:
@@ -169,21 +226,21 @@ def resolve_run(arch_path: Path, recipe_path: str | None, overrides: dict[str, A
         if out is None:
             out = Path("runs") / f"{arch_path.stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         if (out / "manifest.json").exists():
-            raise ArchError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
+            raise RunError(f"{out} already holds a run: continue it with --resume {out}, or choose another --out")
         return compiled, recipe, out, None
     if recipe_path is not None:
-        raise ArchError("--resume continues a run with its own recipe: drop --recipe")
+        raise RunError("--resume continues a run with its own recipe: drop --recipe")
     if out is not None and out.resolve() != resume.resolve():
-        raise ArchError("--resume writes into the run it continues: drop --out")
+        raise RunError("--resume writes into the run it continues: drop --out")
     try:
         manifest = json.loads((resume / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise ArchError(f"--resume {resume}: no run there (manifest.json missing or unreadable)") from None
+        raise RunError(f"--resume {resume}: no run there (manifest.json missing or unreadable)") from None
     if arch_from_json(manifest["arch"]) != compiled.arch:
-        raise ArchError(f"--resume {resume}: {arch_path} is not the model this run trains (its .arch resolves differently)")
+        raise RunError(f"--resume {resume}: {arch_path} is not the model this run trains (its .arch resolves differently)")
     fixed = sorted(set(overrides) - RESUMABLE_KEYS)
     if fixed:
-        raise ArchError(f"--resume keeps what the run computes; cannot change {', '.join(fixed)} (may change: length, logging, how it runs)")
+        raise RunError(f"--resume keeps what the run computes; cannot change {', '.join(fixed)} (may change: length, logging, how it runs)")
     return compiled, with_overrides(manifest["recipe"], overrides), resume, manifest
 
 
@@ -260,11 +317,21 @@ def summary_table(components: dict[str, Component], totals: dict[str, dict[str, 
 
 def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, Any] | None = None,
           out: Path | None = None, resume: Path | None = None) -> Path:
-    """Train a model on a recipe; returns the run directory. Also continues a run (`resume`)."""
+    """Train a model on a recipe; returns the run directory. Also continues a run (`resume`).
+
+    SIGTERM or SIGINT stops it after the current step with a checkpoint, then raises Preempted.
+    """
+    with StopSignals() as stop:
+        return run_training(Path(arch_path), recipe_path, overrides or {}, out, resume, stop)
+
+
+def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, Any], out: Path | None, resume: Path | None,
+                 stop: StopSignals) -> Path:
+    """train() under its signal handlers."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
-    compiled, recipe, run_dir, manifest = resolve_run(Path(arch_path), recipe_path, overrides or {}, out, resume)
+    compiled, recipe, run_dir, manifest = resolve_run(arch_path, recipe_path, overrides, out, resume)
     # Accelerate's bf16 autocast comes with prepare_model (single process, DDP); FSDP2 casts by its own policy.
     # DDP must not broadcast buffers: components accumulate statistics in them per process (summed at the
     # step's end), and the state they update from those sums (MoE selection bias) is the same everywhere.
@@ -277,7 +344,7 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     free = available_memory(accelerator.device, local_processes if accelerator.device.type == "cpu" else 1)
     if memory.total > free:
-        raise ArchError(
+        raise LaunchError(
             f"training needs about {memory.total / 2**30:.1f} GiB per process ({memory.state / 2**30:.1f} GiB of weights, "
             f"gradients and optimiser state, {(memory.activations + memory.logits) / 2**30:.1f} GiB of activations and logits) but {free / 2**30:.1f} GiB "
             f"is free: use a smaller model, micro_batch_size or seq_len, or shard with --parallel fsdp over more devices"
@@ -288,7 +355,7 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
     with accelerator.main_process_first():  # the first process trains the embedded tokenizer; the others load it
         tokenizer = load_tokenizer(recipe.tokenizer)
     if len(tokenizer) > compiled.config.vocab_size:
-        raise ArchError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {compiled.config.vocab_size}: raise vocab_size in the .arch file")
+        raise DataError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {compiled.config.vocab_size}: raise vocab_size in the .arch file")
     source = recipe_source(recipe)
     rows = TrainingRows(source, tokenizer, plan.seq_len, recipe.eval_share, recipe.shuffle_buffer, recipe.seed)
     held_out = held_out_set(recipe, tokenizer, plan.seq_len)
@@ -311,15 +378,17 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
     schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier) for optimizer in optimizers]
 
     step, tokens, flops, totals = 0, 0, 0.0, {}
+    saved_step = None  # the step of the run's newest checkpoint
     if manifest is not None:
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint = latest_checkpoint(run_dir, report=warn if main else None)  # every process verifies what it loads
         if checkpoint is None:
-            raise ArchError(f"--resume {run_dir}: the run has no complete checkpoint yet")
+            raise RunError(f"--resume {run_dir}: the run has no complete checkpoint yet")
         state = load_checkpoint(checkpoint, model, optimizers)
         for scheduler, saved in zip(schedulers, state["schedulers"]):
             scheduler.load_state_dict(saved)
         rows.load_state_dict(state["data"])
         step, tokens, flops = state["step"], state["tokens"], state["flops"]
+        saved_step = step
         totals = {name: {k: torch.tensor(v, device=accelerator.device) for k, v in entry.items()} for name, entry in state["totals"].items()}
         if step >= plan.steps:
             if main:
@@ -356,7 +425,7 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
             earlier = f"held-out set {previous}" if previous else "an older held-out set (chosen in the seed's document order, before sets had fingerprints)"
             out_console.print(f"note: the evaluations logged up to step {step} scored {earlier}; from step {step + 1} on they score set "
                               f"{held_out.fingerprint}. Compare across the change by scoring checkpoints again with nanollm eval.", style="yellow")
-    log = MetricsLog(run_dir, step) if main else None
+    log = MetricsLog(run_dir, saved_step) if main else None
     peak = peak_flops(accelerator.device, plan.mixed_precision, recipe.peak_flops)
     sync_target = wrapped if plan.parallel == "ddp" else model
     components = {name: module for name, module in model.named_modules() if isinstance(module, Component)}
@@ -382,8 +451,12 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
     interval_start, interval_tokens, paused = time.perf_counter(), 0, 0.0
     model.train()
     final: dict[str, float] = {}
+    stopped = False
     with progress:
         while step < plan.steps:
+            stopped = stop.agreed(accelerator.device)
+            if stopped:
+                break
             batch = rows.next_rows(plan.batch_size)[rank * per_process:(rank + 1) * per_process].to(accelerator.device)
             step_loss = torch.zeros((), device=accelerator.device)
             step_aux = torch.zeros((), device=accelerator.device)
@@ -434,35 +507,44 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
             if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 or last:
                 pause = time.perf_counter()
                 save(step)
+                saved_step = step
                 paused += time.perf_counter() - pause
             progress.update(task, completed=step)
+    if stopped and saved_step != step:
+        save(step)
 
     if main:
         log.close()
         table = summary_table(components, totals, step)
         if table is not None:
             out_console.print(table)
-        if "eval/loss" in final:
+        if stopped:
+            launch = " under the same accelerate launch" if plan.processes > 1 else ""
+            warn(f"stopped by {stop.received or 'a signal to another process'} at step {step} of {plan.steps}, checkpointed in "
+                 f"{run_dir / 'checkpoints'}; continue with `nanollm train {arch_path} --resume {run_dir}`{launch}")
+        elif "eval/loss" in final:
             out_console.print(f"done: {step} steps, {tokens:,} tokens, {flops:.3e} FLOPs; loss {final['loss']:.4f}, held-out loss "
                               f"{final['eval/loss']:.4f} ± {final['eval/loss_stderr']:.4f} (perplexity {final['eval/perplexity']:.2f}, "
                               f"{final['eval/bits_per_byte']:.4f} bits/byte; set {held_out.fingerprint}) -> {run_dir}")
     accelerator.end_training()
+    if stopped:
+        raise Preempted(f"{run_dir} stopped at step {step}")
     return run_dir
 
 
 def evaluate_run(path: Path, eval_tokens: int | None = None) -> dict[str, Any]:
-    """Held-out loss (with its standard error), perplexity and bits per byte of a run's latest checkpoint (or of a given
-    checkpoint), with the fingerprint of the set scored and of the set the run's own evaluations scored at that step."""
+    """Held-out loss (with its standard error), perplexity and bits per byte of a run's newest intact checkpoint (or of a
+    given checkpoint), with the fingerprint of the set scored and of the set the run's own evaluations scored at that step."""
     from .checkpoint import load_model, read_state
 
-    checkpoint = latest_checkpoint(path)
+    checkpoint = latest_checkpoint(path, ("model.safetensors",), warn)
     if checkpoint is None:
-        raise ArchError(f"{path}: no checkpoint there (give a run directory or a checkpoint folder)")
+        raise RunError(f"{path}: no checkpoint there (give a run directory or a checkpoint folder)")
     run_dir = checkpoint.parent.parent
     try:
         manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        raise ArchError(f"{run_dir}: manifest.json missing or unreadable") from None
+        raise RunError(f"{run_dir}: manifest.json missing or unreadable") from None
     recipe = Recipe(**manifest["recipe"])
     if eval_tokens is not None:
         recipe = replace(recipe, eval_tokens=eval_tokens)
