@@ -140,9 +140,11 @@ def test_rope_matches_qwen3(head_dim, theta):
 
 
 @pytest.mark.parametrize("d_ff", [128, 48])
-def test_swiglu_matches_qwen3_mlp(d_ff):
-    ours = build("swiglu", d_ff=d_ff)
-    theirs = Qwen3MLP(hf_config(dataclasses.replace(CONFIG, d_ff=d_ff)))
+@pytest.mark.parametrize("name", ["swiglu", "geglu"])
+def test_gated_mlps_match_qwen3_and_gemma3(name, d_ff):
+    ours = build(name, d_ff=d_ff)
+    config = dataclasses.replace(CONFIG, d_ff=d_ff)
+    theirs = Qwen3MLP(hf_config(config)) if name == "swiglu" else Gemma3MLP(gemma3_config(config))
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 7, CONFIG.d_model)
     close(ours(x), theirs(x))
@@ -271,13 +273,6 @@ def gemma3_config(config: ModelConfig, **overrides) -> Gemma3TextConfig:
     })
 
 
-@pytest.mark.parametrize("d_ff", [128, 48])
-def test_geglu_matches_gemma3_mlp(d_ff):
-    ours = build("geglu", d_ff=d_ff)
-    theirs = Gemma3MLP(gemma3_config(dataclasses.replace(CONFIG, d_ff=d_ff)))
-    theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(2, 7, CONFIG.d_model)
-    close(ours(x), theirs(x))
 
 
 def attention_mask(length: int, window: int | None = None) -> torch.Tensor:

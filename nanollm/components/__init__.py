@@ -183,16 +183,10 @@ def param_roles(module: nn.Module) -> dict[str, str]:
 # ---- sublayers ---------------------------------------------------------------------------------------------
 
 
-class Component(nn.Module):
-    """Base class of sublayer components: default accounting for a dense, cache-free block.
-
-    Built as `cls(config, **args)` with every argument of its call. `forward` takes what `inputs()` lists
-    (a Rotary as two tensors, cos and sin) and returns the output, or a tuple in the order of `outputs`.
-    """
+class Registered:
+    """What every registered class answers: whether arguments work together, and how diagrams describe a call."""
 
     spec: Spec
-    outputs: tuple[str, ...] = ("out",)  # or ("out", "aux_loss"): a weighted auxiliary loss the model sums
-    hf_module = ""  # the transformers decoder layer's submodule it corresponds to (self_attn, mlp, ...)
 
     @classmethod
     def check(cls, config: ModelConfig, **args: Any) -> str | None:
@@ -204,6 +198,17 @@ class Component(nn.Module):
         """The lines a diagram shows under the component's name."""
         shown = telling(call, config)
         return [shown] if shown else []
+
+
+class Component(Registered, nn.Module):
+    """Base class of sublayer components: default accounting for a dense, cache-free block.
+
+    Built as `cls(config, **args)` with every argument of its call. `forward` takes what `inputs()` lists
+    (a Rotary as two tensors, cos and sin) and returns the output, or a tuple in the order of `outputs`.
+    """
+
+    outputs: tuple[str, ...] = ("out",)  # or ("out", "aux_loss"): a weighted auxiliary loss the model sums
+    hf_module = ""  # the transformers decoder layer's submodule it corresponds to (self_attn, mlp, ...)
 
     def inputs(self) -> tuple[Input, ...]:
         """What forward takes, in order: the branch input, then tables from the vocabulary above."""
@@ -248,7 +253,7 @@ class Component(nn.Module):
 # ---- residual schemes -------------------------------------------------------------------------------------
 
 
-class Residual:
+class Residual(Registered):
     """Base class of residual schemes: how each sublayer's site reads its input from the residual stream and
     writes its output back (in the shape of lucidrains' hyper-connections: expand, enter/leave per site, reduce).
 
@@ -257,7 +262,6 @@ class Residual:
     turn the embedding into the stream and the stream back into one hidden state before the final norm.
     """
 
-    spec: Spec
     streams = 1  # residual streams the scheme keeps; layers may mix schemes only of the same count
     formula = ""  # one line for diagrams, in terms of h (the stream), f (the sublayer) and norm
 
@@ -265,15 +269,9 @@ class Residual:
         self.config = config
 
     @classmethod
-    def check(cls, config: ModelConfig, **args: Any) -> str | None:
-        """A message if these arguments cannot work with this config, else None."""
-        return None
-
-    @classmethod
     def describe(cls, call: Call, config: ModelConfig) -> list[str]:
-        """The lines a diagram shows for the scheme."""
-        shown = telling(call, config)
-        return [cls.formula] + ([shown] if shown else [])
+        """The scheme's formula, then its telling arguments."""
+        return [cls.formula, *super().describe(call, config)]
 
     def site_modules(self, slot: str) -> dict[str, nn.Module]:
         """The modules of one sublayer's site, by part name (`norm`, `post_norm`, ...)."""

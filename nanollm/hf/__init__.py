@@ -29,7 +29,7 @@ class Family:
 
     causal_lms: tuple[str, ...]  # the model classes from_hf takes, e.g. ("Qwen3ForCausalLM",)
     arch_from_config: Callable[[Any], Arch]
-    decoder: Callable[[str], str] = lambda model_class: "model."  # state-dict prefix of the decoder, by model class
+    decoder: str = "model."  # state-dict prefix of the decoder
     ignored: tuple[str, ...] = ()  # state-dict prefixes of weights that are not the language model's (a vision tower)
 
 
@@ -168,7 +168,7 @@ def from_hf(model: transformers.PreTrainedModel | str | os.PathLike) -> fx.Graph
     if type(model).__name__ not in adapter.causal_lms:
         raise ArchError(f"from_hf takes a causal LM ({supported()}), not {type(model).__name__}")
     ours = Compiled(arch).build(device=model.device, dtype=model.dtype)
-    names = weight_names(ours, arch, adapter.decoder(type(model).__name__))
+    names = weight_names(ours, arch, adapter.decoder)
     theirs = model.state_dict()
     unused = theirs.keys() - names.values() - ({"lm_head.weight"} if arch.config.tie_embeddings else set())
     unused = {name for name in unused if not name.startswith(adapter.ignored)}

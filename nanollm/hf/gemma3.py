@@ -1,5 +1,5 @@
-"""Gemma 3: sandwich norms, (1 + w) RMSNorm, sqrt(d) embeddings, GeGLU, a RoPE per layer type, soft-caps, the
-query_pre_attn_scalar logit scale; the text model of Gemma3ForCausalLM and of Gemma3ForConditionalGeneration."""
+"""Gemma 3: sandwich norms, (1 + w) RMSNorm, sqrt(d) embeddings, GeGLU, a RoPE per layer type, the final soft-cap,
+the query_pre_attn_scalar logit scale; the text model of Gemma3ForCausalLM and of Gemma3ForConditionalGeneration."""
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +45,6 @@ def gemma3(hf: Any) -> Arch:
 
 family("gemma3_text", Family(("Gemma3ForCausalLM",), gemma3_text))
 family("gemma3", Family(
-    ("Gemma3ForConditionalGeneration",), gemma3, decoder=lambda model_class: "model.language_model.",
+    ("Gemma3ForConditionalGeneration",), gemma3, decoder="model.language_model.",
     ignored=("model.vision_tower.", "model.multi_modal_projector."),
 ))

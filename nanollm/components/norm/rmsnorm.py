@@ -1,14 +1,12 @@
 """RMSNorm (Zhang & Sennrich 2019): x / rms(x) * weight, computed in fp32; or Gemma's zero-centred x / rms(x) * (1 + w)."""
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import Param, register
-from ...ir import Call, ModelConfig
+from .. import Param, Registered, register
+from ...ir import Call
 
 
 @register(
@@ -16,17 +14,13 @@ from ...ir import Call, ModelConfig
     "norm",
     Param("zero_centered", bool, "learn w in a scale of 1 + w, w starting at 0 (Gemma, Qwen3-Next)", default=False),
 )
-class RMSNorm(nn.Module):
+class RMSNorm(Registered, nn.Module):
     """Root-mean-square norm over the last dimension with a learned scale."""
 
     def __init__(self, dim: int, eps: float, zero_centered: bool = False) -> None:
         super().__init__()
         self.eps, self.zero_centered = eps, zero_centered
         self.weight = nn.Parameter(torch.empty(dim))
-
-    @classmethod
-    def check(cls, config: ModelConfig, **args: Any) -> str | None:
-        return None
 
     @classmethod
     def label(cls, call: Call) -> str:

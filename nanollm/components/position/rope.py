@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import Param, register
-from ...ir import ModelConfig
+from .. import Param, Registered, register
 
 PLACEMENTS = ("first", "last", "proportional")
 
@@ -39,16 +38,12 @@ SHAPE = (  # which dimensions rotate, and how they pair
 )
 
 
-class Position(nn.Module):
+class Position(Registered, nn.Module):
     """Base class of position encodings: a module computing cos/sin tables for heads of `head_dim`."""
 
     def __init__(self, head_dim: int, **args: Any) -> None:
         super().__init__()
         self.head_dim = head_dim
-
-    @classmethod
-    def check(cls, config: ModelConfig, **args: Any) -> str | None:
-        return None
 
     @classmethod
     def layout(cls, head_dim: int, **args: Any) -> Layout | None:
