@@ -1,10 +1,14 @@
 """How long `nanollm compile` takes: whole command, and the in-process analysis of every shipped file.
 
-Run: python bench/compile_speed.py. Timings are medians over a few runs; `import torch` is measured in
-the same run as a yardstick, because this machine is shared and its absolute speed varies.
+Run: python bench/compile_speed.py [--against CHECKOUT]. Timings are medians over a few runs; `import torch`
+is measured in the same run as a yardstick, because this machine is shared and its absolute speed varies.
+`--against` times the same command from another checkout of nanollm (e.g. `git worktree add ../old REV`),
+the two taking turns, and prints the ratio.
 """
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -19,14 +23,26 @@ BASELINE = ROOT / "archs" / "qwen3_0_6b.arch"
 RUNS = 3
 
 
-def wall(argv: list[str]) -> float:
-    """Median wall time of a command, process start to exit."""
-    times = []
-    for _ in range(RUNS):
-        start = time.perf_counter()
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def wall(argv: list[str], env: dict[str, str] | None = None) -> float:
+    """Wall time of a command, process start to exit."""
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env=env)
+    return time.perf_counter() - start
+
+
+def median_wall(argv: list[str]) -> float:
+    """Median wall time of a command over RUNS runs."""
+    return statistics.median(wall(argv) for _ in range(RUNS))
+
+
+def compared(argv: list[str], checkouts: list[Path], runs: int) -> list[float]:
+    """Median wall times of the same command run from each checkout (its package first on the path), taking turns."""
+    envs = [{**os.environ, "PYTHONPATH": str(checkout)} for checkout in checkouts]
+    times = [[] for _ in checkouts]
+    for _ in range(runs):
+        for kept, env in zip(times, envs):
+            kept.append(wall(argv, env))
+    return [statistics.median(kept) for kept in times]
 
 
 def first_analysis() -> float:
@@ -40,12 +56,20 @@ def first_analysis() -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--against", type=Path, help="another checkout of nanollm to time the same command from")
+    parser.add_argument("--runs", type=int, default=7, help="turns each with --against")
+    args = parser.parse_args()
     import nanollm
     import nanollm.analysis
 
-    script = str(Path(sys.executable).parent / "nanollm")
-    command = wall([script, "compile", str(BASELINE), "--json"])
-    torch_import = wall([sys.executable, "-c", "import torch"])
+    command_line = [sys.executable, "-m", "nanollm", "compile", str(BASELINE), "--json"]
+    if args.against:
+        ours, theirs = compared(command_line, [ROOT, args.against.resolve()], args.runs)
+        Console().print(f"`nanollm compile qwen3_0_6b.arch --json`: this checkout {ours:.2f} s, {args.against} {theirs:.2f} s "
+                        f"(ratio {ours / theirs:.3f}; medians of {args.runs}, taking turns)")
+    command = median_wall(command_line)
+    torch_import = median_wall([sys.executable, "-c", "import torch"])
     cold = first_analysis()
 
     nanollm.compile("global").analyze(64)  # one-time imports out of the way
