@@ -163,3 +163,20 @@ def test_analysis_allocates_no_weights():
     compiled = nanollm.compile(ROOT / "archs/hybrid_moe.arch")
     assert compiled.analysis.params_total > 0
     assert {p.device.type for p in compiled.graph.parameters()} == {"meta"}
+
+
+def test_per_call_attention_overrides_change_exactly_their_layer():
+    """heads, kv_heads, head_dim and qk_norm given on one call: that layer's parameters, FLOPs and cache follow them,
+    the others keep the settings'; a soft-cap or another scale changes no product."""
+    seq_len = 64
+    base = nanollm.compile(TINY + "global; global").analyze(seq_len)
+    wide = nanollm.compile(TINY + "global(heads=8, kv_heads=4, head_dim=16, qk_norm=none); global").analyze(seq_len)
+    d, (heads, kv, hd) = 64, (8, 4, 16)
+    projections = d * heads * hd + 2 * d * kv * hd + heads * hd * d
+    assert wide.layers[1] == base.layers[1]
+    assert wide.layers[0].params == projections + 3 * d * 96 + 2 * d  # no q/k norms; the MLP and the two layer norms
+    attention = heads * (seq_len * (seq_len + 1) // 2) * 2 * hd
+    assert wide.layers[0].flops_per_token_fwd * seq_len == pytest.approx(2 * (seq_len * (projections + 3 * d * 96) + attention))
+    assert wide.layers[0].cache_bytes_per_token == 2 * (2 * kv * hd)
+    capped = nanollm.compile(TINY + "attn_softcap = 50.0\nattn_scale = 0.1\nglobal; global").analyze(seq_len)
+    assert capped.flops_per_token_fwd == base.flops_per_token_fwd

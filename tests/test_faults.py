@@ -3,6 +3,7 @@ preemption (SIGTERM or SIGINT finishes the step, checkpoints and exits 75; resum
 for bit, in one process and in two), and a full disk during a save (the run directory stays usable)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_group
 from safetensors import SafetensorError
 from safetensors.torch import save
 
@@ -225,19 +227,24 @@ def test_sigterm_stops_two_processes_at_the_same_step_and_resumes_bit_for_bit(tm
     after, write one whole checkpoint there, and the resumed run logs the uninterrupted run's figures to the last bit."""
     launcher = two_processes_training(tmp_path)
     common = [str(a) for a in ["--steps", 16, "--log-every", 1, *FAST]]
-    result = subprocess.run(launcher + ["--out", str(tmp_path / "uninterrupted"), *common], capture_output=True, text=True)
+    result = run_group(launcher + ["--out", str(tmp_path / "uninterrupted"), *common])
     assert result.returncode == 0, result.stderr[-3000:]
     run, log = tmp_path / "run", tmp_path / "stderr.txt"
-    with open(log, "w") as err, subprocess.Popen(launcher + ["--out", str(run), *common], stdout=subprocess.DEVNULL, stderr=err) as job:
+    with open(log, "w") as err, subprocess.Popen(launcher + ["--out", str(run), *common], stdout=subprocess.DEVNULL, stderr=err,
+                                                 start_new_session=True) as job:
         while len(logged_steps(run)) < 2 and job.poll() is None:  # two steps done: preempt it
             time.sleep(0.05)
-        job.send_signal(signal.SIGTERM)
-        job.wait(timeout=600)
+        job.send_signal(signal.SIGTERM)  # the scheduler signals the launcher, which forwards it
+        try:
+            job.wait(timeout=600)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(job.pid, signal.SIGKILL)  # nothing of it outlives the test
     assert job.returncode != 0  # the launcher reports the signal as a failure of its own
     stopped = latest_checkpoint(run)
     assert stopped is not None and "stopped by SIGTERM at step" in log.read_text(), log.read_text()[-3000:]
     assert 2 <= json.loads((stopped / "state.json").read_text())["step"] < 16
-    result = subprocess.run(launcher + ["--resume", str(run)], capture_output=True, text=True)
+    result = run_group(launcher + ["--resume", str(run)])
     assert result.returncode == 0, result.stderr[-3000:]
     same_figures(metrics(tmp_path / "uninterrupted"), metrics(run))
 
@@ -292,8 +299,7 @@ def test_a_failed_write_stops_two_processes_with_one_line_each(tmp_path):
     disk gives ENOSPC): both processes stop with the line and exit code 2, and no partial checkpoint is left."""
     run = tmp_path / "run"
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
-    result = subprocess.run(two_processes_training(tmp_path) + ["--out", str(run), "--steps", "2", *map(str, FAST)], capture_output=True,
-                            text=True, preexec_fn=limit)
+    result = run_group(two_processes_training(tmp_path) + ["--out", str(run), "--steps", "2", *map(str, FAST)], preexec_fn=limit)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if "could not write" in line]
     assert lines == [f"could not write the checkpoint of step 2 (File too large: {run / 'checkpoints' / '.step_00000002.tmp' / 'model.safetensors'}); "

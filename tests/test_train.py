@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_group
 
 import nanollm
 import nanollm.train.checkpoint as checkpoint_module
@@ -276,7 +277,7 @@ def test_recipes():
 
 def run_cli(*args: str | Path, cwd: Path | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     command = (launcher or [sys.executable, "-m", "nanollm"]) + [str(a) for a in args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600)
+    return run_group(command, cwd=cwd)
 
 
 def one_line_error(result: subprocess.CompletedProcess, text: str) -> None:
