@@ -139,13 +139,12 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         text = repr(value)
         return text if ("e" in text or "." in text) else text + ".0"
-    if isinstance(value, Call):
-        return str(value)
-    return str(value)
+    return str(value)  # an int, a name, or a call (with the arguments it holds)
 
 
-def fold(layers: tuple[Layer, ...], max_period: int = 64) -> tuple[int | Group, ...]:
-    """An outline for a list with none (a transformers config): runs of repeating patterns as nested groups.
+def fold(layers: tuple[Layer, ...], start: int = 0, stop: int | None = None, max_period: int = 64) -> tuple[int | Group, ...]:
+    """An outline of layers[start:stop] as repeat groups where it repeats (for a list read from a transformers config,
+    or written out layer by layer).
 
     Greedy from the front: at each position, the repeating pattern covering the most layers; the pattern's
     first repetition is folded the same way, so Gemma 3's 5 local : 1 global is `repeat 4 < repeat 5 < .. >; .. >`.
@@ -169,7 +168,7 @@ def fold(layers: tuple[Layer, ...], max_period: int = 64) -> tuple[int | Group, 
             i += period * count
         return tuple(items)
 
-    return run(0, len(layers))
+    return run(start, len(layers) if stop is None else stop)
 
 
 # ---- plain data --------------------------------------------------------------------------------------

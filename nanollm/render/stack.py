@@ -15,11 +15,10 @@ from ..analysis import Analysis, LayerReport
 from ..human import human
 from ..compiler import make_scheme
 from ..components import REGISTRY, norm_label
-from ..ir import Arch, Call, Group, Layer, ModelConfig
+from ..ir import Arch, Call, Group, Layer, ModelConfig, fold
 from .text import Network
 
 SPAN_CHARS = 36  # a block's layer list longer than this is given as a count
-MAX_PERIOD = 64  # the longest repeating pattern looked for when folding a list
 # (fill, stroke) pairs: cool colours for mixers, warm ones for FFNs. A kind takes the pair its name hashes
 # to, so it keeps its colour from one diagram to the next (the next free pair if two kinds meet).
 PALETTES = {
@@ -57,46 +56,35 @@ def stack(arch: Arch) -> tuple[Item, ...]:
     return _draw(arch.layers, arch.outline or tuple(range(len(arch.layers))), (0,))
 
 
-def _draw(layers: tuple[Layer, ...], outline: tuple[int | Group, ...], offsets: tuple[int, ...]) -> tuple[Item, ...]:
-    """Items for an outline; `offsets` shift its layer indices to every repetition it stands for."""
+def _draw(layers: tuple[Layer, ...], outline: tuple[int | Group, ...], offsets: tuple[int, ...], folded: bool = False) -> tuple[Item, ...]:
+    """Items for an outline; `offsets` shift its layer indices to every repetition it stands for. A written outline's
+    runs of single layers, and its groups whose repetitions differ, are folded (`ir.fold`); a folded one is drawn as is."""
     items: list[Item] = []
-    run: list[int] = []  # consecutive single layers, folded together
+    run: list[int] = []  # consecutive single layers as written, folded together
+
+    def flush() -> None:
+        if run:
+            items.extend(_draw(layers, fold(layers, run[0], run[-1] + 1), offsets, folded=True))
+            run.clear()
+
     for entry in outline:
         if isinstance(entry, int):
-            run.append(entry)
+            if folded:
+                items.append(Block(tuple(sorted(entry + o for o in offsets))))
+            else:
+                run.append(entry)
             continue
-        items += _fold(layers, run, offsets)
-        run = []
+        flush()
         period = (entry.stop - entry.start) // entry.count
         if entry.count == 1:
-            items += _draw(layers, entry.body, offsets)
+            items += _draw(layers, entry.body, offsets, folded)
         elif layers[entry.start:entry.stop] == layers[entry.start:entry.start + period] * entry.count:
             repeats = tuple(o + r * period for o in offsets for r in range(entry.count))
-            items.append(Repeated(entry.count, _draw(layers, entry.body, repeats)))
+            items.append(Repeated(entry.count, _draw(layers, entry.body, repeats, folded)))
         else:
-            items += _fold(layers, list(range(entry.start, entry.stop)), offsets)
-    return tuple(items + _fold(layers, run, offsets))
-
-
-def _fold(layers: tuple[Layer, ...], run: list[int], offsets: tuple[int, ...]) -> list[Item]:
-    """Consecutive layer indices folded greedily: at each position, the repeating pattern covering most layers."""
-    items: list[Item] = []
-    i = 0
-    while i < len(run):
-        start, period, count = run[i], 1, 1
-        for p in range(1, min(MAX_PERIOD, (len(run) - i) // 2) + 1):
-            c = 1
-            while i + (c + 1) * p <= len(run) and layers[start + c * p:start + (c + 1) * p] == layers[start:start + p]:
-                c += 1
-            if c > 1 and p * c > period * count:
-                period, count = p, c
-        if count == 1:
-            items.append(Block(tuple(sorted(start + o for o in offsets))))
-        else:
-            repeats = tuple(o + r * period for o in offsets for r in range(count))
-            items.append(Repeated(count, tuple(_fold(layers, run[i:i + period], repeats))))
-        i += period * count
-    return items
+            items += _draw(layers, fold(layers, entry.start, entry.stop), offsets, folded=True)
+    flush()
+    return tuple(items)
 
 
 def blocks(items: tuple[Item, ...]) -> Iterator[Block]:
