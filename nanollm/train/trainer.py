@@ -9,6 +9,7 @@ stops at the same one, and a checkpoint is written.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -321,8 +322,16 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
 
     SIGTERM or SIGINT stops it after the current step with a checkpoint, then raises Preempted.
     """
+    from accelerate.state import PartialState
+
     with StopSignals() as stop:
-        return run_training(Path(arch_path), recipe_path, overrides or {}, out, resume, stop)
+        try:
+            return run_training(Path(arch_path), recipe_path, overrides or {}, out, resume, stop)
+        finally:
+            # Only once run_training's frame, and DDP's reducer in it, is gone: a reducer holding the process group's
+            # last reference destroys it with the GIL held while a gloo thread waits for the GIL (a deadlock at exit).
+            gc.collect()
+            PartialState().destroy_process_group()
 
 
 def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, Any], out: Path | None, resume: Path | None,
@@ -526,7 +535,7 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
             out_console.print(f"done: {step} steps, {tokens:,} tokens, {flops:.3e} FLOPs; loss {final['loss']:.4f}, held-out loss "
                               f"{final['eval/loss']:.4f} ± {final['eval/loss_stderr']:.4f} (perplexity {final['eval/perplexity']:.2f}, "
                               f"{final['eval/bits_per_byte']:.4f} bits/byte; set {held_out.fingerprint}) -> {run_dir}")
-    accelerator.end_training()
+    accelerator.free_memory()  # Accelerate's references to the wrapped model; train() destroys the process group
     if stopped:
         raise Preempted(f"{run_dir} stopped at step {step}")
     return run_dir
