@@ -76,8 +76,8 @@ class Lowering:
     """The graph under construction, and what each call_module node was built from (`node.meta["built_from"]`,
     which the analysis reuses work by)."""
 
-    def __init__(self, root: nn.Module) -> None:
-        self.root, self.graph = root, fx.Graph()
+    def __init__(self) -> None:
+        self.graph = fx.Graph()
         self.built_from: dict[str, Hashable] = {}  # module path -> what determines its outputs and FLOPs
 
     def module(self, target: str, args: tuple, name: str) -> fx.Node:
@@ -103,13 +103,8 @@ class Lowering:
         return self.function(operator.getitem, (node, index), name)
 
 
-def make_component(call: Call, config: ModelConfig) -> Component:
-    """Instantiate the registered module for a resolved call."""
-    return REGISTRY[call.name].module(config, **call.kwargs())
-
-
-def make_scheme(call: Call, config: ModelConfig) -> Residual:
-    """The residual scheme of a resolved call."""
+def make_component(call: Call, config: ModelConfig) -> Component | Residual:
+    """Instantiate the registered class of a resolved call built from the settings: a sublayer or a residual scheme."""
     return REGISTRY[call.name].module(config, **call.kwargs())
 
 
@@ -140,9 +135,8 @@ def lower(arch: Arch) -> fx.GraphModule:
     # layer count never matters to one layer).
     settings = dataclasses.replace(config, n_layers=1)
     root = nn.Module()
-    g = Lowering(root)
-    schemes = {call: make_scheme(call, config) for call in dict.fromkeys(layer.residual for layer in arch.layers)}
-    model_scheme = make_scheme(config.residual, config)
+    g = Lowering()
+    schemes = {call: make_component(call, config) for call in {config.residual, *(layer.residual for layer in arch.layers)}}
     tables: dict[Rotary, str] = {}
     with torch.device("meta"), without_init():
         root.embed = nn.Embedding(config.vocab_size, config.d_model)
@@ -183,7 +177,7 @@ def lower(arch: Arch) -> fx.GraphModule:
         table_nodes[rotary] = (g.item(table, 0, f"{name}_cos"), g.item(table, 1, f"{name}_sin"))
     given = {TOKEN_IDS: (input_ids,), POSITIONS: (positions,)}
 
-    stream = model_scheme.expand(g, hidden)
+    stream = schemes[config.residual].expand(g, hidden)
     aux_loss = None
     for i, layer in enumerate(arch.layers):
         scheme = schemes[layer.residual]
@@ -201,7 +195,7 @@ def lower(arch: Arch) -> fx.GraphModule:
                     aux = outputs["aux_loss"]
                     aux_loss = aux if aux_loss is None else g.add(aux_loss, aux, "aux_loss")
             stream = scheme.leave(g, site, stream, out)
-    hidden = g.module("norm", (model_scheme.reduce(g, stream),), "norm")
+    hidden = g.module("norm", (schemes[config.residual].reduce(g, stream),), "norm")
     if config.tie_embeddings:
         embed_weight = g.graph.create_node("get_attr", "embed.weight", (), name="embed_weight")
         logits = g.function(F.linear, (hidden, embed_weight), "lm_head")

@@ -108,28 +108,28 @@ def complete(call: Call, kind: str, config: ModelConfig) -> Call:
     return Call(call.name, tuple(args.items()))
 
 
-def written_args(call: Call, config: ModelConfig) -> list[tuple[str, Any]]:
-    """The arguments a user writes: those not at their defaults, and carried ones always (a bare call would take
-    the value of the one before it)."""
+def written_args(call: Call, config: ModelConfig, also: Callable[[Param], bool] = lambda param: False) -> list[tuple[str, Any]]:
+    """The arguments a user writes: those not at their defaults, carried ones always (a bare call would take the
+    value of the one before it), and those `also` picks."""
     params = {p.name: p for p in REGISTRY[call.name].params}
-    return [(name, value) for name, value in call.args if params[name].carry or value != params[name].default_for(config)]
+    return [(name, value) for name, value in call.args
+            if params[name].carry or also(params[name]) or value != params[name].default_for(config)]
+
+
+def argument_text(args: list[tuple[str, Any]], config: ModelConfig) -> str:
+    """`name=value, ...`, nested calls written as `brief` writes them."""
+    return ", ".join(f"{name}={brief(value, config) if isinstance(value, Call) else format_value(value)}" for name, value in args)
 
 
 def brief(call: Call, config: ModelConfig) -> str:
     """A call as a user would write it (`written_args`), nested calls likewise."""
-    shown = [f"{name}={brief(value, config) if isinstance(value, Call) else format_value(value)}" for name, value in written_args(call, config)]
-    return f"{call.name}({', '.join(shown)})" if shown else call.name
+    shown = argument_text(written_args(call, config), config)
+    return f"{call.name}({shown})" if shown else call.name
 
 
 def telling(call: Call, config: ModelConfig, always: tuple[str, ...] = ()) -> str:
-    """The arguments a diagram shows under a component's name: sizes, carried ones, `always`, and any not at its default."""
-    params = {p.name: p for p in REGISTRY[call.name].params}
-    shown = [
-        f"{name}={brief(value, config) if isinstance(value, Call) else format_value(value)}"
-        for name, value in call.args
-        if name in always or params[name].width or params[name].carry or value != params[name].default_for(config)
-    ]
-    return ", ".join(shown)
+    """The arguments a diagram shows under a component's name: what a user writes, sizes, and `always`."""
+    return argument_text(written_args(call, config, lambda param: param.width or param.name in always), config)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:

@@ -17,7 +17,7 @@ import transformers
 from torch import fx
 
 from ..compiled import Compiled
-from ..compiler import Site, make_scheme
+from ..compiler import Site, make_component
 from ..components import complete
 from ..errors import ArchError
 from ..ir import Arch, Call, ModelConfig
@@ -145,7 +145,7 @@ def weight_names(model: fx.GraphModule, arch: Arch, decoder: str = "model.") -> 
     names = {"embed.weight": f"{decoder}embed_tokens.weight", "norm.weight": f"{decoder}norm.weight"}
     if not arch.config.tie_embeddings:
         names["lm_head.weight"] = "lm_head.weight"
-    schemes = {call: make_scheme(call, arch.config) for call in {layer.residual for layer in arch.layers}}
+    schemes = {call: make_component(call, arch.config) for call in {layer.residual for layer in arch.layers}}
     for i, layer in enumerate(arch.layers):
         theirs = f"{decoder}layers.{i}."
         for slot, _ in layer.sublayers:

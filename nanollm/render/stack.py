@@ -13,7 +13,7 @@ from typing import Iterator
 
 from ..analysis import Analysis, LayerReport
 from ..human import human
-from ..compiler import make_scheme
+from ..compiler import make_component
 from ..components import REGISTRY, norm_label
 from ..ir import Arch, Call, Group, Layer, ModelConfig, fold
 from .text import Network
@@ -144,11 +144,10 @@ def head_text(config: ModelConfig, analysis: Analysis) -> tuple[list[str], list[
 def colours(kinds: list[str]) -> dict[str, tuple[str, str]]:
     """(fill, stroke) for each component kind: mixers, then FFNs, then other sublayers, each in order of first appearance."""
     taken: dict[str, tuple[str, str]] = {}
-    palettes = [(lambda k, slot=slot: REGISTRY[k].kind == slot, palette) for slot, palette in PALETTES.items()]
-    palettes.append((lambda k: REGISTRY[k].kind not in PALETTES, OTHER_PALETTE))
-    for belongs, palette in palettes:
+    for slot in (*PALETTES, None):  # None: any other slot
+        palette = PALETTES.get(slot, OTHER_PALETTE)
         for kind in kinds:
-            if kind in taken or not belongs(kind):
+            if kind in taken or (REGISTRY[kind].kind if REGISTRY[kind].kind in PALETTES else None) != slot:
                 continue
             start = zlib.crc32(kind.encode())
             free = [palette[(start + k) % len(palette)] for k in range(len(palette))]
@@ -175,13 +174,13 @@ def kinds(arch: Arch) -> list[str]:
 
 def site_picture(arch: Arch, layer: Layer, slot: str) -> tuple[list[str], list[str]]:
     """The labels drawn on a sublayer's branch before and after its component (norms), as its residual scheme places them."""
-    return make_scheme(layer.residual, arch.config).picture(slot)
+    return make_component(layer.residual, arch.config).picture(slot)
 
 
 def residual_words(arch: Arch) -> str:
     """One line on how sublayers meet the residual stream, for a diagram's legend."""
     schemes = dict.fromkeys(layer.residual for layer in arch.layers)
-    lines = [make_scheme(call, arch.config).formula for call in schemes]
+    lines = [REGISTRY[call.name].module.formula for call in schemes]
     return lines[0] if len(lines) == 1 else "; ".join(f"{call.name}: {line}" for call, line in zip(schemes, lines))
 
 
