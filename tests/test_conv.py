@@ -1,0 +1,46 @@
+"""The short causal convolution against its definition, y[t] = sum_j w[j] x[t - (K-1-j) d], and transformers' layout."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanollm.components import VECTOR, param_roles
+from nanollm.components.conv import CausalConv1d
+
+
+def by_definition(conv: CausalConv1d, x: torch.Tensor) -> torch.Tensor:
+    """The sum written out, one output position at a time."""
+    kernel, dilation = conv.kernel_size[0], conv.dilation[0]
+    out = torch.zeros_like(x)
+    for t in range(x.shape[1]):
+        for j in range(kernel):
+            source = t - (kernel - 1 - j) * dilation
+            if source >= 0:
+                out[:, t] += conv.weight[:, 0, j] * x[:, source]
+    return out + (conv.bias if conv.bias is not None else 0)
+
+
+@pytest.mark.parametrize("kernel, dilation, bias", [(4, 1, False), (3, 2, True), (1, 1, True)])
+def test_causal_conv_equals_its_definition_and_its_step_form(kernel: int, dilation: int, bias: bool) -> None:
+    torch.manual_seed(0)
+    conv = CausalConv1d(6, kernel, bias=bias, dilation=dilation)
+    x = torch.randn(2, 11, 6)
+    full = conv(x)
+    torch.testing.assert_close(full, by_definition(conv, x), atol=1e-6, rtol=0)
+    state = torch.zeros(2, 6, conv.span - 1)
+    for t in range(x.shape[1]):
+        out, state = conv.step(x[:, t], state)
+        torch.testing.assert_close(out, full[:, t], atol=1e-6, rtol=0)
+
+
+def test_causal_conv_equals_transformers_padded_and_truncated_convolution() -> None:
+    torch.manual_seed(0)
+    conv = CausalConv1d(5, 4, bias=True)
+    x = torch.randn(1, 9, 5)
+    theirs = F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=3, groups=5)[..., :9].transpose(1, 2)
+    torch.testing.assert_close(conv(x), theirs, atol=1e-6, rtol=0)
+
+
+def test_causal_conv_taps_are_vectors_for_the_optimiser() -> None:
+    assert set(param_roles(CausalConv1d(4, 3, bias=True)).values()) == {VECTOR}
