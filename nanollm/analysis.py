@@ -52,6 +52,7 @@ class Analysis:
     params_total: int
     params_active: int
     params_embedding: int
+    params_memory: int  # lookup tables a token reads a few rows of (Engram): in params_total, outside params_active
     flops_per_token_fwd: float
     flops_per_token_train: float
     cache_bytes_per_token: float
@@ -202,6 +203,7 @@ def analyze(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
         params_total=params_total,
         params_active=params_total - sum(r.params - r.params_active for r in layers),
         params_embedding=embedding,
+        params_memory=sum(module.memory_params() for module in model.modules() if isinstance(module, Component)),
         flops_per_token_fwd=flops_fwd,
         flops_per_token_train=3 * flops_fwd,
         cache_bytes_per_token=sum(r.cache_bytes_per_token for r in layers),

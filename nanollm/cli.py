@@ -89,6 +89,7 @@ def total_rows(arch: Arch, analysis: Analysis) -> list[tuple[str, str]]:
         ("parameters", human(analysis.params_total)),
         ("active per token", human(analysis.params_active)),
         ("embedding", human(analysis.params_embedding)),
+        *([("lookup memory (tables)", human(analysis.params_memory))] if analysis.params_memory else []),
         ("forward FLOPs/token", human(analysis.flops_per_token_fwd)),
         ("training FLOPs/token (3x)", human(analysis.flops_per_token_train)),
         ("inference cache/token", human(analysis.cache_bytes_per_token, "B")),

@@ -146,7 +146,7 @@ def lower(arch: Arch) -> fx.GraphModule:
             block = nn.Module()
             for slot, call in layer.sublayers:
                 site = Site(i, slot)
-                for part, module in schemes[layer.residual].site_modules(slot).items():
+                for part, module in schemes[layer.residual].site_modules(site).items():
                     block.add_module(f"{slot}_{part}", module)
                     g.built_from[site.module(part)] = (layer.residual, slot, part, settings)
                 component = make_component(call, config)
@@ -159,6 +159,9 @@ def lower(arch: Arch) -> fx.GraphModule:
         for rotary, name in tables.items():
             root.add_module(name, make_table(rotary))
             g.built_from[name] = rotary
+        for name, module in schemes[config.residual].model_modules().items():
+            root.add_module(name, module)
+            g.built_from[name] = (config.residual, name, settings)
         root.norm = make_norm(config, config.d_model)
         g.built_from["norm"] = (config.norm, config.norm_eps, config.d_model)
         if not config.tie_embeddings:
@@ -238,9 +241,11 @@ def initialize(model: nn.Module) -> None:
 
 @torch.no_grad()
 def initialize_own(module: nn.Module) -> None:
-    """Normal(0, INIT_STD) matrices; components and norms reset their own parameters (and only those)."""
+    """Normal(0, INIT_STD) matrices and zero biases; components and norms reset their own parameters (and only those)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=INIT_STD)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
     elif hasattr(module, "reset_parameters"):
         module.reset_parameters()
 

@@ -208,6 +208,11 @@ def parse_number(text: str) -> int | float:
     return number * scale
 
 
+def stream_count(residual: Call, config: ModelConfig) -> int:
+    """The residual streams a scheme's call keeps."""
+    return REGISTRY[residual.name].module(config, **residual.kwargs()).streams
+
+
 class Expander:
     """Expands repeats, applies attributes and definitions, and resolves every component call."""
 
@@ -226,7 +231,7 @@ class Expander:
         written = {STATEMENT_SLOT: statement.mixer, **{name: attr.term for name, attr in attrs.items() if name in SLOTS}}
         sublayers = []
         for slot, default in SLOTS.items():
-            term = self.deref(written[slot]) if slot in written else Term(default, None, None)
+            term = self.deref(written[slot]) if slot in written else Term(default or NONE, None, None)
             if term.name != NONE:
                 sublayers.append((slot, self.call(term, slot)))
         if not sublayers:
@@ -235,7 +240,7 @@ class Expander:
         if RESIDUAL in attrs:
             term = attrs[RESIDUAL].term
             residual = self.call(term, RESIDUAL)
-            streams = (REGISTRY[residual.name].module.streams, REGISTRY[self.config.residual.name].module.streams)
+            streams = (stream_count(residual, self.config), stream_count(self.config.residual, self.config))
             if streams[0] != streams[1]:
                 raise ArchError(f"{residual.name} keeps {streams[0]} residual stream(s) but the model's residual "
                                 f"({self.config.residual.name}) keeps {streams[1]}: layers cannot mix them", term.pos)

@@ -65,7 +65,7 @@ class ReZero(Residual):
 
     formula = "each sublayer adds alpha f(h) to the stream h"
 
-    def site_modules(self, slot: str) -> dict[str, nn.Module]:
+    def site_modules(self, site: Site) -> dict[str, nn.Module]:
         return {"gate": Gate()}
 
     def enter(self, g: Lowering, site: Site, stream: fx.Node) -> fx.Node:

@@ -6,7 +6,7 @@ the optimiser role of each parameter, and its transformers weight names. Importi
 every file below it; a class registered anywhere else (a test, a user's script) is just as known.
 
 Kinds:
-- sublayers, one per slot of a layer (`SLOTS`, in layer order): `mixer` and `ffn`. `Component` subclasses,
+- sublayers, one per slot of a layer (`SLOTS`, in layer order): `memory` (usually empty), `mixer` and `ffn`. `Component` subclasses,
   built as `cls(config, **args)`. A component declares what its forward takes (`inputs()`: the branch input
   first, then tables from the vocabulary below) and returns (`outputs`).
 - `residual`: how sublayers read from and write to the residual stream (`Residual` subclasses).
@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     from ..compiler import Lowering, Site
 
 # A layer's sublayer slots, in the order a layer runs them, and the component a layer gets where it names none.
-SLOTS = {"mixer": "global", "ffn": "swiglu"}
-KINDS = {"mixer": "a mixer", "ffn": "an ffn", "residual": "a residual scheme", "norm": "a norm", "position": "a position encoding"}
+# A slot whose default is None is empty in a layer that names nothing for it.
+SLOTS = {"memory": None, "mixer": "global", "ffn": "swiglu"}
+KINDS = {"memory": "a memory", "mixer": "a mixer", "ffn": "an ffn", "residual": "a residual scheme", "norm": "a norm", "position": "a position encoding"}
 INIT_STD = 0.02  # normal init of every matrix, as GPT-2/Qwen3 use
 
 
@@ -218,6 +219,10 @@ class Component(Registered, nn.Module):
         """Parameters one token uses."""
         return sum(p.numel() for p in self.parameters())
 
+    def memory_params(self) -> int:
+        """Parameters that are lookup memory rather than compute (tables a token reads a few rows of)."""
+        return 0
+
     def cache_elements(self, seq_len: int) -> int:
         """Elements of inference state held for one sequence after `seq_len` tokens (keys and values, or a recurrent state)."""
         return 0
@@ -273,8 +278,12 @@ class Residual(Registered):
         """The scheme's formula, then its telling arguments."""
         return [cls.formula, *super().describe(call, config)]
 
-    def site_modules(self, slot: str) -> dict[str, nn.Module]:
-        """The modules of one sublayer's site, by part name (`norm`, `post_norm`, ...)."""
+    def site_modules(self, site: Site) -> dict[str, nn.Module]:
+        """The modules of one sublayer's site (`site.layer`, `site.slot`), by part name (`norm`, `post_norm`, ...)."""
+        return {}
+
+    def model_modules(self) -> dict[str, nn.Module]:
+        """Modules of the whole model (not of a site) that `expand` or `reduce` call, by name (e.g. a learned stream head)."""
         return {}
 
     def enter(self, g: Lowering, site: Site, stream: fx.Node) -> fx.Node:

@@ -24,8 +24,16 @@ class CausalConv1d(nn.Conv1d):
         return (self.kernel_size[0] - 1) * self.dilation[0] + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():  # fvcore counts FLOPs by tracing, where convolutions on meta tensors fail
+            return self.windowed(x)
         # left padding only: transformers pads both sides and drops the tail, which computes outputs it throws away
         return super().forward(F.pad(x.transpose(1, 2), (self.span - 1, 0))).transpose(1, 2)
+
+    def windowed(self, x: torch.Tensor) -> torch.Tensor:
+        """The same convolution as each output's window times the taps (a matmul: kernel multiply-adds per output)."""
+        windows = F.pad(x.transpose(1, 2), (self.span - 1, 0)).unfold(-1, self.span, 1)[..., :: self.dilation[0]]  # (B, C, T, kernel)
+        out = (windows @ self.weight[:, 0].unsqueeze(-1)).squeeze(-1).transpose(1, 2)  # taps (C, kernel, 1)
+        return out + self.bias if self.bias is not None else out
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token: x (B, C) and the previous span-1 inputs (B, C, span-1) -> output (B, C) and the next state."""

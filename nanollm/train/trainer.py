@@ -381,6 +381,9 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
         with warnings.catch_warnings():  # torch deprecates broadcast_buffers; Accelerate's DDP kwargs offer no successor yet
             warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
             wrapped = accelerator.prepare_model(NextTokenLoss(model))  # DDP over processes; bf16 autocast when mixed
+    for module in model.modules():  # components keyed by the tokenizer's words (Engram's canonical ids); checkpoints keep theirs
+        if hasattr(module, "use_tokenizer"):
+            module.use_tokenizer(tokenizer)
     runner = torch.compile(wrapped) if plan.compile else wrapped
     optimizers = build_optimizers(model, recipe.optimizer_settings())
     multiplier = lr_multiplier(recipe.schedule, plan.steps, recipe.warmup_fraction, recipe.decay_fraction, recipe.final_lr_ratio)

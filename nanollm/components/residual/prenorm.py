@@ -11,13 +11,16 @@ if TYPE_CHECKING:
     from ...compiler import Lowering, Site
 
 
+HF_NORMS = {"mixer": "input_layernorm", "ffn": "post_attention_layernorm"}  # transformers' names of the sites' norms
+
+
 @register("prenorm", "residual")
 class PreNorm(Residual):
     """h + f(norm(h)): the norm before each sublayer, the stream itself never normalised."""
 
     formula = "each sublayer adds f(norm(h)) to the stream h"
 
-    def site_modules(self, slot: str) -> dict[str, nn.Module]:
+    def site_modules(self, site: Site) -> dict[str, nn.Module]:
         return {"norm": make_norm(self.config, self.config.d_model)}
 
     def enter(self, g: Lowering, site: Site, stream: fx.Node) -> fx.Node:
@@ -30,4 +33,4 @@ class PreNorm(Residual):
         return [norm_label(self.config)], []
 
     def hf_names(self, slot: str) -> dict[str, str]:
-        return {"norm": "input_layernorm" if slot == "mixer" else "post_attention_layernorm"}
+        return {"norm": HF_NORMS[slot]} if slot in HF_NORMS else {}

@@ -22,7 +22,7 @@ class Sandwich(Residual):
 
     formula = "each sublayer adds norm(f(norm(h))) to the stream h"
 
-    def site_modules(self, slot: str) -> dict[str, nn.Module]:
+    def site_modules(self, site: Site) -> dict[str, nn.Module]:
         return {"norm": make_norm(self.config, self.config.d_model), "post_norm": make_norm(self.config, self.config.d_model)}
 
     def enter(self, g: Lowering, site: Site, stream: fx.Node) -> fx.Node:
