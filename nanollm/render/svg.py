@@ -9,6 +9,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from ..analysis import Analysis
 from ..human import human
+from ..compiler import make_component
 from ..components import REGISTRY, norm_label, telling
 from ..ir import Arch, Call, Layer, ModelConfig
 from .stack import (Block, Item, Repeated, blocks, colours, depth, describe, embedding_text, family, figures, head_text, kinds,
@@ -30,6 +31,7 @@ GAP = 18  # between stacked elements
 TITLE, TEXT, SMALL = 13, 11.5, 10.5  # font sizes
 LINE = 14  # height of one line of TEXT
 ADD_R = 8  # the residual add's circle
+LANE_GAP = 4  # between the drawn lanes of a multi-stream residual
 NORM_H = 16
 PART_H = 8 + NORM_H  # a norm on a sublayer's branch, with the gap below it
 SUBLAYER_H = 8 + 8 + 10 + 2 * ADD_R  # a sublayer around its component box and norms: branch, gaps, add
@@ -274,8 +276,9 @@ class StackDrawing:
         height = 8 + sum(SUBLAYER_H + PART_H * sum(map(len, pictures[slot])) + self.component_height(call) for slot, call in layer.sublayers)
         self.c.box(self.x0, top, FRAME_W, height, ("#fafafa", FRAME), radius=10)
         bottom = top + height
+        streams = make_component(layer.residual, self.config).streams
         for slot, call in layer.sublayers:
-            bottom = self.sublayer(call, *pictures[slot], bottom)
+            bottom = self.sublayer(call, *pictures[slot], bottom, streams)
         self.c.line([(self.cx, bottom), (self.cx, top)], arrow=False)
         return height
 
@@ -288,9 +291,9 @@ class StackDrawing:
         c.line([(cx, bottom), (cx, top + NORM_H)])
         return top
 
-    def sublayer(self, call: Call, before: list[str], after: list[str], bottom: float) -> float:
+    def sublayer(self, call: Call, before: list[str], after: list[str], bottom: float, streams: int = 1) -> float:
         """Branch, the norms before the component, the component, the norms after it and the residual add, drawn
-        upward from `bottom`; returns the top."""
+        upward from `bottom`, the skip path as one lane per residual stream; returns the top."""
         c, cx = self.c, self.cx
         branch = bottom - 8
         c.line([(cx, bottom), (cx, branch)], arrow=False)
@@ -310,7 +313,13 @@ class StackDrawing:
         c.add("path", d=f"M{num(cx - 4.5)} {num(add)} H{num(cx + 4.5)} M{num(cx)} {num(add - 4.5)} V{num(add + 4.5)}", stroke=STREAM, stroke_width=1.3)
         c.line([(cx, y), (cx, add + ADD_R)])
         skip = self.x0 + SKIP_W / 2
-        c.line([(cx, branch), (skip, branch), (skip, add), (cx - ADD_R, add)])
+        if streams == 1:
+            c.line([(cx, branch), (skip, branch), (skip, add), (cx - ADD_R, add)])
+            return add - ADD_R
+        for lane in range(streams):  # n parallel streams, fanned out around the single stream's path
+            x = skip + (lane - (streams - 1) / 2) * LANE_GAP
+            c.add("path", d=f"M{num(cx)} {num(branch)} L{num(x)} {num(branch)} L{num(x)} {num(add)} L{num(cx - ADD_R)} {num(add)}",
+                  fill="none", stroke=STREAM, stroke_width=1.0, class_="stream-lane")
         return add - ADD_R
 
     def row_block(self, layer: Layer, top: float, minimum: float) -> float:

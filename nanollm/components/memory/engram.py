@@ -177,6 +177,7 @@ class Engram(Component):
                     f"{below} and {next_prime(args['rows'])}, or give primes=false")
         return None
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
         nn.init.normal_(self.table, std=INIT_STD)
         self.canonical.copy_(torch.arange(self.vocab_size))  # identity until `use_tokenizer`

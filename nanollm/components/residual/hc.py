@@ -56,6 +56,7 @@ class WidthConnection(nn.Module):
             self.alpha_scale = nn.Parameter(torch.empty(()))
             self.beta_scale = nn.Parameter(torch.empty(()))
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
         alpha = torch.zeros(self.streams, self.streams + 1)
         alpha[self.site % self.streams, 0] = 1.0

@@ -50,6 +50,7 @@ class ManifoldConnection(nn.Module):
         self.base = nn.Parameter(torch.empty((2 + streams) * streams))  # b
         self.scale = nn.Parameter(torch.empty(3))  # a_pre, a_post, a_res
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
         nn.init.normal_(self.fn, std=INIT_STD)
         nn.init.zeros_(self.base)
@@ -95,6 +96,7 @@ class StreamHead(nn.Module):
         self.base = nn.Parameter(torch.empty(streams))
         self.scale = nn.Parameter(torch.empty(1))
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
         nn.init.normal_(self.fn, std=INIT_STD)
         nn.init.zeros_(self.base)
