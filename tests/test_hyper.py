@@ -9,7 +9,7 @@ import torch
 from nanollm.analysis import analyze
 from nanollm.compiler import lower, materialize
 from nanollm.components.residual.hc import WidthConnection
-from nanollm.components.residual.mhc import ManifoldConnection, sinkhorn
+from nanollm.components.residual.mhc import ManifoldConnection, ManifoldWrite, sinkhorn
 from nanollm.errors import ArchError
 from nanollm.ir import arch_from_json, arch_to_json
 from nanollm.memory import training_memory
@@ -166,3 +166,30 @@ def test_diagrams_draw_the_streams():
     drawing = svg(Subject("tiny", arch, meta, analyze(arch, meta, T)), "stack")
     assert "read: mix of 4 streams" in drawing and "write: to 4 streams" in drawing
     assert drawing.count('class="stream-lane"') == 4 * 2  # the block (drawn once for its 3 repeats): each site's skip path as 4 lanes
+
+
+def test_mhc_site_and_head_equal_transformers_deepseek_v4():
+    from transformers import DeepseekV4Config
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection, DeepseekV4HyperHead
+
+    from nanollm.components.residual.mhc import StreamHead
+
+    config = DeepseekV4Config(hidden_size=D, hc_mult=4, hc_sinkhorn_iters=7, hc_eps=1e-5, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    theirs, their_head = DeepseekV4HyperConnection(config), DeepseekV4HyperHead(config)
+    for module in (theirs, their_head):
+        for param in module.parameters():
+            torch.nn.init.normal_(param, std=0.3)
+    ours = ManifoldConnection(4, D, sinkhorn_iterations=7, eps=1e-5, norm_eps=1e-6)
+    ours.load_state_dict(theirs.state_dict())
+    head = StreamHead(4, D, eps=1e-5, norm_eps=1e-6)
+    head.load_state_dict({"fn": their_head.hc_fn, "base": their_head.hc_base, "scale": their_head.hc_scale})
+    streams = torch.randn(2, T, 4, D)
+    post, comb, collapsed = theirs(streams)
+    ours_collapsed, ours_post, ours_res = ours(streams)
+    assert torch.allclose(ours_post, post, atol=1e-6) and torch.allclose(ours_res, comb, atol=1e-6)
+    assert torch.allclose(ours_collapsed, collapsed, atol=1e-5)
+    assert torch.allclose(head(streams), their_head(streams), atol=1e-5)
+    out = torch.randn(2, T, D)  # the write, as DeepseekV4DecoderLayer adds a sublayer's output back
+    written = post.unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), streams)
+    assert torch.allclose(ManifoldWrite()(out, streams, ours_post, ours_res), written, atol=1e-5)
