@@ -11,7 +11,7 @@ from nanollm.ir import Call, Layer, ModelConfig
 from nanollm.resolve import load, read, resolve
 from nanollm.syntax import format_file, parse
 
-ARCHS = sorted((Path(__file__).parent.parent / "archs").glob("*.arch"))
+ARCHS = sorted((Path(__file__).parent.parent / "archs").rglob("*.arch"))  # with the ablation families in folders
 BASELINE = ModelConfig()
 
 
