@@ -16,7 +16,12 @@ from nanollm.budget import solve
 from nanollm.compiler import lower, materialize
 from nanollm.components import SLOTS, TABLE
 from nanollm.components.memory import engram as engram_module
-from nanollm.components.memory.engram import canonical_ids, canonical_text, is_prime, ngram_rows
+from nanollm.components.memory.engram import (
+    canonical_ids,
+    canonical_text,
+    is_prime,
+    ngram_rows,
+)
 from nanollm.errors import ArchError
 from nanollm.ir import arch_from_json, arch_to_json
 from nanollm.optim import split_params
@@ -38,7 +43,8 @@ def build(text: str = TWO_MEMORIES, seed: int = 0):
 def test_memory_is_an_empty_slot_before_the_mixer():
     assert list(SLOTS)[:2] == ["memory", "mixer"] and SLOTS["memory"] is None
     arch = load(TINY + TWO_MEMORIES)
-    assert [[slot for slot, _ in layer.sublayers] for layer in arch.layers] == [["memory", "mixer", "ffn"], ["mixer", "ffn"]] + [["memory", "mixer", "ffn"]]
+    slots = [[slot for slot, _ in layer.sublayers] for layer in arch.layers]
+    assert slots == [["memory", "mixer", "ffn"], ["mixer", "ffn"], ["memory", "mixer", "ffn"]]
     assert load(arch_source(arch)) == arch and arch_from_json(arch_to_json(arch)) == arch
     assert "memory" not in arch_source(load(TINY + "global"))  # a model without memory never mentions the slot
     assert [call.name for call in arch.layers[0].calls()] == ["engram", "global", "swiglu"]
@@ -90,7 +96,8 @@ def test_gate_and_convolution_equal_the_papers_equations():
     ids, h = torch.randint(0, VOCAB, (2, T)), torch.randn(2, T, D)
     eps = 1e-6
     rows = memory.rows(ids)
-    e = torch.stack([torch.cat([memory.table[rows[b, t, j]] for j in range(rows.shape[-1])]) for b in range(2) for t in range(T)]).view(2, T, -1)
+    e = torch.stack([torch.cat([memory.table[rows[b, t, j]] for j in range(rows.shape[-1])])
+                     for b in range(2) for t in range(T)]).view(2, T, -1)
     k = rms(e @ memory.key_proj.weight.T + memory.key_proj.bias, memory.key_norm.weight, eps)
     q = rms(h, memory.query_norm.weight, eps)
     alpha = torch.sigmoid((k * q).sum(-1, keepdim=True) / math.sqrt(D))
@@ -220,9 +227,9 @@ def test_engram_is_not_a_mixer():
 
 
 def test_a_model_with_engram_at_two_layers_trains_on_the_embedded_default(tmp_path):
-    from nanollm.cli import main
     from safetensors.torch import load_file
 
+    from nanollm.cli import main
     from nanollm.train.checkpoint import latest_checkpoint
 
     arch = tmp_path / "engram.arch"

@@ -170,7 +170,10 @@ def test_diagrams_draw_the_streams():
 
 def test_mhc_site_and_head_equal_transformers_deepseek_v4():
     from transformers import DeepseekV4Config
-    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection, DeepseekV4HyperHead
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
+        DeepseekV4HyperConnection,
+        DeepseekV4HyperHead,
+    )
 
     from nanollm.components.residual.mhc import StreamHead
 

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Iterator
 from xml.sax.saxutils import escape, quoteattr
 
 from ..analysis import Analysis
-from ..human import human
 from ..compiler import make_component
+from ..human import human
 from ..components import REGISTRY, norm_label, telling
 from ..ir import Arch, Call, Layer, ModelConfig
 from .stack import (Block, Item, Repeated, blocks, colours, depth, describe, embedding_text, family, figures, head_text, kinds,

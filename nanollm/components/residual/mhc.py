@@ -116,7 +116,8 @@ class StreamHead(nn.Module):
     "residual",
     Param("n", int, "residual streams", minimum=1, maximum=64),
     Param("sinkhorn", int, "Sinkhorn-Knopp iterations projecting the stream mixing onto doubly stochastic matrices", default=20, minimum=1),
-    Param("eps", float, "added to pre and to the mixing before Sinkhorn, and to each of its sums", default=1e-6, minimum=0, positional=False),
+    Param("eps", float, "added to pre and to the mixing before Sinkhorn, and to each of its sums", default=1e-6, minimum=0,
+          positional=False),
 )
 class ManifoldHyperConnections(Streams):
     """n streams mixed by doubly stochastic matrices (Sinkhorn), bounded read and write weights (DeepSeek's mHC)."""
