@@ -281,6 +281,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
         out.print(f"note: the run's own evaluations at step {result['step']} scored {scored}: these figures do not compare with its metrics.jsonl")
 
 
+def cmd_consolidate(args: argparse.Namespace) -> None:
+    from .train.checkpoint import consolidate_checkpoint
+
+    checkpoint, out = consolidate_checkpoint(Path(args.path), Path(args.out) if args.out else None)
+    console().print(f"{checkpoint}: model -> {out} ({out.stat().st_size:,} bytes)")
+
+
 def recipe_flag_type(name: str):
     """argparse type for one recipe key: YAML-style text checked against the key's type."""
     from .train.recipe import parse_value
@@ -295,7 +302,7 @@ def recipe_flag_type(name: str):
 
 
 def add_train_commands(commands: argparse._SubParsersAction) -> None:
-    """`nanollm train` (every recipe key is also a flag) and `nanollm eval`."""
+    """`nanollm train` (every recipe key is also a flag), `nanollm eval` and `nanollm consolidate`."""
     from .train.recipe import KEYS
 
     train_cmd = commands.add_parser("train", help="train a model: embedded CPU default, or a recipe with overrides")
@@ -316,6 +323,10 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     eval_cmd.add_argument("--eval-tokens", type=positive_int, help="held-out tokens to score (default: the run's eval_tokens)")
     eval_cmd.add_argument("--json", action="store_true", help="print one JSON object")
     eval_cmd.set_defaults(run=cmd_eval)
+    consolidate_cmd = commands.add_parser("consolidate", help="write a checkpoint's model as one safetensors file (from sharded checkpoints)")
+    consolidate_cmd.add_argument("path", help="a run directory (its latest checkpoint) or a checkpoint folder")
+    consolidate_cmd.add_argument("-o", "--out", help="the file to write (default: model.safetensors in the checkpoint folder)")
+    consolidate_cmd.set_defaults(run=cmd_consolidate)
 
 
 def add_budget_options(parser: argparse.ArgumentParser, required: bool) -> None:

@@ -43,7 +43,7 @@ from ..human import console
 from ..ir import arch_from_json, arch_to_json
 from ..memory import TrainingMemory, training_memory
 from ..optim import build_optimizers, lr_multiplier, split_params
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpointer, latest_checkpoint, load_checkpoint
 from .data import Source, TrainingRows, heldout_rows, open_source
 from .evaluate import HeldOut, evaluate
 from .log import MetricsLog, environment, peak_flops, write_manifest
@@ -57,7 +57,8 @@ PREEMPTED_EXIT_CODE = 75
 
 # What a resumed run may change: its length, how it runs, and how it reports; never what it computes.
 RESUMABLE_KEYS = set(LENGTH_KEYS) | {"default_steps", "micro_batch_size", "compile", "activation_checkpointing", "parallel",
-                                     "mixed_precision", "peak_flops", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"}
+                                     "mixed_precision", "peak_flops", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                                     "checkpoint_format", "async_save"}
 
 
 @dataclass(frozen=True)
@@ -441,11 +442,14 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
     rank = accelerator.process_index
     per_process = plan.batch_size // plan.processes
 
+    sharded_checkpoints = recipe.checkpoint_format == "sharded" or recipe.checkpoint_format == "auto" and plan.processes > 1
+    checkpointer = Checkpointer(run_dir / "checkpoints", recipe.keep_checkpoints, sharded_checkpoints, recipe.async_save)
+
     def save(at: int) -> None:
         state = {"step": at, "tokens": tokens, "flops": flops, "data": rows.state_dict(),
                  "schedulers": [s.state_dict() for s in schedulers],
                  "totals": {name: {k: v.tolist() for k, v in entry.items()} for name, entry in totals.items()}}
-        save_checkpoint(run_dir / "checkpoints", at, model, optimizers, state, recipe.keep_checkpoints)
+        checkpointer.save(at, model, optimizers, state)
 
     def run_eval() -> dict[str, float]:
         model.eval()
@@ -521,6 +525,7 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
             progress.update(task, completed=step)
     if stopped and saved_step != step:
         save(step)
+    checkpointer.close()  # the last checkpoint is whole before the run says it is done
 
     if main:
         log.close()
