@@ -288,6 +288,20 @@ def cmd_consolidate(args: argparse.Namespace) -> None:
     console().print(f"{checkpoint}: model -> {out} ({out.stat().st_size:,} bytes)")
 
 
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from .train.tokenizer import load_tokenizer
+    from .train.tokens import tokenize_corpus
+
+    out = console()
+    tokenizer = load_tokenizer(args.tokenizer)
+    with out.status("tokenising") as status:
+        manifest = tokenize_corpus(args.data, Path(args.out), tokenizer, args.tokenizer, args.data_config, args.data_split, args.text_field,
+                                   args.eval_share, report=lambda read: status.update(f"tokenising: {read:,} documents read"))
+    out.print(f"{manifest['source']['name']} -> {args.out}: {manifest['tokens']['train']:,} training tokens in {manifest['documents']['train']:,} "
+              f"documents, {manifest['tokens']['heldout']:,} held-out tokens in {manifest['documents']['heldout']:,} (eval_share "
+              f"{manifest['eval_share']}); tokenizer {manifest['tokenizer']}. Train from it with --data {args.out}")
+
+
 def recipe_flag_type(name: str):
     """argparse type for one recipe key: YAML-style text checked against the key's type."""
     from .train.recipe import parse_value
@@ -302,7 +316,7 @@ def recipe_flag_type(name: str):
 
 
 def add_train_commands(commands: argparse._SubParsersAction) -> None:
-    """`nanollm train` (every recipe key is also a flag), `nanollm eval` and `nanollm consolidate`."""
+    """`nanollm train` (every recipe key is also a flag), `nanollm eval`, `nanollm consolidate` and `nanollm tokenize`."""
     from .train.recipe import KEYS
 
     train_cmd = commands.add_parser("train", help="train a model: embedded CPU default, or a recipe with overrides")
@@ -327,6 +341,13 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     consolidate_cmd.add_argument("path", help="a run directory (its latest checkpoint) or a checkpoint folder")
     consolidate_cmd.add_argument("-o", "--out", help="the file to write (default: model.safetensors in the checkpoint folder)")
     consolidate_cmd.set_defaults(run=cmd_consolidate)
+    tokenize_cmd = commands.add_parser("tokenize", help="tokenise a corpus once into memory-mapped token shards, for --data DIR")
+    tokenize_cmd.add_argument("data", nargs="?", help=KEYS["data"].metadata["doc"])
+    tokenize_cmd.add_argument("-o", "--out", required=True, help="the folder to write (it must not exist)")
+    for name in ("tokenizer", "data_config", "data_split", "text_field", "eval_share"):
+        tokenize_cmd.add_argument("--" + name.replace("_", "-"), dest=name, type=recipe_flag_type(name), default=KEYS[name].default,
+                                  metavar=name.upper(), help=KEYS[name].metadata["doc"])
+    tokenize_cmd.set_defaults(run=cmd_tokenize)
 
 
 def add_budget_options(parser: argparse.ArgumentParser, required: bool) -> None:
