@@ -55,7 +55,7 @@ class ShardWriter:
         if self.handle is None or self.filled and self.filled + len(tokens) > self.shard_tokens:
             self.close()
             self.files.append(f"{self.split}-{len(self.files):05d}.bin")
-            self.handle, self.filled = open(self.folder / self.files[-1], "wb"), 0
+            self.handle, self.filled = open(self.folder / self.files[-1], "wb"), 0  # noqa: SIM115 (open across appends; closed by close())
         start = self.filled
         self.handle.write(np.asarray(tokens, dtype=self.dtype).tobytes())
         self.filled += len(tokens)
