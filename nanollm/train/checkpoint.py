@@ -161,12 +161,13 @@ def finish_checkpoint(staging: Path, files: dict[str, Any], rngs: list[dict[str,
     write_json(staging / "state.json", {**state, "param_groups": param_groups, "files": files})
 
 
-def write_failure(step: int, root: Path, error: BaseException) -> str:
-    """The one line a failed checkpoint write ends the run with."""
+def write_failure(step: int, root: Path, error: BaseException, folder: Path | None = None) -> str:
+    """The one line a failed checkpoint write ends the run with (naming the file, else the `folder` being written)."""
     if isinstance(error, CheckpointException):  # DCP's collection of every process's failure: the first process's
         error = next(iter(dict(sorted(error.failures.items())).values()))
         error = error[0] if isinstance(error, tuple) else error
-    where = f"{error.strerror}: {error.filename}" if getattr(error, "strerror", None) and getattr(error, "filename", None) else str(error)
+    filename = getattr(error, "filename", None) or folder
+    where = f"{error.strerror}: {filename}" if getattr(error, "strerror", None) and filename else str(error)
     return (f"could not write the checkpoint of step {step} ({where}); the earlier checkpoints are whole: "
             f"once that is fixed, continue with --resume {root.parent}")
 
@@ -272,15 +273,17 @@ class Checkpointer:
                 failure = write_failure(snapshot.step, self.root, error)
         failure = self.agree(failure)
         files: dict[str, Any] = {}
+        folder = staging
         if failure is None:
             try:
                 parts = {"model": snapshot.model, "optimizer": flat_optimizer_state(snapshot.optimizer)}
                 for part, tensors in parts.items():
                     if tensors:
-                        for path in write_shards(staging / part, tensors, self.group):
+                        folder = staging / part
+                        for path in write_shards(folder, tensors, self.group):
                             files[f"{part}/{path.name}"] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-            except (OSError, CheckpointException) as error:
-                failure = write_failure(snapshot.step, self.root, error)
+            except (OSError, CheckpointException) as error:  # DCP's writes name no file: the folder they were writing
+                failure = write_failure(snapshot.step, self.root, error, folder)
             failure = self.agree(failure)
         if failure is None and distributed():
             everyone: list[dict[str, Any]] = [{}] * dist.get_world_size()
