@@ -114,7 +114,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    out = Console()
+    out = Console(width=160)
     out.print(f"fp32 matmul rate: {matmul_rate() / 1e9:.1f} GFLOP/s (1024^3); {os.cpu_count()} CPUs")
     work = Path(tempfile.mkdtemp(prefix="nanollm-scale-out-"))
     try:
