@@ -282,6 +282,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
         out.print(f"note: the run's own evaluations at step {result['step']} scored {scored}: these figures do not compare with its metrics.jsonl")
 
 
+def cmd_consolidate(args: argparse.Namespace) -> None:
+    from .train.checkpoint import consolidate_checkpoint
+
+    checkpoint, out = consolidate_checkpoint(Path(args.path), Path(args.out) if args.out else None)
+    console().print(f"{checkpoint}: model -> {out} ({out.stat().st_size:,} bytes)")
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from .train.tokenizer import load_tokenizer
+    from .train.tokens import tokenize_corpus
+
+    out = console()
+    tokenizer = load_tokenizer(args.tokenizer)
+    with out.status("tokenising") as status:
+        manifest = tokenize_corpus(args.data, Path(args.out), tokenizer, args.tokenizer, args.data_config, args.data_split, args.text_field,
+                                   args.eval_share, report=lambda read: status.update(f"tokenising: {read:,} documents read"))
+    out.print(f"{manifest['source']['name']} -> {args.out}: {manifest['tokens']['train']:,} training tokens in {manifest['documents']['train']:,} "
+              f"documents, {manifest['tokens']['heldout']:,} held-out tokens in {manifest['documents']['heldout']:,} (eval_share "
+              f"{manifest['eval_share']}); tokenizer {manifest['tokenizer']}. Train from it with --data {args.out}")
+
+
 def recipe_flag_type(name: str):
     """argparse type for one recipe key: YAML-style text checked against the key's type."""
     from .train.recipe import parse_value
@@ -296,7 +317,7 @@ def recipe_flag_type(name: str):
 
 
 def add_train_commands(commands: argparse._SubParsersAction) -> None:
-    """`nanollm train` (every recipe key is also a flag) and `nanollm eval`."""
+    """`nanollm train` (every recipe key is also a flag), `nanollm eval`, `nanollm consolidate` and `nanollm tokenize`."""
     from .train.recipe import KEYS
 
     train_cmd = commands.add_parser("train", help="train a model: embedded CPU default, or a recipe with overrides")
@@ -317,6 +338,17 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     eval_cmd.add_argument("--eval-tokens", type=positive_int, help="held-out tokens to score (default: the run's eval_tokens)")
     eval_cmd.add_argument("--json", action="store_true", help="print one JSON object")
     eval_cmd.set_defaults(run=cmd_eval)
+    consolidate_cmd = commands.add_parser("consolidate", help="write a checkpoint's model as one safetensors file (from sharded checkpoints)")
+    consolidate_cmd.add_argument("path", help="a run directory (its latest checkpoint) or a checkpoint folder")
+    consolidate_cmd.add_argument("-o", "--out", help="the file to write (default: model.safetensors in the checkpoint folder)")
+    consolidate_cmd.set_defaults(run=cmd_consolidate)
+    tokenize_cmd = commands.add_parser("tokenize", help="tokenise a corpus once into memory-mapped token shards, for --data DIR")
+    tokenize_cmd.add_argument("data", nargs="?", help=KEYS["data"].metadata["doc"])
+    tokenize_cmd.add_argument("-o", "--out", required=True, help="the folder to write (it must not exist)")
+    for name in ("tokenizer", "data_config", "data_split", "text_field", "eval_share"):
+        tokenize_cmd.add_argument("--" + name.replace("_", "-"), dest=name, type=recipe_flag_type(name), default=KEYS[name].default,
+                                  metavar=name.upper(), help=KEYS[name].metadata["doc"])
+    tokenize_cmd.set_defaults(run=cmd_tokenize)
 
 
 def add_budget_options(parser: argparse.ArgumentParser, required: bool) -> None:

@@ -296,12 +296,13 @@ def test_a_full_disk_during_a_save_leaves_the_run_usable(moe_arch, tmp_path, mon
 
 def test_a_failed_write_stops_two_processes_with_one_line_each(tmp_path):
     """A write that really fails (a 1 MiB file-size limit, inherited by the launcher's processes: EFBIG where a full
-    disk gives ENOSPC): both processes stop with the line and exit code 2, and no partial checkpoint is left."""
+    disk gives ENOSPC) while each process writes its model shards: both processes stop with the first one's line and
+    exit code 2, and no partial checkpoint is left."""
     run = tmp_path / "run"
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
     result = run_group(two_processes_training(tmp_path) + ["--out", str(run), "--steps", "2", *map(str, FAST)], preexec_fn=limit)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if "could not write" in line]
-    assert lines == [f"could not write the checkpoint of step 2 (File too large: {run / 'checkpoints' / '.step_00000002.tmp' / 'model.safetensors'}); "
+    assert lines == [f"could not write the checkpoint of step 2 (File too large: {run / 'checkpoints' / '.step_00000002.tmp' / 'model'}); "
                      f"the earlier checkpoints are whole: once that is fixed, continue with --resume {run}"] * 2, result.stderr[-3000:]
     assert list((run / "checkpoints").iterdir()) == []

@@ -17,10 +17,12 @@ import random
 import sysconfig
 import tokenize
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
+import torch.distributed as dist
 
+from ..components import distributed
 from ..errors import DataError
 
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -274,17 +276,29 @@ class PackedRows:
         self.documents, self.tokenizer, self.seq_len = documents, tokenizer, seq_len
         self.tokens: list[int] = []  # the stream's tokens not yet used as a target, the next row's first included
 
+    def tokenize_more(self) -> None:
+        """Add the next documents' tokens to the stream: one document, or in several processes one per process, each
+        tokenised by one process and shared with all, so that each process tokenises its share of the documents."""
+        if not distributed():
+            self.tokens.extend(document_tokens(self.tokenizer, self.documents()))
+            return
+        texts = [self.documents() for _ in range(dist.get_world_size())]  # the same documents in every process
+        shared: list[list[int] | None] = [None] * len(texts)
+        dist.all_gather_object(shared, document_tokens(self.tokenizer, texts[dist.get_rank()]))
+        for tokens in shared:
+            self.tokens.extend(tokens)
+
     def next_row(self) -> list[int]:
         """seq_len + 1 tokens (StopIteration when the documents end first)."""
         while len(self.tokens) <= self.seq_len:
-            self.tokens.extend(document_tokens(self.tokenizer, self.documents()))
+            self.tokenize_more()
         row = self.tokens[: self.seq_len + 1]
         del self.tokens[: self.seq_len]
         return row
 
-    def next_rows(self, count: int) -> torch.Tensor:
-        """A (count, seq_len + 1) LongTensor."""
-        return torch.tensor([self.next_row() for _ in range(count)], dtype=torch.long)
+    def next_rows(self, count: int, keep: slice = slice(None)) -> torch.Tensor:
+        """The `keep` rows (all by default) of the next `count`, as a LongTensor of seq_len + 1 columns."""
+        return torch.tensor([self.next_row() for _ in range(count)][keep], dtype=torch.long)
 
 
 class TrainingRows(PackedRows):
@@ -292,6 +306,11 @@ class TrainingRows(PackedRows):
 
     def __init__(self, source: Source, tokenizer: Tokenizer, seq_len: int, eval_share: float, shuffle_buffer: int, seed: int) -> None:
         super().__init__(TrainingDocuments(source, eval_share, shuffle_buffer, seed), tokenizer, seq_len)
+
+    @property
+    def name(self) -> str:
+        """The source's name."""
+        return self.documents.source.name
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able position."""
@@ -304,30 +323,37 @@ class TrainingRows(PackedRows):
 
 def heldout_rows(source: Source, tokenizer: Tokenizer, seq_len: int, eval_share: float, max_tokens: int, scan: int | None) -> torch.Tensor:
     """The evaluation set, up to `max_tokens` targets packed as training packs them: the distinct held-out documents
-    of smallest hash among the first `scan` documents of `source` (read in its own order; all of it when None).
+    of smallest hash among the first `scan` documents of `source` (read in its own order; all of it when None)."""
 
-    One pass, keeping (and tokenising) only the documents that can still be chosen: memory is about `max_tokens`.
-    """
+    def candidates() -> Iterator[tuple[tuple[int, str], Callable[[], list[int]]]]:
+        for _ in itertools.count() if scan is None else range(scan):
+            text = next(source)
+            if source.epoch > 0:
+                break
+            if text and held_out(text, eval_share):
+                yield (document_hash(text), text), functools.partial(document_tokens, tokenizer, text)
+
+    return choose_heldout(candidates(), seq_len, max_tokens, source.name)
+
+
+def choose_heldout(candidates: Iterable[tuple[tuple[int, Any], Callable[[], list[int]]]], seq_len: int, max_tokens: int, name: str) -> torch.Tensor:
+    """The evaluation rows from held-out documents given as ((hash, identity), their tokens when asked): the distinct ones of
+    smallest key, up to `max_tokens` targets. One pass, tokenising only the documents that can still be chosen: memory
+    is about `max_tokens`."""
     count = max(1, max_tokens // seq_len)
     needed = count * seq_len + 1  # the packed stream: every target, and the first row's first token
-    chosen: list[tuple[int, str, list[int]]] = []  # (hash, text, tokens), sorted
+    chosen: list[tuple[tuple[int, Any], list[int]]] = []  # (key, tokens), sorted
     total = 0  # tokens in `chosen`
-    for _ in itertools.count() if scan is None else range(scan):
-        text = next(source)
-        if source.epoch > 0:
-            break
-        if not text or not held_out(text, eval_share):
-            continue
-        key = (document_hash(text), text)
-        position = bisect.bisect_left(chosen, key, key=lambda entry: entry[:2])
-        if (position < len(chosen) and chosen[position][:2] == key) or (position == len(chosen) and total >= needed):
+    for key, tokens_of in candidates:
+        position = bisect.bisect_left(chosen, key, key=lambda entry: entry[0])
+        if (position < len(chosen) and chosen[position][0] == key) or (position == len(chosen) and total >= needed):
             continue  # a repeat of a chosen document, or after every document of a set already full
-        tokens = document_tokens(tokenizer, text)
-        chosen.insert(position, (*key, tokens))
+        tokens = tokens_of()
+        chosen.insert(position, (key, tokens))
         total += len(tokens)
-        while total - len(chosen[-1][2]) >= needed:  # the last one is no longer needed
-            total -= len(chosen.pop()[2])
-    stream = torch.tensor([token for *_, tokens in chosen for token in tokens], dtype=torch.long)
+        while total - len(chosen[-1][1]) >= needed:  # the last one is no longer needed
+            total -= len(chosen.pop()[1])
+    stream = torch.tensor([token for _, tokens in chosen for token in tokens], dtype=torch.long)
     if len(stream) <= seq_len:
-        raise DataError(f"--data {source.name}: the held-out split has less than one sequence of {seq_len} tokens; raise eval_share (or eval_scan, if the source has more documents)")
+        raise DataError(f"--data {name}: the held-out split has less than one sequence of {seq_len} tokens; raise eval_share (or eval_scan, if the source has more documents)")
     return stream.unfold(0, seq_len + 1, seq_len)[:count].clone()  # rows overlapping by one token, as in training

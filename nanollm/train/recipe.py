@@ -69,6 +69,9 @@ class Recipe:
     eval_every: int = option(50, "steps between held-out evaluations (0: only at the end)")
     checkpoint_every: int = option(50, "steps between checkpoints (0: only at the end; the last step always saves)")
     keep_checkpoints: int = option(2, "checkpoints kept in the run directory")
+    checkpoint_format: str = option("auto", "sharded: each process writes its own shards (PyTorch DCP, safetensors); full: one file of each "
+                                    "gathered on the main process; auto: sharded when there are several processes", ("auto", "full", "sharded"))
+    async_save: bool = option(False, "write checkpoints in the background while training goes on (each still complete or absent)")
 
     def check(self) -> None:
         """RecipeError (one line) for values that cannot work."""

@@ -43,13 +43,14 @@ from ..human import console
 from ..ir import arch_from_json, arch_to_json
 from ..memory import TrainingMemory, training_memory
 from ..optim import build_optimizers, lr_multiplier, split_params
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpointer, latest_checkpoint, load_checkpoint
 from .data import Source, TrainingRows, heldout_rows, open_source
 from .evaluate import HeldOut, evaluate
 from .log import MetricsLog, environment, peak_flops, write_manifest
 from .parallel import check_launch, checkpoint_activations, gradient_sync, shard
 from .recipe import LENGTH_KEYS, Recipe, load_recipe, with_overrides
 from .tokenizer import load_tokenizer
+from .tokens import TokenFolder, TokenRows, is_token_folder
 
 # The exit code of a run stopped by SIGTERM or SIGINT after checkpointing: sysexits' EX_TEMPFAIL ("try again
 # later"), for a cluster script to requeue the job with --resume.
@@ -57,7 +58,8 @@ PREEMPTED_EXIT_CODE = 75
 
 # What a resumed run may change: its length, how it runs, and how it reports; never what it computes.
 RESUMABLE_KEYS = set(LENGTH_KEYS) | {"default_steps", "micro_batch_size", "compile", "activation_checkpointing", "parallel",
-                                     "mixed_precision", "peak_flops", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"}
+                                     "mixed_precision", "peak_flops", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                                     "checkpoint_format", "async_save"}
 
 
 @dataclass(frozen=True)
@@ -119,10 +121,20 @@ def recipe_source(recipe: Recipe) -> Source:
     return open_source(recipe.data, recipe.data_config, recipe.data_split, recipe.text_field, recipe.seed)
 
 
+def training_rows(recipe: Recipe, tokenizer: Any, seq_len: int) -> TrainingRows | TokenRows:
+    """The training stream: tokenised on the fly, or read from a folder `nanollm tokenize` wrote."""
+    if is_token_folder(recipe.data):
+        return TokenRows(TokenFolder(recipe.data, tokenizer, recipe.tokenizer, recipe.eval_share), seq_len, recipe.shuffle_buffer, recipe.seed)
+    return TrainingRows(recipe_source(recipe), tokenizer, seq_len, recipe.eval_share, recipe.shuffle_buffer, recipe.seed)
+
+
 def held_out_set(recipe: Recipe, tokenizer: Any, seq_len: int) -> HeldOut:
     """The recipe's evaluation rows, from a source of their own read in its own order: training's seed and position never touch them."""
-    source = open_source(recipe.data, recipe.data_config, recipe.data_split, recipe.text_field, seed=None)
-    rows = heldout_rows(source, tokenizer, seq_len, recipe.eval_share, recipe.eval_tokens, recipe.eval_scan)
+    if is_token_folder(recipe.data):
+        rows = TokenFolder(recipe.data, tokenizer, recipe.tokenizer, recipe.eval_share).heldout_rows(seq_len, recipe.eval_tokens, recipe.eval_scan)
+    else:
+        source = open_source(recipe.data, recipe.data_config, recipe.data_split, recipe.text_field, seed=None)
+        rows = heldout_rows(source, tokenizer, seq_len, recipe.eval_share, recipe.eval_tokens, recipe.eval_scan)
     return HeldOut.build(rows, tokenizer)
 
 
@@ -365,8 +377,7 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
         tokenizer = load_tokenizer(recipe.tokenizer)
     if len(tokenizer) > compiled.config.vocab_size:
         raise DataError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {compiled.config.vocab_size}: raise vocab_size in the .arch file")
-    source = recipe_source(recipe)
-    rows = TrainingRows(source, tokenizer, plan.seq_len, recipe.eval_share, recipe.shuffle_buffer, recipe.seed)
+    rows = training_rows(recipe, tokenizer, plan.seq_len)
     held_out = held_out_set(recipe, tokenizer, plan.seq_len)
 
     torch.manual_seed(recipe.seed)  # the same initial weights in every process, and across resumes
@@ -426,13 +437,13 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
             "plan": {**plan.__dict__, "tokens_per_step": plan.tokens_per_step, "tokens": plan.steps * plan.tokens_per_step,
                      "flops": plan.steps * plan.flops_per_step, "memory_bytes": memory.to_json()},
             "analysis": analysis.to_json(),
-            "data": {"source": source.name, "tokenizer": recipe.tokenizer or "embedded", "vocab": len(tokenizer),
+            "data": {"source": rows.name, "tokenizer": recipe.tokenizer or "embedded", "vocab": len(tokenizer),
                      "eos_token_id": tokenizer.eos_token_id, "held_out_tokens": held_out.tokens, "held_out_bytes": held_out.bytes,
                      "held_out_sequences": held_out.sequences, "held_out_fingerprint": held_out.fingerprint, "held_out_sets": scored},
             **environment(accelerator.device, accelerator.num_processes),
         })
         write_manifest(run_dir / "manifest.json", manifest)
-        out_console.print(settings_table(recipe, plan, compiled, run_dir, tokenizer, source.name, accelerator.device, memory, held_out))
+        out_console.print(settings_table(recipe, plan, compiled, run_dir, tokenizer, rows.name, accelerator.device, memory, held_out))
         if changed:
             earlier = f"held-out set {previous}" if previous else "an older held-out set (chosen in the seed's document order, before sets had fingerprints)"
             out_console.print(f"note: the evaluations logged up to step {step} scored {earlier}; from step {step + 1} on they score set "
@@ -444,11 +455,14 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
     rank = accelerator.process_index
     per_process = plan.batch_size // plan.processes
 
+    sharded_checkpoints = recipe.checkpoint_format == "sharded" or recipe.checkpoint_format == "auto" and plan.processes > 1
+    checkpointer = Checkpointer(run_dir / "checkpoints", recipe.keep_checkpoints, sharded_checkpoints, recipe.async_save)
+
     def save(at: int) -> None:
         state = {"step": at, "tokens": tokens, "flops": flops, "data": rows.state_dict(),
                  "schedulers": [s.state_dict() for s in schedulers],
                  "totals": {name: {k: v.tolist() for k, v in entry.items()} for name, entry in totals.items()}}
-        save_checkpoint(run_dir / "checkpoints", at, model, optimizers, state, recipe.keep_checkpoints)
+        checkpointer.save(at, model, optimizers, state)
 
     def run_eval() -> dict[str, float]:
         model.eval()
@@ -469,7 +483,7 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
             stopped = stop.agreed(accelerator.device)
             if stopped:
                 break
-            batch = rows.next_rows(plan.batch_size)[rank * per_process:(rank + 1) * per_process].to(accelerator.device)
+            batch = rows.next_rows(plan.batch_size, keep=slice(rank * per_process, (rank + 1) * per_process)).to(accelerator.device)
             step_loss = torch.zeros((), device=accelerator.device)
             step_aux = torch.zeros((), device=accelerator.device)
             for i, micro in enumerate(batch.split(plan.micro_batch_size)):
@@ -524,6 +538,7 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
             progress.update(task, completed=step)
     if stopped and saved_step != step:
         save(step)
+    checkpointer.close()  # the last checkpoint is whole before the run says it is done
 
     if main:
         log.close()
