@@ -212,8 +212,12 @@ class CausalAttention(Component):
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary:
             q, k = rotate(q, cos, sin, self.layout), rotate(k, cos, sin, self.layout)
-        out = attend(q, k, v, self.window, self.scale, self.softcap, self.sinks)
+        out = self.attend(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention core on rotated heads q (B, H, T, d), k, v (B, H_kv, T, d)."""
+        return attend(q, k, v, self.window, self.scale, self.softcap, self.sinks)
 
     def reset_parameters(self) -> None:
         if self.sinks is not None:
