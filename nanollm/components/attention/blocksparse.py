@@ -80,10 +80,11 @@ class Pattern:
 
 
 @functools.lru_cache(maxsize=8)
-def gathering(pattern: Pattern, length: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query block, the key blocks it gathers (n, m) (index n: a padding block) and the boolean mask (n, groups *
-    block, m * block) of which gathered keys each query row sees: kept, causal, inside the sequence. Built on the CPU
-    (the meta device has no values to size it by)."""
+def gathering(pattern: Pattern, length: int, groups: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block, the key blocks it gathers (n, m) (index n: a padding block) and the additive mask (1, n,
+    groups * block, m * block), 0 where a query row sees a gathered key (kept, causal, inside the sequence) and -inf
+    elsewhere. Built on the CPU (the meta device has no values to size it by). Additive and 4-d: SDPA turns a boolean
+    mask into this on every call, and leaves its fused CPU kernel for a 3-d one."""
     blocks = -(-length // pattern.block)
     query_block, key_block = torch.arange(blocks)[:, None], torch.arange(blocks)[None, :]
     kept = pattern.keeps(query_block, key_block)
@@ -94,7 +95,8 @@ def gathering(pattern: Pattern, length: int, groups: int) -> tuple[torch.Tensor,
     query = query_block * pattern.block + offsets  # (n, block)
     real_block = (index < blocks).repeat_interleave(pattern.block, 1)
     visible = (key[:, None, :] <= query[:, :, None]) & (key[:, None, :] < length) & real_block[:, None]
-    return index, visible.repeat(1, groups, 1)
+    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+    return index, mask.repeat(1, groups, 1)[None]
 
 
 def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float | None, softcap: float
@@ -104,7 +106,7 @@ def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: 
     batch, heads, length, width = q.shape
     kv_heads, block = k.shape[1], pattern.block
     groups, blocks = heads // kv_heads, -(-length // block)
-    index, visible = (t.to(q.device) for t in gathering(pattern, length, groups))
+    index, mask = (t.to(q.device) for t in gathering(pattern, length, groups, q.dtype))
     pad = blocks * block - length
 
     def blocked(x: torch.Tensor) -> torch.Tensor:  # (B, H_kv, T, d) -> (B * H_kv, n + 1, block, d), the last block zero
@@ -116,10 +118,10 @@ def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: 
     queries = F.pad(q, (0, 0, 0, pad)).reshape(batch * kv_heads, groups, blocks, block, width).transpose(1, 2).flatten(2, 3)
     if softcap:
         scores = queries @ keys.transpose(-2, -1) * (scale if scale is not None else width ** -0.5)
-        scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~visible, float("-inf"))
+        scores = softcap * torch.tanh(scores / softcap) + mask[0]
         out = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ values
     else:
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible, scale=scale)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
     out = out.unflatten(2, (groups, block)).transpose(1, 2)  # (B * H_kv, groups, n, block, d_v)
     return out.reshape(batch, heads, blocks * block, -1)[:, :, :length]
 
