@@ -106,9 +106,10 @@ def test_analysis_counts_the_patterns_pairs():
 
 
 def test_work_scales_with_the_blocks_kept():
-    """What the CPU path multiplies (counted by FlopCounterMode on real tensors): the kept blocks, not T x T."""
+    """What the CPU path multiplies: the kept blocks, not T x T (FlopCounterMode on the meta device, where SDPA
+    runs as its two matmuls over the gathered shapes)."""
     length, block, heads, width = 1024, 64, 4, 16
-    q, k, v = (t.detach() for t in qkv(length, heads=heads, kv_heads=heads, width=width))
+    q, k, v = (t.detach().to("meta") for t in qkv(length, heads=heads, kv_heads=heads, width=width))
     counts = {}
     for local in (1, 2, 4):
         with FlopCounterMode(display=False) as counter:
