@@ -124,7 +124,7 @@ def with_sink(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Te
 
 def attend_with_sink(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None, sinks: torch.Tensor
                      ) -> torch.Tensor:
-    """Sinks on SDPA (`with_sink`): exact, as fast as plain causal attention, trains everywhere."""
+    """Sinks on SDPA (`with_sink`): exact, within about 10% of plain causal attention on CPUs, trains everywhere."""
     length, width = q.shape[-2:]
     scale = scale if scale is not None else width ** -0.5
     q, k, v = with_sink(q, k, v, sinks, scale)
