@@ -4,9 +4,14 @@ Every setting that real models vary layer by layer is an argument defaulting to 
 counts and width, QK-norm (per head as Qwen3, over the whole projection as OLMo 2/3, or none), the position
 encoding (Gemma 3 gives its local layers another RoPE base), the logit scale and the logit soft-cap.
 
+Optional (GPT-OSS): biases on the four projections, and attention sinks, a learned logit per head that joins
+every query's softmax and takes probability mass without bringing a value.
+
 The attention core runs on scaled_dot_product_attention, except with a soft-cap, which SDPA cannot apply:
-then flex_attention (score_mod) on GPUs and the plain softmax(QK^T) V elsewhere. On the meta device
-(the analysis) it is always SDPA: the products are the same, and SDPA's fvcore handle counts the pairs
+then flex_attention (score_mod) on GPUs and the plain softmax(QK^T) V elsewhere. Sinks run on SDPA too, as
+one extra key every query sees (`with_sink`), and on GPUs as flex_attention's output rescaled by its
+log-sum-exp. On the meta device (the analysis) it is always plain SDPA: soft-caps and sinks change no
+product (a sink is one logit per query, not a score matmul), and SDPA's fvcore handle counts the pairs
 really attended.
 """
 from __future__ import annotations
@@ -18,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
 
-from .. import BRANCH, REGISTRY, Component, Input, Param, Rotary, make_norm, register, telling
+from .. import BRANCH, REGISTRY, VECTOR, Component, Input, Param, Rotary, make_norm, register, telling
 from ...ir import MAX_WIDTH, QK_NORMS, Call, ModelConfig
 from ..position.rope import rotate
 
@@ -32,7 +37,11 @@ ATTENTION_PARAMS = (  # per-layer overrides of the model settings, by name only
     Param("rope", Call, "position encoding: rope(...), yarn(...) or nope", setting="rope", kind="position", positional=False),
     Param("scale", float, "logit scale; 0 is 1/sqrt(head_dim)", setting="attn_scale", minimum=0, positional=False),
     Param("softcap", float, "logit soft-cap c tanh(s / c); 0 is off", setting="attn_softcap", minimum=0, positional=False),
+    Param("bias", bool, "biases on the q, k, v and o projections (GPT-OSS)", default=False, positional=False),
 )
+SINKS = Param("sinks", bool, "a learned per-head logit in every softmax, taking mass without a value (GPT-OSS)", default=False,
+              positional=False)
+SINK_PAD = 16  # head widths grow by a multiple of this for the sink's extra dimension: CPU SDPA runs 65 wide 3x slower than 80
 
 
 def sdpa_handle(attended_pairs: int) -> Callable:
@@ -63,50 +72,95 @@ def block_mask(length: int, window: int | None, device: torch.device) -> BlockMa
     return create_block_mask(visible, None, None, length, length, device=device)
 
 
-def attend_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None, softcap: float
-                ) -> torch.Tensor:
-    """Block-sparse path: flex_attention, the soft-cap as a score modification."""
+def attend_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None, softcap: float,
+                sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-sparse path: flex_attention, the soft-cap as a score modification; sinks from its log-sum-exp.
+
+    With a sink logit s per head, softmax over the keys and s gives each key exp(score) / (Z + exp(s)): the
+    output without the sink times Z / (Z + exp(s)) = sigmoid(logsumexp - s).
+    """
 
     def capped(score, b, h, q_idx, k_idx):
         return softcap * torch.tanh(score / softcap)
 
-    return flex_attention(q, k, v, score_mod=capped if softcap else None, block_mask=block_mask(q.shape[-2], window, q.device),
-                          scale=scale, enable_gqa=True)
+    out = flex_attention(q, k, v, score_mod=capped if softcap else None, block_mask=block_mask(q.shape[-2], window, q.device),
+                         scale=scale, enable_gqa=True, return_aux=AuxRequest(lse=True) if sinks is not None else None)
+    if sinks is None:
+        return out
+    out, aux = out
+    return out * torch.sigmoid(aux.lse - sinks.view(-1, 1)).unsqueeze(-1).to(out.dtype)
 
 
-def attend_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None, softcap: float
-                 ) -> torch.Tensor:
-    """softmax(cap(QK^T scale) + mask) V written out (soft-capped logits on CPUs); the softmax in fp32."""
+def attend_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None, softcap: float,
+                 sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(cap(QK^T scale) + mask, with the sink logits as one more column, dropped after) V written out;
+    the softmax in fp32."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = q @ k.transpose(-2, -1) * (scale if scale is not None else q.shape[-1] ** -0.5)
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~causal_mask(q.shape[-2], window, q.device), float("-inf"))
-    return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.view(1, -1, 1, 1).expand(*scores.shape[:-1], 1).to(scores.dtype)], dim=-1)
+    probabilities = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return (probabilities[..., :-1] if sinks is not None else probabilities) @ v
 
 
-def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None, softcap: float
-                  ) -> torch.Tensor:
-    """The path everywhere but on GPUs: SDPA with an explicit boolean mask, or, soft-capped, the softmax written out."""
+def with_sink(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, scale: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, T, d) grown so that plain causal attention over them is attention with sinks: position 0 is a
+    key every query sees, scoring sinks[h] for a query of head h and carrying a zero value; a dummy query in front
+    keeps every real query's causal prefix, itself included. The score rides on an extra dimension: queries hold
+    sinks / scale there, the sink key 1, the real keys 0."""
+    batch, heads, length, width = q.shape
+    extra = -(-(width + 1) // SINK_PAD) * SINK_PAD - width
+    logit = (sinks / scale).to(q.dtype).view(1, heads, 1, 1).expand(batch, heads, length, 1)
+    q = F.pad(torch.cat([q, logit], dim=-1), (0, extra - 1, 1, 0))
+    sink_key = F.one_hot(torch.tensor(width, device=k.device), width + extra).to(k.dtype).expand(batch, k.shape[1], 1, -1)
+    k = torch.cat([sink_key, F.pad(k, (0, extra))], dim=-2)
+    return q, k, F.pad(v, (0, extra, 1, 0))
+
+
+def attend_with_sink(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None, sinks: torch.Tensor
+                     ) -> torch.Tensor:
+    """Sinks on SDPA (`with_sink`): exact, within about 10% of plain causal attention on CPUs, trains everywhere."""
+    length, width = q.shape[-2:]
+    scale = scale if scale is not None else width ** -0.5
+    q, k, v = with_sink(q, k, v, sinks, scale)
+    if window:
+        mask = F.pad(causal_mask(length, window, q.device), (1, 0, 1, 0), value=True)  # the sink stays in every window
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return out[..., 1:, :width]
+
+
+def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None, softcap: float,
+                  sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """The path everywhere but on GPUs: SDPA with an explicit boolean mask (and sinks as an extra key), or,
+    soft-capped, the softmax written out."""
     if softcap:
-        return attend_eager(q, k, v, window, scale, softcap)
+        return attend_eager(q, k, v, window, scale, softcap, sinks)
+    if sinks is not None:
+        return attend_with_sink(q, k, v, window, scale, sinks)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q.shape[-2], window, q.device), scale=scale, enable_gqa=True)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None, scale: float | None = None,
-           softcap: float = 0.0) -> torch.Tensor:
-    """Causal attention of q (B, H, T, d) over k, v (B, H_kv, T, d), within the last `window` keys if given."""
-    if q.is_cuda and (window or softcap):
-        return attend_flex(q, k, v, window, scale, softcap)
-    if q.is_meta:  # the analysis: the soft-cap changes no product, and SDPA's handle counts the attended pairs
-        softcap = 0.0
-    if window or softcap:  # flex_attention has no backward on CPU in this torch
-        return attend_masked(q, k, v, window, scale, softcap)
+           softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of q (B, H, T, d) over k, v (B, H_kv, T, d), within the last `window` keys if given, with
+    a sink logit per head (H,) if given."""
+    if q.is_cuda and (window or softcap or sinks is not None):
+        return attend_flex(q, k, v, window, scale, softcap, sinks)
+    if q.is_meta:  # the analysis: soft-caps and sinks change no product, and SDPA's handle counts the attended pairs
+        softcap, sinks = 0.0, None
+    if window or softcap or sinks is not None:  # flex_attention has no backward on CPU in this torch
+        return attend_masked(q, k, v, window, scale, softcap, sinks)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
-@register("global", "mixer", *ATTENTION_PARAMS)
+@register("global", "mixer", *ATTENTION_PARAMS, SINKS)
 class CausalAttention(Component):
     """Causal GQA with QK-norm and RoPE on scaled_dot_product_attention."""
 
@@ -114,15 +168,16 @@ class CausalAttention(Component):
     window: int | None = None
 
     def __init__(self, config: ModelConfig, heads: int, kv_heads: int, head_dim: int, qk_norm: str, rope: Call, scale: float,
-                 softcap: float) -> None:
+                 softcap: float, bias: bool, sinks: bool = False) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.qk_norm = heads, kv_heads, head_dim, qk_norm
         self.scale, self.softcap = scale or None, softcap
         d, q_width, kv_width = config.d_model, heads * head_dim, kv_heads * head_dim
-        self.q_proj = nn.Linear(d, q_width, bias=False)
-        self.k_proj = nn.Linear(d, kv_width, bias=False)
-        self.v_proj = nn.Linear(d, kv_width, bias=False)
-        self.o_proj = nn.Linear(q_width, d, bias=False)
+        self.q_proj = nn.Linear(d, q_width, bias=bias)
+        self.k_proj = nn.Linear(d, kv_width, bias=bias)
+        self.v_proj = nn.Linear(d, kv_width, bias=bias)
+        self.o_proj = nn.Linear(q_width, d, bias=bias)
+        self.sinks = nn.Parameter(torch.zeros(heads)) if sinks else None
         if qk_norm != "none":
             self.q_norm = make_norm(config, head_dim if qk_norm == "head" else q_width)
             self.k_norm = make_norm(config, head_dim if qk_norm == "head" else kv_width)
@@ -157,8 +212,19 @@ class CausalAttention(Component):
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary:
             q, k = rotate(q, cos, sin, self.layout), rotate(k, cos, sin, self.layout)
-        out = attend(q, k, v, self.window, self.scale, self.softcap)
+        out = self.attend(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention core on rotated heads q (B, H, T, d), k, v (B, H_kv, T, d)."""
+        return attend(q, k, v, self.window, self.scale, self.softcap, self.sinks)
+
+    def reset_parameters(self) -> None:
+        if self.sinks is not None:
+            nn.init.zeros_(self.sinks)  # a sink logit of 0: each query's softmax starts with one key's worth of mass on the sink
+
+    def param_roles(self) -> dict[str, str]:
+        return {"sinks": VECTOR} if self.sinks is not None else {}
 
     def attended_pairs(self, seq_len: int) -> int:
         """(query, key) pairs one head scores over a sequence: each position sees itself and all before it."""
@@ -174,4 +240,5 @@ class CausalAttention(Component):
         return {name: name for name, _ in self.named_parameters()}  # transformers' names: q_proj ... o_proj, q_norm, k_norm
 
     def extra_repr(self) -> str:
-        return f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}"
+        sinks = ", sinks" if self.sinks is not None else ""
+        return f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}{sinks}"

@@ -5,9 +5,9 @@ from typing import Any
 
 import torch
 
-from .. import Param, register
 from ...ir import ModelConfig
-from .causal import ATTENTION_PARAMS, CausalAttention, attend_flex, attend_masked
+from .. import Param, register
+from .causal import ATTENTION_PARAMS, SINKS, CausalAttention, attend_flex, attend_masked
 
 
 @register(
@@ -15,6 +15,7 @@ from .causal import ATTENTION_PARAMS, CausalAttention, attend_flex, attend_maske
     "mixer",
     Param("window", int, "keys each query attends, itself included", default=4096, minimum=1, maximum=1 << 30, carry=True),
     *ATTENTION_PARAMS,
+    SINKS,
 )
 class SlidingWindowAttention(CausalAttention):
     """Causal GQA restricted to the most recent `window` positions."""
@@ -25,11 +26,11 @@ class SlidingWindowAttention(CausalAttention):
 
     def attend_masked(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Reference path: SDPA with an explicit boolean window mask (trains on every device)."""
-        return attend_masked(q, k, v, self.window, self.scale, self.softcap)
+        return attend_masked(q, k, v, self.window, self.scale, self.softcap, self.sinks)
 
     def attend_flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Block-sparse path: flex_attention skips the blocks outside the window."""
-        return attend_flex(q, k, v, self.window, self.scale, self.softcap)
+        return attend_flex(q, k, v, self.window, self.scale, self.softcap, self.sinks)
 
     def attended_pairs(self, seq_len: int) -> int:
         full = min(self.window, seq_len)  # positions 1..full see all before them, later ones see `window`

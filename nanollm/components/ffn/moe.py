@@ -1,7 +1,9 @@
 """Mixture of SwiGLU experts: token-choice top-k routing, optional shared experts, balancing, capacity.
 
 The router (router.py) picks k of E experts per token; the dispatch (dispatch.py) runs each token through
-its experts, dropless by default. `shared` always-on experts (DeepSeekMoE) form one dense SwiGLU of width
+its experts, dropless by default. GPT-OSS's experts are arguments too: biases on the router and on the experts,
+a clamped SwiGLU with a sigmoid slope and an offset on up, and its weight layout (so that its weights load
+unchanged). `shared` always-on experts (DeepSeekMoE) form one dense SwiGLU of width
 shared * d_ff, added unweighted. While training, every forward pass adds its expert loads, drops and
 losses to buffers; `finish_step` turns them into the step's metrics and, under balance=bias, nudges the
 selection bias towards balance (DeepSeek-V3).
@@ -15,14 +17,17 @@ import torch
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
-from .. import INIT_STD, Component, Param, collects_statistics, register, sum_over_processes, telling
+from .. import INIT_STD, MATRIX, VECTOR, Component, Param, collects_statistics, register, sum_over_processes, telling
 from ...ir import Call, ModelConfig
-from .dispatch import DROPS, capacity_limited, dropless, expert_counts
+from .dispatch import DROPS, ExpertBank, capacity_limited, dropless, expert_counts
 from .router import BALANCES, ROUTERS, Router
 from .swiglu import SwiGLU
 
 # Per-step accumulators, one float64 vector: the E expert loads, then these (float64 counts stay exact).
 DROPPED, PASSES, BALANCE, Z_LOSS = range(4)
+# How the expert weights are stored, as transformers stores them: stacked (E, 2f, d) with the gate rows first, and
+# down (E, d, f) (Qwen3-MoE, Mixtral, DeepSeek); gpt_oss (E, d, 2f) with gate and up columns alternating, down (E, f, d).
+LAYOUTS = ("stacked", "gpt_oss")
 
 
 def grouped_mm_handle(inputs: list, outputs: list) -> int:
@@ -63,6 +68,13 @@ def load_metrics(load: torch.Tensor) -> dict[str, torch.Tensor]:
     Param("jitter", float, "router-input noise while training: x * U(1 - jitter, 1 + jitter)", default=0.0, minimum=0),
     Param("capacity", float, "capacity factor; 0 = dropless", default=0.0, minimum=0),
     Param("drop", str, "which assignments go over capacity: lowest score, or latest position", default="score", choices=DROPS),
+    Param("router_bias", bool, "a learned bias on the router logits (GPT-OSS)", default=False),
+    Param("expert_bias", bool, "biases on the experts' projections (GPT-OSS)", default=False),
+    Param("alpha", float, "the experts' gate is gate * sigmoid(alpha * gate): 1 is SiLU, GPT-OSS 1.702", default=1.0, minimum=0),
+    Param("limit", float, "clamp the gate to <= limit and up to [-limit, limit] (GPT-OSS: 7); 0 is off", default=0.0, minimum=0),
+    Param("up_offset", float, "added to up before the product, (up + offset) (GPT-OSS: 1)", default=0.0),
+    Param("layout", str, "expert weight storage: stacked (E, 2f, d) gate rows first, or gpt_oss (E, d, 2f) gate/up interleaved",
+          default="stacked", choices=LAYOUTS),
 )
 class MoE(Component):
     """Top-k routed mixture of SwiGLU experts (+ shared experts); returns (output, weighted router losses)."""
@@ -81,15 +93,27 @@ class MoE(Component):
         bias_rate: float,
         capacity: float,
         drop: str,
-        **routing: Any,  # the Router's own arguments: router, norm_topk, scale, groups, top_groups, aux, z_loss, jitter
+        expert_bias: bool,
+        alpha: float,
+        limit: float,
+        up_offset: float,
+        layout: str,
+        **routing: Any,  # the Router's own arguments: router, norm_topk, scale, groups, top_groups, aux, z_loss, jitter, router_bias
     ) -> None:
         super().__init__()
         self.top, self.experts, self.shared, self.balance = top, experts, shared, balance
         self.bias_rate, self.capacity, self.drop = bias_rate, capacity, drop
+        self.alpha, self.limit, self.up_offset, self.layout = alpha, limit, up_offset, layout
         self.router = Router(config.d_model, experts, top, balance, **routing)
-        # (E, out, in) stacks, as nn.Linear, transformers and torchtitan lay them out; gate_up = [gate; up].
-        self.gate_up = nn.Parameter(torch.empty(experts, 2 * d_ff, config.d_model))
-        self.down = nn.Parameter(torch.empty(experts, config.d_model, d_ff))
+        d = config.d_model
+        if layout == "stacked":  # (E, out, in) stacks, as nn.Linear, transformers and torchtitan lay them out; gate_up = [gate; up]
+            self.gate_up = nn.Parameter(torch.empty(experts, 2 * d_ff, d))
+            self.down = nn.Parameter(torch.empty(experts, d, d_ff))
+        else:  # (E, in, out), gate and up columns alternating, as transformers' GptOssExperts
+            self.gate_up = nn.Parameter(torch.empty(experts, d, 2 * d_ff))
+            self.down = nn.Parameter(torch.empty(experts, d_ff, d))
+        self.gate_up_bias = nn.Parameter(torch.zeros(experts, 2 * d_ff)) if expert_bias else None
+        self.down_bias = nn.Parameter(torch.zeros(experts, d)) if expert_bias else None
         self.shared_experts = SwiGLU(config, shared * d_ff) if shared else None
         if balance == "bias":
             # Persistent (checkpointed) and kept fp32 by _apply: its updates are ~1e-3 steps that bf16 would round away.
@@ -117,17 +141,30 @@ class MoE(Component):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.gate_up, std=INIT_STD)
         nn.init.normal_(self.down, std=INIT_STD)
+        for bias in (self.gate_up_bias, self.down_bias):
+            if bias is not None:
+                nn.init.zeros_(bias)
         for buffer in self.buffers(recurse=False):
             buffer.zero_()
+
+    def param_roles(self) -> dict[str, str]:
+        biases = {name: VECTOR for name in ("gate_up_bias", "down_bias") if getattr(self, name) is not None}
+        return {"gate_up": MATRIX, "down": MATRIX} | biases
+
+    def bank(self) -> ExpertBank:
+        """The experts as the dispatch takes them: (E, out, in) views of the weights, biases, activation."""
+        gpt_oss = self.layout == "gpt_oss"
+        gate_up, down = (self.gate_up.transpose(1, 2), self.down.transpose(1, 2)) if gpt_oss else (self.gate_up, self.down)
+        return ExpertBank(gate_up, down, self.gate_up_bias, self.down_bias, gpt_oss, self.alpha, self.limit, self.up_offset)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         routing = self.router(x.reshape(-1, x.shape[-2], x.shape[-1]), getattr(self, "selection_bias", None))
         flat = x.reshape(-1, x.shape[-1])
         counts = expert_counts(routing.experts, self.experts)
         if self.capacity:
-            y, dropped = capacity_limited(flat, routing.experts, counts, routing.weights, self.gate_up, self.down, self.capacity, self.drop)
+            y, dropped = capacity_limited(flat, routing.experts, counts, routing.weights, self.bank(), self.capacity, self.drop)
         else:
-            y, dropped = dropless(flat, routing.experts, counts, routing.weights, self.gate_up, self.down), None
+            y, dropped = dropless(flat, routing.experts, counts, routing.weights, self.bank()), None
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         if collects_statistics(self):
@@ -171,9 +208,9 @@ class MoE(Component):
         return self
 
     def active_params(self) -> int:
-        expert = self.gate_up[0].numel() + self.down[0].numel()
+        expert = sum(p[0].numel() for p in (self.gate_up, self.down, self.gate_up_bias, self.down_bias) if p is not None)
         shared = sum(p.numel() for p in self.shared_experts.parameters()) if self.shared_experts is not None else 0
-        return self.router.weight.numel() + shared + self.top * expert
+        return sum(p.numel() for p in self.router.parameters()) + shared + self.top * expert
 
     def flop_handles(self, seq_len: int) -> dict[str, Callable]:
         return {"aten::_grouped_mm": grouped_mm_handle}
@@ -184,10 +221,14 @@ class MoE(Component):
 
     def hf_weights(self) -> dict[str, str]:
         names = {
-            "router.weight": "gate.weight",
-            "gate_up": "experts.gate_up_proj",  # both (E, 2 * d_ff, d_model), gate rows first
+            "router.weight": "router.weight" if self.layout == "gpt_oss" else "gate.weight",
+            "gate_up": "experts.gate_up_proj",  # the same shape and layout as transformers', by `layout`
             "down": "experts.down_proj",
         }
+        if self.router.bias is not None:
+            names["router.bias"] = "router.bias" if self.layout == "gpt_oss" else "gate.bias"
+        if self.gate_up_bias is not None:
+            names |= {"gate_up_bias": "experts.gate_up_proj_bias", "down_bias": "experts.down_proj_bias"}
         if self.balance == "bias":
             names["selection_bias"] = "gate.e_score_correction_bias"
         if self.shared_experts is not None:
@@ -195,4 +236,5 @@ class MoE(Component):
         return names
 
     def extra_repr(self) -> str:
-        return f"top={self.top}, experts={self.experts}, d_ff={self.down.shape[-1]}, shared={self.shared}, balance={self.balance}"
+        d_ff = self.gate_up.shape[1 if self.layout == "stacked" else 2] // 2
+        return f"top={self.top}, experts={self.experts}, d_ff={d_ff}, shared={self.shared}, balance={self.balance}"

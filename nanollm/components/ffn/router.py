@@ -1,7 +1,8 @@
 """Token-choice top-k routing for the MoE: scores, group-limited selection, selection bias, router losses.
 
-Two scoring functions: softmax over all experts (Switch, Mixtral, Qwen3-MoE) or an independent sigmoid
-per expert (DeepSeek-V3). Experts are chosen by score (plus DeepSeek-V3's selection bias when balancing by
+Three scoring functions: softmax over all experts (Switch, Mixtral, Qwen3-MoE), an independent sigmoid
+per expert (DeepSeek-V3), or the top-k chosen on the logits and softmax over those k only (GPT-OSS, whose
+router logits also have a bias). Experts are chosen by score (plus DeepSeek-V3's selection bias when balancing by
 bias, which never enters the weights), optionally only among the best groups of experts (DeepSeek-V3's
 group-limited routing); the chosen scores, optionally renormalised and scaled, weight the experts' outputs.
 """
@@ -15,7 +16,7 @@ from torch import nn
 
 from .. import INIT_STD
 
-ROUTERS = ("softmax", "sigmoid")
+ROUTERS = ("softmax", "sigmoid", "topk_softmax")
 BALANCES = ("aux", "seq_aux", "none", "bias")
 
 
@@ -46,23 +47,31 @@ class Router(nn.Module):
         aux: float,
         z_loss: float,
         jitter: float,
+        router_bias: bool = False,
     ) -> None:
         super().__init__()
         self.experts, self.top, self.kind, self.norm_topk, self.scale = experts, top, router, norm_topk, scale
         self.groups, self.top_groups, self.balance, self.aux, self.z_coef, self.jitter = groups, top_groups, balance, aux, z_loss, jitter
         self.weight = nn.Parameter(torch.empty(experts, d_model))
+        self.bias = nn.Parameter(torch.zeros(experts)) if router_bias else None
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=INIT_STD)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, selection_bias: torch.Tensor | None = None) -> Routing:
         """Route x of shape (B, T, d) (sequences matter only to the sequence-wise balance loss)."""
         if self.training and self.jitter > 0:  # Switch Transformer: multiplicative noise on the router input only
             x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
-        logits = F.linear(x.reshape(-1, x.shape[-1]), self.weight).float()
-        scores = logits.softmax(dim=-1) if self.kind == "softmax" else logits.sigmoid()
-        experts = self.select(scores.detach(), selection_bias)
-        weights = scores.gather(1, experts)
+        logits = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias).float()
+        scores = logits.sigmoid() if self.kind == "sigmoid" else logits.softmax(dim=-1)
+        if self.kind == "topk_softmax":  # chosen on the logits (softmax ties where it underflows), weighted by a softmax over k
+            experts = self.select(logits.detach(), selection_bias)
+            weights = logits.gather(1, experts).softmax(dim=-1)
+        else:
+            experts = self.select(scores.detach(), selection_bias)
+            weights = scores.gather(1, experts)
         if self.norm_topk:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # the epsilon guards all-zero sigmoids
         weights = weights * self.scale
@@ -93,7 +102,7 @@ class Router(nn.Module):
         if self.balance not in ("aux", "seq_aux") or self.aux == 0:
             return scores.new_zeros(())
         # Affinities as a distribution over experts: softmax already is one; sigmoid scores are normalised.
-        affinity = scores if self.kind == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
+        affinity = scores / scores.sum(dim=-1, keepdim=True) if self.kind == "sigmoid" else scores
         batch, length, _ = affinity.shape
         counts = torch.zeros(batch, self.experts, device=affinity.device).scatter_add_(1, experts, torch.ones_like(experts, dtype=torch.float))
         if self.balance == "aux":
