@@ -238,9 +238,11 @@ def initialize(model: nn.Module) -> None:
 
 @torch.no_grad()
 def initialize_own(module: nn.Module) -> None:
-    """Normal(0, INIT_STD) matrices; components and norms reset their own parameters (and only those)."""
+    """Normal(0, INIT_STD) matrices, zero biases; components and norms reset their own parameters (and only those)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=INIT_STD)
+        if getattr(module, "bias", None) is not None:  # the projections of Mamba-2, LFM2 and ReLU^2 MLPs may have biases
+            nn.init.zeros_(module.bias)
     elif hasattr(module, "reset_parameters"):
         module.reset_parameters()
 
