@@ -2,10 +2,13 @@
 gradients), their decoding steps reproduce the training form, they run on meta, and the analysis counts them exactly."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import nanollm
+from nanollm.cli import main
 from nanollm.components.linear import scalar_decay
 from nanollm.components.linear.lightning import LightningAttention
 from nanollm.components.ssm import shortconv
@@ -13,9 +16,12 @@ from nanollm.components.ssm.mamba2 import Mamba2
 from nanollm.components.ssm.shortconv import ShortConv
 from nanollm.compiler import initialize
 from nanollm.errors import ArchError
+from nanollm.human import human
 from nanollm.ir import ModelConfig
+from nanollm.render.stack import figures
 from nanollm.resolve import load
 
+ROOT = Path(__file__).parent.parent
 CONFIG = ModelConfig(vocab_size=128, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64)
 
 
@@ -162,14 +168,14 @@ def test_hybrid_flops_per_layer_equal_the_closed_form(length: int) -> None:
         assert analysis.layers[index].flops_per_token_fwd * length == pytest.approx(2 * macs, rel=1e-12), index
 
 
-def test_recurrent_state_is_constant_in_length_beside_the_growing_kv_cache() -> None:
+def test_recurrent_state_is_reported_per_sequence_beside_the_kv_cache_per_token() -> None:
     compiled = nanollm.compile(HYBRID)
     short, long = compiled.analyze(64), compiled.analyze(256)
-    states = {0: 4 * 8 * 8, 1: 4 * 16 * 8 + (64 + 2 * 2 * 8) * 3, 2: 32 * 2, 3: 0}
-    for index, elements in states.items():
-        for analysis in (short, long):
-            assert analysis.layers[index].cache_bytes_per_token * analysis.seq_len == 2 * elements
-    assert long.layers[4].cache_bytes_per_token == short.layers[4].cache_bytes_per_token == 2 * 2 * 2 * 8
+    states = {0: 4 * 8 * 8, 1: 4 * 16 * 8 + (64 + 2 * 2 * 8) * 3, 2: 32 * 2, 3: 0, 4: 0}  # bf16 elements of each layer's state
+    for analysis in (short, long):
+        assert [layer.state_bytes for layer in analysis.layers] == [2 * elements for elements in states.values()]
+        assert [layer.cache_bytes_per_token for layer in analysis.layers] == [0, 0, 0, 0, 2 * 2 * 2 * 8]  # attention's K and V
+        assert analysis.state_bytes == 2 * sum(states.values())
 
 
 BAD = [
@@ -186,3 +192,12 @@ def test_bad_mixer_arguments_are_positioned_errors(text: str, line: int, col: in
         load(text)
     assert message in raised.value.message
     assert (raised.value.pos.line, raised.value.pos.col) == (line, col)
+
+
+def test_state_is_shown_in_the_table_and_the_diagram_beside_the_kv_cache(capsys: pytest.CaptureFixture) -> None:
+    analysis = nanollm.compile(HYBRID).analyze(64)
+    assert figures(analysis.layers[1])[-1] == f"state {human(analysis.layers[1].state_bytes, 'B')}/sequence"
+    assert not any(text.startswith("state") for text in figures(analysis.layers[4]))
+    assert main(["compile", str(ROOT / "archs/hybrid_ssm.arch"), "--seq-len", "256"]) == 0
+    table = capsys.readouterr().out
+    assert "state bytes" in table and "recurrent state/sequence" in table

@@ -35,6 +35,7 @@ class LightningAttention(Component):
     """Linear attention with per-head exponential decay, SiLU features, a normed and gated output."""
 
     hf_module = "self_attn"
+    fixed_state = True
 
     def __init__(self, config: ModelConfig, heads: int, head_dim: int, decay: float, chunk: int) -> None:
         super().__init__()

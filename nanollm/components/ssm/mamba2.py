@@ -59,6 +59,7 @@ class Mamba2(Component):
     """Selective state space (SSD), chunked, with its convolution, grouped B/C, D skip and gated group norm."""
 
     hf_module = "mixer"
+    fixed_state = True
 
     def __init__(self, config: ModelConfig, heads: int, head_dim: int, state: int, groups: int, conv: int, chunk: int, dt_min: float,
                  conv_bias: bool, bias: bool) -> None:

@@ -34,6 +34,7 @@ class ShortConv(Component):
     """Gated depthwise causal convolution: C * conv(B * x)."""
 
     hf_module = "conv"
+    fixed_state = True
 
     def __init__(self, config: ModelConfig, kernel: int, bias: bool) -> None:
         super().__init__()
