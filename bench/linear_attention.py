@@ -1,7 +1,7 @@
 """How fast the recurrent mixers train and decode on the CPU: each chunked form beside transformers' own torch path.
 
-Run: python bench/linear_attention.py [--lengths 2048 8192] [--rounds R] [--threads K]. Each case is one layer built
-twice with the same weights, nanollm's (loaded through its `hf_weights`) and transformers' (its pure-torch path, the
+Run: python bench/linear_attention.py [--lengths 2048 8192] [--rounds R] [--threads K] [--cases NAME ...]. Each case is
+one layer built twice with the same weights, nanollm's (loaded through its `hf_weights`) and transformers' (its pure-torch path, the
 one a machine without the CUDA kernels runs), checked equal first; each way times forward + backward of the whole
 layer on one sequence in fp32, input gradient included:
 
@@ -148,7 +148,9 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--cases", nargs="+", choices=[case.name for case in CASES], help="the layers to time (default: all)")
     args = parser.parse_args()
+    cases = [case for case in CASES if args.cases is None or case.name in args.cases]
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console()
@@ -157,7 +159,7 @@ def main() -> None:
     for column in ("layer", "T", "transformers ms", "nanollm ms", "speed-up", "ns/token"):
         table.add_column(column, justify="right" if column != "layer" else "left")
     per_token: dict[str, dict[int, float]] = {}
-    for case in CASES:
+    for case in cases:
         theirs, ours = pair(case)
         for length in args.lengths:
             x = torch.randn(1, length, D_MODEL, generator=torch.Generator().manual_seed(length), requires_grad=True)
@@ -179,7 +181,7 @@ def main() -> None:
     flat = Table(title=f"nanollm per token at T = {long} over T = {short} (target <= 1.2), and one decoding step at the end of each")
     for column in ("layer", "train per-token ratio", f"step after {short} (us)", f"step after {long} (us)", "step ratio"):
         flat.add_column(column, justify="right" if column != "layer" else "left")
-    for case in CASES:
+    for case in cases:
         _, ours = pair(case)
         for name, module in ours.items():
             steps = {length: step_seconds(module, torch.randn(1, length, D_MODEL)) for length in (short, long)}
