@@ -53,7 +53,7 @@ def positive_number(text: str) -> float:
 
 BUDGET_OPTIONS = ("law", "tokens", "params", "devices")
 BUDGET_ONLY = (*BUDGET_OPTIONS, "output")
-FIGURE_COLUMNS = ("params", "active", "FLOPs/token", "cache bytes/token")
+FIGURE_COLUMNS = ("params", "active", "FLOPs/token", "cache bytes/token", "state bytes")
 
 
 def require_budget(args: argparse.Namespace, names: tuple[str, ...]) -> None:
@@ -78,7 +78,7 @@ def layer_rows(arch: Arch, analysis: Analysis) -> list[tuple[str, ...]]:
         calls = [brief(layer.get(slot), config) if layer.get(slot) else "-" for slot in SLOTS if slot in columns]
         residual = [brief(layer.residual, config)] if "residual" in columns else []
         rows.append((str(r.index), *calls, *residual, human(r.params), human(r.params_active), human(r.flops_per_token_fwd),
-                     human(r.cache_bytes_per_token)))
+                     human(r.cache_bytes_per_token), human(r.state_bytes)))
     return rows
 
 
@@ -93,6 +93,7 @@ def total_rows(arch: Arch, analysis: Analysis) -> list[tuple[str, str]]:
         ("forward FLOPs/token", human(analysis.flops_per_token_fwd)),
         ("training FLOPs/token (3x)", human(analysis.flops_per_token_train)),
         ("inference cache/token", human(analysis.cache_bytes_per_token, "B")),
+        ("recurrent state/sequence", human(analysis.state_bytes, "B")),
         ("activations saved (batch 1)", human(analysis.activation_bytes, "B")),
     ]
 

@@ -1,8 +1,9 @@
 """`nanollm import`: the .arch file of a transformers model from its config alone, equal to from_hf's IR.
 
 The fixtures are the published config.json files of Gemma-3-1B, Gemma-3-4B (image-text; its text_config) and
-OLMo-3-7B, written from their public values (the OLMo 3 file is assembled from the 7B's documented values,
-its architecture keys cross-checked against two sources).
+OLMo-3-7B, LFM2-1.2B and Nemotron-H-8B-Base-8K, written from their public values (the OLMo 3 file is assembled from
+the 7B's documented values, its architecture keys cross-checked against two sources; the LFM2 and Nemotron-H files
+against several public copies, Nemotron-H's total of 8,100,852,736 parameters against a published count).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from nanollm.cli import main
 from nanollm.hf import arch_from_config, load_config
 
 CONFIGS = Path(__file__).parent / "fixtures" / "hf_configs"
-PUBLISHED = ["gemma-3-1b", "gemma-3-4b", "olmo-3-7b"]
+PUBLISHED = ["gemma-3-1b", "gemma-3-4b", "olmo-3-7b", "lfm2-1.2b", "nemotron-h-8b"]
 
 
 def imported(tmp_path: Path, name: str) -> Path:

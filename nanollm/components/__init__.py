@@ -209,6 +209,9 @@ class Component(Registered, nn.Module):
     """
 
     outputs: tuple[str, ...] = ("out",)  # or ("out", "aux_loss"): a weighted auxiliary loss the model sums
+    # True: `cache_elements` is a recurrent state of a fixed size (a linear mixer's matrices, a convolution's last
+    # inputs), reported per sequence beside the KV cache per token
+    fixed_state = False
     hf_module = ""  # the transformers decoder layer's submodule it corresponds to (self_attn, mlp, ...)
 
     def inputs(self) -> tuple[Input, ...]:

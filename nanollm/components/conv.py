@@ -24,15 +24,19 @@ class CausalConv1d(nn.Conv1d):
         return (self.kernel_size[0] - 1) * self.dilation[0] + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing():  # fvcore counts FLOPs by tracing, where convolutions on meta tensors fail
-            return self.windowed(x)
-        # left padding only: transformers pads both sides and drops the tail, which computes outputs it throws away
+        # Off GPUs, the product over windows: a CPU's depthwise convolution takes ~4x longer in backward, and on meta
+        # torch.jit.trace (fvcore, the analysis) cannot run a convolution at all in this torch.
+        return self.by_convolution(x) if x.is_cuda else self.by_windows(x)
+
+    def by_convolution(self, x: torch.Tensor) -> torch.Tensor:
+        """nn.Conv1d over the input padded on the left (transformers pads both sides and drops the tail it computed)."""
         return super().forward(F.pad(x.transpose(1, 2), (self.span - 1, 0))).transpose(1, 2)
 
-    def windowed(self, x: torch.Tensor) -> torch.Tensor:
-        """The same convolution as each output's window times the taps (a matmul: kernel multiply-adds per output)."""
-        windows = F.pad(x.transpose(1, 2), (self.span - 1, 0)).unfold(-1, self.span, 1)[..., :: self.dilation[0]]  # (B, C, T, kernel)
-        out = (windows @ self.weight[:, 0].unsqueeze(-1)).squeeze(-1).transpose(1, 2)  # taps (C, kernel, 1)
+    def by_windows(self, x: torch.Tensor) -> torch.Tensor:
+        """The same products as a matmul of each output's window of taps (fvcore counts channels x kernel per token exactly;
+        its einsum count is rounded)."""
+        windows = F.pad(x, (0, 0, self.span - 1, 0)).unfold(1, self.span, 1)[..., :: self.dilation[0]]  # (B, T, C, kernel)
+        out = (windows[..., None, :] @ self.weight[:, 0, :, None]).flatten(-3)
         return out + self.bias if self.bias is not None else out
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +32,16 @@ class Family:
     arch_from_config: Callable[[Any], Arch]
     decoder: str = "model."  # state-dict prefix of the decoder
     ignored: tuple[str, ...] = ()  # state-dict prefixes of weights that are not the language model's (a vision tower)
+    # (pattern, replacement) regex substitutions from the usual transformers names (embed_tokens, input_layernorm,
+    # self_attn.o_proj, mlp.gate_proj, ...) to the family's own (LFM2's operator_norm, Nemotron-H's mixer, ...)
+    renames: tuple[tuple[str, str], ...] = ()
+    derived: tuple[str, ...] = ()  # names ending so are buffers transformers recomputes from the config (MiniMax's decay tables)
+
+    def rename(self, name: str) -> str:
+        """A transformers name in the usual spelling, in this family's spelling."""
+        for pattern, replacement in self.renames:
+            name = re.sub(pattern, replacement, name)
+        return name
 
 
 FAMILIES: dict[str, Family] = {}
@@ -64,7 +75,7 @@ def common_settings(hf: Any) -> dict[str, Any]:
         n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
         head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
         d_ff=hf.intermediate_size,
-        norm_eps=float(hf.rms_norm_eps),
+        norm_eps=float(next(getattr(hf, name) for name in ("rms_norm_eps", "norm_eps", "layer_norm_epsilon") if hasattr(hf, name))),
         tie_embeddings=bool(hf.tie_word_embeddings),
     )
 
@@ -168,10 +179,10 @@ def from_hf(model: transformers.PreTrainedModel | str | os.PathLike) -> fx.Graph
     if type(model).__name__ not in adapter.causal_lms:
         raise ArchError(f"from_hf takes a causal LM ({supported()}), not {type(model).__name__}")
     ours = Compiled(arch).build(device=model.device, dtype=model.dtype)
-    names = weight_names(ours, arch, adapter.decoder)
+    names = {ours: adapter.rename(hf_name) for ours, hf_name in weight_names(ours, arch, adapter.decoder).items()}
     theirs = model.state_dict()
     unused = theirs.keys() - names.values() - ({"lm_head.weight"} if arch.config.tie_embeddings else set())
-    unused = {name for name in unused if not name.startswith(adapter.ignored)}
+    unused = {name for name in unused if not name.startswith(adapter.ignored) and not name.endswith(adapter.derived)}
     if unused:
         raise ArchError(f"transformers weights nanollm has no place for: {', '.join(sorted(unused))}")
     head = theirs.get("lm_head.weight")
@@ -181,7 +192,7 @@ def from_hf(model: transformers.PreTrainedModel | str | os.PathLike) -> fx.Graph
     return ours
 
 
-from . import deepseek, gemma3, gpt_oss, mixtral, olmo, qwen3  # noqa: E402,F401  the family adapters register themselves
+from . import deepseek, gemma3, gpt_oss, lfm2, minimax, mixtral, nemotron_h, olmo, qwen3  # noqa: E402,F401  the family adapters register themselves
 
 
 def moe_call(hf: Any, config: ModelConfig) -> Call:

@@ -1,0 +1,1 @@
+"""Linear-attention mixers: recurrent mixers with a matrix-valued state, each with chunked, recurrent and naive forms."""

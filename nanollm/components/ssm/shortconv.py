@@ -1,0 +1,67 @@
+"""LFM2's gated short convolution (Liquid AI): in_proj(x) -> B, C, x; y = C * conv(B * x); out_proj(y).
+
+A depthwise causal convolution of a few taps between two multiplicative gates, no activation: its state is the
+last kernel-1 gated inputs per channel. Its "chunked" form is the convolution over the whole sequence, its
+recurrent form `CausalConv1d.step`, its reference `naive` below.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import Component, Param, register
+from ...ir import ModelConfig
+from ..conv import CausalConv1d
+
+
+def naive(gated: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y[t, c] = bias[c] + sum_j weight[c, 0, j] gated[t - (K-1) + j, c], the sum written out tap by tap; for tests."""
+    kernel, length = weight.shape[-1], gated.shape[1]
+    out = torch.zeros_like(gated) if bias is None else bias.expand_as(gated).clone()
+    for j in range(kernel):
+        shift = kernel - 1 - j
+        out[:, shift:] += weight[:, 0, j] * gated[:, : length - shift]
+    return out
+
+
+@register(
+    "shortconv",
+    "mixer",
+    Param("kernel", int, "taps of the causal convolution (LFM2: conv_L_cache)", default=3, minimum=1, maximum=1 << 10),
+    Param("bias", bool, "biases on in_proj, the convolution and out_proj", default=False),
+)
+class ShortConv(Component):
+    """Gated depthwise causal convolution: C * conv(B * x)."""
+
+    hf_module = "conv"
+    fixed_state = True
+
+    def __init__(self, config: ModelConfig, kernel: int, bias: bool) -> None:
+        super().__init__()
+        d = config.d_model
+        self.in_proj = nn.Linear(d, 3 * d, bias=bias)
+        self.conv = CausalConv1d(d, kernel, bias=bias)
+        self.out_proj = nn.Linear(d, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, x = self.in_proj(x).chunk(3, dim=-1)
+        return self.out_proj(c * self.conv(b * x))
+
+    def initial_state(self, batch: int) -> torch.Tensor:
+        """The decoding state before the first token: the convolution's past gated inputs, zeros."""
+        return self.out_proj.weight.new_zeros(batch, self.conv.in_channels, self.conv.span - 1)
+
+    def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token (B, d_model) and the state -> its output (B, d_model) and the next state: the decoding form."""
+        b, c, x = self.in_proj(x).chunk(3, dim=-1)
+        mixed, state = self.conv.step(b * x, state)
+        return self.out_proj(c * mixed), state
+
+    def cache_elements(self, seq_len: int) -> int:
+        return self.conv.in_channels * (self.conv.span - 1)
+
+    def hf_weights(self) -> dict[str, str]:
+        return {name: name for name, _ in self.named_parameters()}  # in_proj, conv, out_proj, as transformers
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.conv.kernel_size[0]}"
