@@ -1,0 +1,115 @@
+"""Incremental decoding: every family from_hf imports generates transformers' greedy tokens, and each decoding step's
+logits equal the full forward pass's at that position (global, sliding ring buffers, MoE), prompts past every window."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import (
+    Gemma3TextConfig,
+    Gemma3ForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Olmo3Config,
+    Olmo3ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+import nanollm
+from nanollm.compiled import Compiled
+from nanollm.decode import Decoder, Sampling, generated
+from nanollm.hf import arch_from_config
+
+WINDOW = 5
+PROMPT = 12  # longer than every window
+NEW = 40
+TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, eos_token_id=None, bos_token_id=None, pad_token_id=None, max_position_embeddings=128)
+MIXED = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+FAMILIES = {
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(layer_types=MIXED, use_sliding_window=True, sliding_window=WINDOW)),
+    "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                            use_sliding_window=True, sliding_window=WINDOW)),
+    "mixtral": (MixtralForCausalLM, MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
+    "gemma3_text": (Gemma3ForCausalLM, Gemma3TextConfig, dict(layer_types=MIXED, sliding_window=WINDOW, query_pre_attn_scalar=12,
+                                                              final_logit_softcapping=5.0)),
+    "olmo2": (Olmo2ForCausalLM, Olmo2Config, {}),
+    "olmo3": (Olmo3ForCausalLM, Olmo3Config, dict(layer_types=MIXED, sliding_window=WINDOW)),
+}
+
+
+def tiny(family: str, std: float = 0.2) -> Any:
+    """A tiny random transformers model of a family, eager, fp32; weights drawn N(0, std), by default wide enough that
+    greedy choices are decisive (no near-ties for rounding to flip)."""
+    model_class, config_class, overrides = FAMILIES[family]
+    torch.manual_seed(0)
+    model = model_class(config_class(**TINY, **overrides, attn_implementation="eager", experts_implementation="eager")).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            elif param.dim() >= 2:
+                param.normal_(0, std)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def decoder_of(hf: Any) -> Decoder:
+    """nanollm's decoder of the same weights."""
+    return Decoder(nanollm.from_hf(hf).eval(), arch_from_config(hf.config), context=hf.config.max_position_embeddings)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_equal_transformers_generate(family: str) -> None:
+    hf = tiny(family)
+    torch.manual_seed(1)
+    prompt = torch.randint(0, TINY["vocab_size"], (2, PROMPT))
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    ours = generated(decoder_of(hf), prompt, NEW)
+    assert torch.equal(ours, theirs[:, PROMPT:])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "gemma3_text"])
+def test_each_decoding_step_gives_the_full_forward_logits_at_its_position(family: str) -> None:
+    hf = tiny(family, std=0.05)  # logits of order 1, where 1e-5 is a tolerance of rounding only
+    decoder = decoder_of(hf)
+    torch.manual_seed(2)
+    sequence = torch.randint(0, TINY["vocab_size"], (2, PROMPT + 16))
+    with torch.no_grad():
+        full, _ = decoder.model(sequence)
+        states = decoder.states(2, sequence.shape[1])
+        # a prefill chunk past the window, a second chunk continuing it (a ring buffer met mid-sequence), then tokens one by one
+        steps = [decoder.step(sequence[:, :PROMPT], 0, states), decoder.step(sequence[:, PROMPT:PROMPT + 7], PROMPT, states)]
+        steps += [decoder.step(sequence[:, t:t + 1], t, states) for t in range(PROMPT + 7, sequence.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_a_sliding_cache_holds_only_its_window() -> None:
+    decoder = decoder_of(tiny("qwen3"))
+    states = decoder.states(1, 100)
+    sizes = {path: state["keys"].shape[2] for path, state in states.items()}
+    assert sizes == {"layers.0.mixer": WINDOW, "layers.1.mixer": 100, "layers.2.mixer": WINDOW, "layers.3.mixer": WINDOW}
+
+
+def test_the_decoding_graph_runs_on_the_meta_device() -> None:
+    compiled = Compiled(arch_from_config(tiny("qwen3_moe").config))
+    decoder = Decoder(compiled.graph, compiled.arch, context=4096)
+    states = decoder.states(3, 4096)
+    logits = decoder.step(torch.zeros(3, 1, dtype=torch.long, device="meta"), 4000, states)
+    assert logits.is_meta and logits.shape == (3, 1, TINY["vocab_size"])
+
+
+def test_sampling_keeps_only_the_top_k_and_top_p_tokens() -> None:
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(200, 1)
+    generator = torch.Generator().manual_seed(0)
+    assert set(Sampling(temperature=1.0, top_k=2).choose(logits, generator).tolist()) == {0, 1}
+    # softmax: 0.64, 0.24, 0.09, ...: top_p 0.8 keeps the first two (0.64 < 0.8 <= 0.88)
+    assert set(Sampling(temperature=1.0, top_p=0.8).choose(logits, generator).tolist()) == {0, 1}
+    assert set(Sampling(temperature=0.0).choose(logits).tolist()) == {0}
