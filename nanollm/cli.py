@@ -281,6 +281,42 @@ def cmd_eval(args: argparse.Namespace) -> None:
         out.print(f"note: the run's own evaluations at step {result['step']} scored {scored}: these figures do not compare with its metrics.jsonl")
 
 
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of `generate`: --prompt, or one per non-empty line of --prompts FILE."""
+    if args.prompts is None:
+        return [args.prompt]
+    try:
+        lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise NanollmError(f"cannot read {args.prompts}: {error.strerror or error}") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise NanollmError(f"{args.prompts}: no prompt in it (one a line)")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .decode import Decoder, Sampling, stream_text
+    from .trained import load_trained
+
+    prompts = read_prompts(args)
+    trained = load_trained(args.path)
+    decoder = Decoder(trained.model, trained.arch, trained.context)
+    sampling = Sampling(args.temperature, args.top_k or 0, args.top_p)
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([trained.tokenizer.encode(prompt)], dtype=torch.long)
+        decoder.check(ids)
+        if len(prompts) > 1:
+            sys.stdout.write(f"{'' if i == 0 else chr(10)}--- prompt {i + 1}\n")
+        sys.stdout.write(prompt)
+        for piece in stream_text(decoder, trained.tokenizer, ids, args.max_new_tokens, sampling, args.seed):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
 def recipe_flag_type(name: str):
     """argparse type for one recipe key: YAML-style text checked against the key's type."""
     from .train.recipe import parse_value
@@ -316,6 +352,40 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
     eval_cmd.add_argument("--eval-tokens", type=positive_int, help="held-out tokens to score (default: the run's eval_tokens)")
     eval_cmd.add_argument("--json", action="store_true", help="print one JSON object")
     eval_cmd.set_defaults(run=cmd_eval)
+
+
+def non_negative_number(text: str) -> float:
+    """argparse type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    value = non_negative_number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text}")
+    return value
+
+
+def add_inference_commands(commands: argparse._SubParsersAction) -> None:
+    """`nanollm generate`."""
+    generate_cmd = commands.add_parser("generate", help="generate text from a run, a checkpoint or a transformers model directory")
+    generate_cmd.add_argument("path", help="a run directory (its latest checkpoint), a checkpoint folder, or a transformers model directory")
+    prompt = generate_cmd.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to continue")
+    prompt.add_argument("--prompts", help="a file of prompts, one a line, each continued in turn")
+    generate_cmd.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64; fewer at the model's context)")
+    generate_cmd.add_argument("--temperature", type=non_negative_number, default=0.0, help="sampling temperature; 0 (the default) is greedy")
+    generate_cmd.add_argument("--top-k", type=positive_int, help="sample among the k most likely tokens only")
+    generate_cmd.add_argument("--top-p", type=probability, default=1.0, help="sample among the most likely tokens holding this much probability")
+    generate_cmd.add_argument("--seed", type=int, help="seed of the sampling")
+    generate_cmd.set_defaults(run=cmd_generate)
 
 
 def add_budget_options(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -364,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     add_budget_options(render_cmd, required=False)
     render_cmd.set_defaults(run=cmd_render)
     add_train_commands(commands)
+    add_inference_commands(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0  # a command returns an exit code only when it is not 0

@@ -114,14 +114,18 @@ class Decoder:
         """Logits (B, T, V) of T new tokens at positions start.., the states updated."""
         return self.graph(input_ids, start, states)
 
+    def check(self, prompt: torch.Tensor) -> None:
+        """NanollmError if a (B, T) prompt is empty or longer than the model's context."""
+        if not 0 < prompt.shape[1] <= self.context:
+            raise NanollmError(f"the prompt has {prompt.shape[1]} tokens; the model takes 1 to {self.context} (its context)")
+
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(), seed: int | None = None,
                  eos: int | None = None) -> Iterator[torch.Tensor]:
         """Prefill (B, T) prompt ids, then yield each new token (B,) as it is drawn, up to `max_new_tokens` or the
         model's context; stops early once every row has produced `eos`."""
+        self.check(prompt)
         length = prompt.shape[1]
-        if length > self.context:
-            raise NanollmError(f"the prompt has {length} tokens, more than the model's context of {self.context}")
         total = min(length + max_new_tokens, self.context)
         generator = None if seed is None else torch.Generator(prompt.device).manual_seed(seed)
         states = self.states(prompt.shape[0], total)
@@ -141,3 +145,24 @@ class Decoder:
 def generated(decoder: Decoder, prompt: torch.Tensor, max_new_tokens: int, **options: Any) -> torch.Tensor:
     """All new tokens (B, N) of `Decoder.generate` at once."""
     return torch.stack(list(decoder.generate(prompt, max_new_tokens, **options)), dim=1)
+
+
+def stream_text(decoder: Decoder, tokenizer: Any, prompt: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(),
+                seed: int | None = None) -> Iterator[str]:
+    """The text of one prompt's (1, T) continuation, piece by piece as tokens arrive (until the tokenizer's EOS)."""
+    tokens: list[int] = []
+    shown = ""
+    for token in decoder.generate(prompt, max_new_tokens, sampling, seed, eos=tokenizer.eos_token_id):
+        if int(token[0]) == tokenizer.eos_token_id:
+            return
+        tokens.append(int(token[0]))
+        text = tokenizer.decode(tokens)
+        if not text.endswith("\ufffd"):  # a character whose bytes are still arriving is shown when complete
+            yield text[len(shown):]
+            shown = text
+
+
+def sample(model: fx.GraphModule, arch: Arch, tokenizer: Any, context: int, max_new_tokens: int = 32) -> str:
+    """A greedy continuation of the start of a document (the tokenizer's EOS, which separates packed documents)."""
+    prompt = torch.tensor([[tokenizer.eos_token_id]], device=model.embed.weight.device)
+    return "".join(stream_text(Decoder(model, arch, context), tokenizer, prompt, max_new_tokens))

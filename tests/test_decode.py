@@ -2,6 +2,8 @@
 logits equal the full forward pass's at that position (global, sliding ring buffers, MoE), prompts past every window."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,9 +24,11 @@ from transformers import (
 )
 
 import nanollm
+from nanollm.cli import main
 from nanollm.compiled import Compiled
 from nanollm.decode import Decoder, Sampling, generated
 from nanollm.hf import arch_from_config
+from nanollm.train.tokenizer import load_tokenizer
 
 WINDOW = 5
 PROMPT = 12  # longer than every window
@@ -113,3 +117,54 @@ def test_sampling_keeps_only_the_top_k_and_top_p_tokens() -> None:
     # softmax: 0.64, 0.24, 0.09, ...: top_p 0.8 keeps the first two (0.64 < 0.8 <= 0.88)
     assert set(Sampling(temperature=1.0, top_p=0.8).choose(logits, generator).tolist()) == {0, 1}
     assert set(Sampling(temperature=0.0).choose(logits).tolist()) == {0}
+
+
+RUN = Path(__file__).resolve().parent / "fixtures" / "run_before_issue_18"  # 2 steps of a tiny model, embedded tokenizer
+RUN_ARCH = json.loads((RUN / "manifest.json").read_text())["arch_text"]
+
+
+def test_generate_streams_a_runs_text_and_sampling_repeats_with_its_seed(capsys) -> None:
+    assert main(["generate", str(RUN), "--prompt", "Once upon", "--max-new-tokens", "8"]) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("Once upon")
+    sampled = []
+    for _ in range(2):
+        assert main(["generate", str(RUN), "--prompt", "Once upon", "--max-new-tokens", "8", "--temperature", "1.5", "--top-k", "50",
+                     "--top-p", "0.95", "--seed", "7"]) == 0
+        sampled.append(capsys.readouterr().out)
+    assert sampled[0] == sampled[1] and len(sampled[0]) > len("Once upon\n")
+
+
+def test_generate_takes_prompts_from_a_file(tmp_path, capsys) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The cat\n\nA dog\n")
+    assert main(["generate", str(RUN), "--prompts", str(prompts), "--max-new-tokens", "4", "--temperature", "1", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "--- prompt 1\nThe cat" in out and "--- prompt 2\nA dog" in out and "--- prompt 3" not in out
+
+
+def test_generate_refuses_bad_input_in_one_line(tmp_path, capsys) -> None:
+    hf = tiny("qwen3")
+    hf.save_pretrained(tmp_path / "hf")
+    load_tokenizer(None).save_pretrained(tmp_path / "hf")  # 8192 tokens for a 128-token vocabulary
+    cases = {
+        str(tmp_path / "missing"): "no such run directory",
+        str(tmp_path / "hf"): "more than the model's vocab_size of 128",
+    }
+    capsys.readouterr()
+    for path, message in cases.items():
+        assert main(["generate", path, "--prompt", "x"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert main(["generate", str(RUN), "--prompt", "word " * 300]) == 2
+    err = capsys.readouterr()
+    assert "the model takes 1 to 16 (its context)" in err.err and err.out == ""
+
+
+def test_the_trainer_prints_a_sample_every_sample_every_steps(tmp_path, capsys) -> None:
+    arch = tmp_path / "micro.arch"
+    arch.write_text(RUN_ARCH)
+    assert main(["train", str(arch), "--out", str(tmp_path / "run"), "--steps", "2", "--sample-every", "1", "--batch-size", "2",
+                 "--shuffle-buffer", "4", "--eval-tokens", "256", "--eval-every", "0", "--checkpoint-every", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "sample at step 1:" in out and "sample at step 2:" in out
