@@ -51,6 +51,15 @@ def positive_number(text: str) -> float:
     return value
 
 
+def token_count(text: str) -> int:
+    """argparse type: a token count >= 1, optionally with k (x1024) or m (x1024^2): 4096, 32k, 1m."""
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:].lower(), 1)
+    value = positive_int(text[:-1] if scale > 1 else text)
+    if value * scale > 1 << 24:
+        raise argparse.ArgumentTypeError(f"at most 16m tokens, got {text}")
+    return value * scale
+
+
 BUDGET_OPTIONS = ("law", "tokens", "params", "devices")
 BUDGET_ONLY = (*BUDGET_OPTIONS, "output")
 FIGURE_COLUMNS = ("params", "active", "FLOPs/token", "cache bytes/token")
@@ -102,8 +111,9 @@ def cmd_compile(args: argparse.Namespace) -> None:
     require_budget(args, BUDGET_ONLY)
     compiled = compile(Path(args.file))
     analysis = compiled.analyze(args.seq_len or compiled.config.seq_len)
+    inference = compiled.inference(args.context) if args.context else None
     if args.json:
-        print(json.dumps(analysis.to_json(), indent=2))
+        print(json.dumps({**analysis.to_json(), **({"inference": inference.to_json()} if inference else {})}, indent=2))
         return
     table = Table(title=f"{args.file}  (seq_len {analysis.seq_len}, batch 1)", title_justify="left")
     for name in layer_columns(compiled.arch):
@@ -115,6 +125,11 @@ def cmd_compile(args: argparse.Namespace) -> None:
     totals.add_column(justify="right")
     for name, value in total_rows(compiled.arch, analysis):
         totals.add_row(name, value)
+    if inference:
+        at = f"at context {inference.context:,}"
+        for name, value in ((f"prefill FLOPs {at}", human(inference.prefill_flops)), (f"decode FLOPs/token {at}", human(inference.decode_flops_per_token)),
+                            (f"inference cache {at}", human(inference.cache_bytes, "B"))):
+            totals.add_row(name, value)
     out = console()
     out.print(table)
     out.print(totals)
@@ -405,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     compile_cmd = commands.add_parser("compile", help="analyse an .arch file: parameters, FLOPs, inference cache")
     compile_cmd.add_argument("file")
     compile_cmd.add_argument("--seq-len", type=positive_int, help="sequence length for the analysis (default: the file's seq_len)")
+    compile_cmd.add_argument("--context", type=token_count, help="add the inference view at this context (e.g. 32k): prefill FLOPs, "
+                                                                "decode FLOPs per token, cache bytes")
     compile_cmd.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     add_budget_options(compile_cmd, required=False)
     compile_cmd.add_argument("-o", "--output", help="with --budget: write the sized model as a concrete .arch file")

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     Gemma3TextConfig,
     Gemma3ForCausalLM,
@@ -168,3 +169,46 @@ def test_the_trainer_prints_a_sample_every_sample_every_steps(tmp_path, capsys) 
                  "--shuffle-buffer", "4", "--eval-tokens", "256", "--eval-every", "0", "--checkpoint-every", "0"]) == 0
     out = capsys.readouterr().out
     assert "sample at step 1:" in out and "sample at step 2:" in out
+
+
+HYBRID = """vocab_size = 96
+d_model = 32
+n_heads = 4
+n_kv_heads = 2
+head_dim = 8
+d_ff = 64
+seq_len = 64
+repeat 1 < sliding(6); global; sliding > ffn=moe(top=2, experts=4, d_ff=32)
+"""
+
+
+def test_the_inference_view_counts_what_a_real_prefill_and_decoding_step_compute() -> None:
+    """FlopCounterMode counts the matmuls of a real prefill of C tokens and of the next token's step (it has no rule for
+    CPU attention); the attention is added in closed form: each query scores the keys it sees, 2(d_k + d_v) FLOPs each."""
+    compiled, context, window, heads, head_dim = nanollm.compile(HYBRID), 20, 6, 4, 8
+    view = compiled.inference(context)
+    decoder = Decoder(compiled.build().eval(), compiled.arch, context=64)
+    states = decoder.states(1, 64)
+    ids = torch.randint(0, 96, (1, context + 1))
+    counted = []
+    with torch.no_grad():
+        for chunk, start in ((ids[:, :context], 0), (ids[:, context:], context)):
+            with FlopCounterMode(display=False) as counter:
+                decoder.step(chunk, start, states)
+            counted.append(counter.get_total_flops())
+    per_key = heads * 2 * 2 * head_dim
+
+    def seen(position: int) -> list[int]:  # keys each layer's query at this position scores: sliding, global, sliding
+        return [min(position + 1, window), position + 1, min(position + 1, window)]
+
+    assert view.prefill_flops == counted[0] + per_key * sum(sum(seen(t)) for t in range(context))
+    assert view.decode_flops_per_token == counted[1] + per_key * sum(seen(context))
+    assert view.cache_bytes == 2 * 2 * 2 * head_dim * (window + context + window)  # bf16 keys and values of 2 KV heads
+
+
+def test_compile_shows_the_inference_view_at_a_context(capsys) -> None:
+    assert main(["compile", "archs/qwen3_0_6b.arch", "--context", "32k", "--json"]) == 0
+    inference = json.loads(capsys.readouterr().out)["inference"]
+    assert inference["context"] == 32768 and inference["cache_bytes"] == 114688 * 32768
+    assert main(["compile", "archs/qwen3_0_6b.arch", "--context", "32k"]) == 0
+    assert "decode FLOPs/token at context 32,768" in capsys.readouterr().out
