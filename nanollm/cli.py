@@ -332,6 +332,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.write("\n")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .hf.export import export
+    from .trained import load_trained
+
+    target = Path(args.output)
+    if target.exists():  # before loading anything
+        raise NanollmError(f"{target} exists: export writes a new directory")
+    trained = load_trained(args.path)
+    config = export(trained.model, trained.arch, trained.tokenizer, target)
+    print(f"wrote {target}: {config.architectures[0]} ({config.model_type}), loadable with AutoModelForCausalLM.from_pretrained")
+
+
 def recipe_flag_type(name: str):
     """argparse type for one recipe key: YAML-style text checked against the key's type."""
     from .train.recipe import parse_value
@@ -389,7 +401,7 @@ def probability(text: str) -> float:
 
 
 def add_inference_commands(commands: argparse._SubParsersAction) -> None:
-    """`nanollm generate`."""
+    """`nanollm generate` and `nanollm export`."""
     generate_cmd = commands.add_parser("generate", help="generate text from a run, a checkpoint or a transformers model directory")
     generate_cmd.add_argument("path", help="a run directory (its latest checkpoint), a checkpoint folder, or a transformers model directory")
     prompt = generate_cmd.add_mutually_exclusive_group(required=True)
@@ -401,6 +413,10 @@ def add_inference_commands(commands: argparse._SubParsersAction) -> None:
     generate_cmd.add_argument("--top-p", type=probability, default=1.0, help="sample among the most likely tokens holding this much probability")
     generate_cmd.add_argument("--seed", type=int, help="seed of the sampling")
     generate_cmd.set_defaults(run=cmd_generate)
+    export_cmd = commands.add_parser("export", help="write a run's model as a transformers model directory (config, safetensors, tokenizer)")
+    export_cmd.add_argument("path", help="a run directory (its latest checkpoint) or a checkpoint folder")
+    export_cmd.add_argument("-o", "--output", required=True, help="the directory to write (must not exist)")
+    export_cmd.set_defaults(run=cmd_export)
 
 
 def add_budget_options(parser: argparse.ArgumentParser, required: bool) -> None:

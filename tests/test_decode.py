@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
     Gemma3TextConfig,
     Gemma3ForCausalLM,
     MixtralConfig,
@@ -29,7 +31,9 @@ from nanollm.cli import main
 from nanollm.compiled import Compiled
 from nanollm.decode import Decoder, Sampling, generated
 from nanollm.hf import arch_from_config
+from nanollm.hf.export import export
 from nanollm.train.tokenizer import load_tokenizer
+from nanollm.trained import load_trained
 
 WINDOW = 5
 PROMPT = 12  # longer than every window
@@ -212,3 +216,35 @@ def test_compile_shows_the_inference_view_at_a_context(capsys) -> None:
     assert inference["context"] == 32768 and inference["cache_bytes"] == 114688 * 32768
     assert main(["compile", "archs/qwen3_0_6b.arch", "--context", "32k"]) == 0
     assert "decode FLOPs/token at context 32,768" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_export_is_the_native_transformers_model_with_the_same_logits_and_imports_back_bit_for_bit(family: str, tmp_path) -> None:
+    hf = tiny(family, std=0.05)
+    arch, ours = arch_from_config(hf.config), nanollm.from_hf(hf).eval()
+    export(ours, arch, None, tmp_path / "out")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(theirs) is type(hf)
+    ids = torch.randint(0, TINY["vocab_size"], (2, PROMPT + 8))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids)[0], rtol=0, atol=1e-5)
+    back = nanollm.from_hf(tmp_path / "out").state_dict()
+    assert back.keys() == ours.state_dict().keys()
+    assert all(torch.equal(back[name], tensor) for name, tensor in ours.state_dict().items())
+
+
+def test_export_writes_a_runs_model_and_tokenizer_and_refuses_an_existing_target(tmp_path, capsys) -> None:
+    assert main(["export", str(RUN), "-o", str(tmp_path / "hf")]) == 0
+    assert "Qwen3ForCausalLM" in capsys.readouterr().out
+    trained = load_trained(RUN)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(tmp_path / "hf").encode("Once upon a time")])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, trained.model(ids)[0], rtol=0, atol=1e-5)
+    assert main(["export", str(RUN), "-o", str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err.strip().endswith("exists: export writes a new directory")
+    # generate reads the exported directory as it reads the run
+    assert main(["generate", str(tmp_path / "hf"), "--prompt", "Once", "--max-new-tokens", "6"]) == 0
+    from_export = capsys.readouterr().out
+    assert main(["generate", str(RUN), "--prompt", "Once", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == from_export
