@@ -275,7 +275,31 @@ def cmd_train(args: argparse.Namespace) -> int | None:
     return None
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> None:
+    from .harness import run_lm_eval
+
+    if not args.tasks:
+        raise NanollmError("--harness lm-eval needs --tasks NAMES")
+    results, file = run_lm_eval(args.path, args.tasks.split(","), args.include, args.limit)
+    if args.json:
+        print(json.dumps(results["results"], indent=2, default=str))
+        return
+    table = Table(title=f"lm-eval on {results['model']}", title_justify="left")
+    for column in ("task", "metric", "value"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and "stderr" not in key:
+                table.add_row(task, key.split(",")[0], f"{value:.4f}")
+    console().print(table)
+    console().print(f"scores written to {file}")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.harness == "lm-eval":
+        return cmd_lm_eval(args)
+    if args.tasks or args.include or args.limit:
+        raise NanollmError("--tasks, --include and --limit need --harness lm-eval")
     from .train.trainer import evaluate_run
 
     result = evaluate_run(Path(args.path), args.eval_tokens)
@@ -374,10 +398,14 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
         else:
             train_cmd.add_argument(flag, dest=name, type=recipe_flag_type(name), metavar=name.upper(), help=help_text)
     train_cmd.set_defaults(run=cmd_train)
-    eval_cmd = commands.add_parser("eval", help="held-out perplexity and bits per byte of a run or checkpoint")
-    eval_cmd.add_argument("path", help="a run directory (its latest checkpoint) or a checkpoint folder")
+    eval_cmd = commands.add_parser("eval", help="held-out perplexity and bits per byte of a run or checkpoint; lm-eval tasks with --harness lm-eval")
+    eval_cmd.add_argument("path", help="a run directory (its latest checkpoint) or a checkpoint folder (with --harness: or a transformers model directory)")
     eval_cmd.add_argument("--eval-tokens", type=positive_int, help="held-out tokens to score (default: the run's eval_tokens)")
     eval_cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    eval_cmd.add_argument("--harness", choices=("lm-eval",), help="score tasks with EleutherAI's lm-evaluation-harness instead (the [eval] extra)")
+    eval_cmd.add_argument("--tasks", help="with --harness lm-eval: comma-separated lm-eval task names")
+    eval_cmd.add_argument("--include", action="append", help="with --harness lm-eval: a directory of lm-eval task YAML files (repeatable)")
+    eval_cmd.add_argument("--limit", type=positive_int, help="with --harness lm-eval: score at most this many documents per task")
     eval_cmd.set_defaults(run=cmd_eval)
 
 
