@@ -365,7 +365,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise NanollmError(f"{target} exists: export writes a new directory")
     trained = load_trained(args.path)
     config = export(trained.model, trained.arch, trained.tokenizer, target)
-    print(f"wrote {target}: {config.architectures[0]} ({config.model_type}), loadable with AutoModelForCausalLM.from_pretrained")
+    how = "trust_remote_code=True, nanollm installed" if config.model_type == "nanollm" else "no custom code"
+    print(f"wrote {target}: {config.architectures[0]} ({config.model_type}), loadable with AutoModelForCausalLM.from_pretrained ({how})")
 
 
 def recipe_flag_type(name: str):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import fx
 
 from .compiled import Compiled
@@ -80,12 +81,16 @@ def load_transformers(path: Path, device: torch.device | str) -> Trained:
     from .hf import arch_from_config, from_hf, load_config
 
     config = load_config(path)
-    arch = arch_from_config(config)
+    arch = config.nanollm_arch() if config.model_type == "nanollm" else arch_from_config(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as error:  # transformers raises OSError, ValueError or the hub client's errors
         raise RunError(f"{path}: no tokenizer there that transformers can load ({str(error).splitlines()[0]})") from None
     check_vocabulary(path, tokenizer, arch)
     transformers.utils.logging.disable_progress_bar()  # the command's output is the text alone
-    model = from_hf(path).to(device)
+    if config.model_type == "nanollm":  # nanollm's own export: its IR and weights under nanollm's names
+        model = Compiled(arch).build(device=device, dtype=torch.float32)
+        model.load_state_dict({name.removeprefix("model."): tensor for name, tensor in load_file(str(path / "model.safetensors")).items()})
+    else:
+        model = from_hf(path).to(device)
     return Trained(model, arch, tokenizer, int(getattr(config, "max_position_embeddings", arch.config.seq_len)))

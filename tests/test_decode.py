@@ -248,3 +248,20 @@ def test_export_writes_a_runs_model_and_tokenizer_and_refuses_an_existing_target
     from_export = capsys.readouterr().out
     assert main(["generate", str(RUN), "--prompt", "Once", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out == from_export
+
+
+def test_an_architecture_no_family_expresses_exports_as_nanollm_remote_code_that_generates(tmp_path) -> None:
+    compiled = nanollm.compile(HYBRID.replace("ffn=moe(top=2, experts=4, d_ff=32)", "ffn=moe(top=2, experts=4, d_ff=32, shared=1)"))
+    torch.manual_seed(0)
+    ours = compiled.build().eval()
+    export(ours, compiled.arch, None, tmp_path / "out")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "NanollmForCausalLM"
+    ids = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids)[0], rtol=0, atol=1e-5)
+        continued = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(continued[:, 10:], generated(Decoder(ours, compiled.arch, 64), ids, 8))
+    back = theirs.model.state_dict()  # what transformers loaded from the export
+    assert back.keys() == ours.state_dict().keys()
+    assert all(torch.equal(back[name], tensor) for name, tensor in ours.state_dict().items())

@@ -173,6 +173,10 @@ def load_config(path: str | os.PathLike) -> Any:
         raise ArchError(f"{file}: not a readable JSON config ({error})") from None
     if "model_type" not in data:
         raise ArchError(f"{file}: no model_type in it, so it is not a transformers config")
+    if data["model_type"] == "nanollm":  # nanollm's own export (modeling_nanollm.py), no transformers family
+        from .modeling_nanollm import NanollmConfig
+
+        return NanollmConfig(**data)
     try:
         return transformers.AutoConfig.for_model(**data)
     except (ValueError, KeyError, TypeError) as error:
