@@ -236,9 +236,10 @@ class Component(Registered, nn.Module):
             raise NotImplementedError(f"{self.spec.name} cannot decode incrementally yet: it implements no state() and decode()")
         return None
 
-    def decode(self, state: dict[str, torch.Tensor], positions: torch.Tensor, *inputs: torch.Tensor) -> Any:
-        """forward for the T >= 1 tokens at `positions` (absolute, (T,), continuing where `state` stops), the earlier
-        tokens seen only through `state`, which it updates; `inputs` as forward takes them (`inputs()`)."""
+    def decode(self, state: dict[str, torch.Tensor], start: int, *inputs: torch.Tensor) -> Any:
+        """forward for the T >= 1 new tokens at positions start..start+T-1 (continuing where `state` stops), the
+        earlier tokens seen only through `state`, which it updates in place; `inputs` as forward takes them
+        (`inputs()`: rotary tables and POSITIONS are those of the new tokens)."""
         raise NotImplementedError(f"{self.spec.name} declares a state but implements no decode()")
 
     def hf_weights(self) -> dict[str, str]:
