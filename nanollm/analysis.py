@@ -66,6 +66,35 @@ class Analysis:
         return {**{k: v for k, v in asdict(self).items() if k != "layers"}, "layers": [r.to_json() for r in self.layers]}
 
 
+@dataclass
+class InferenceView:
+    """Inference figures of one sequence (batch 1) at a context: prefilling it, then decoding the next token."""
+
+    context: int
+    prefill_flops: float  # the forward pass over `context` prompt tokens
+    decode_flops_per_token: float  # one token decoded after `context` cached ones
+    cache_bytes: float  # the state every layer keeps after `context` tokens (bf16)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-data form (the `inference` object of `nanollm compile --context N --json`)."""
+        return asdict(self)
+
+
+def inference_view(arch: Arch, model: fx.GraphModule, prefill: Analysis, longer: Analysis) -> InferenceView:
+    """The inference view at context C from the analyses at C and C + 1 tokens.
+
+    A decoding step after C cached tokens does exactly the work the forward pass over C + 1 tokens does beyond
+    the pass over C: every op is per token or causal, so position C's work is that difference (its queries
+    against the C + 1 keys it sees, or its window's).
+    """
+    context = prefill.seq_len
+    assert longer.seq_len == context + 1
+    total = prefill.flops_per_token_fwd * context
+    components = [model.get_submodule(f"layers.{i}.{slot}") for i, layer in enumerate(arch.layers) for slot, _ in layer.sublayers]
+    return InferenceView(context, total, longer.flops_per_token_fwd * (context + 1) - total,
+                         CACHE_BYTES * sum(c.cache_elements(context) for c in components))
+
+
 class _Call(nn.Module):
     """Wraps a graph's call_function node so fvcore can trace it as a module."""
 

@@ -51,6 +51,15 @@ def positive_number(text: str) -> float:
     return value
 
 
+def token_count(text: str) -> int:
+    """argparse type: a token count >= 1, optionally with k (x1024) or m (x1024^2): 4096, 32k, 1m."""
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:].lower(), 1)
+    value = positive_int(text[:-1] if scale > 1 else text)
+    if value * scale > 1 << 24:
+        raise argparse.ArgumentTypeError(f"at most 16m tokens, got {text}")
+    return value * scale
+
+
 BUDGET_OPTIONS = ("law", "tokens", "params", "devices")
 BUDGET_ONLY = (*BUDGET_OPTIONS, "output")
 FIGURE_COLUMNS = ("params", "active", "FLOPs/token", "cache bytes/token", "state bytes")
@@ -104,8 +113,9 @@ def cmd_compile(args: argparse.Namespace) -> None:
     require_budget(args, BUDGET_ONLY)
     compiled = compile(Path(args.file))
     analysis = compiled.analyze(args.seq_len or compiled.config.seq_len)
+    inference = compiled.inference(args.context) if args.context else None
     if args.json:
-        print(json.dumps(analysis.to_json(), indent=2))
+        print(json.dumps({**analysis.to_json(), **({"inference": inference.to_json()} if inference else {})}, indent=2))
         return
     table = Table(title=f"{args.file}  (seq_len {analysis.seq_len}, batch 1)", title_justify="left")
     for name in layer_columns(compiled.arch):
@@ -117,6 +127,11 @@ def cmd_compile(args: argparse.Namespace) -> None:
     totals.add_column(justify="right")
     for name, value in total_rows(compiled.arch, analysis):
         totals.add_row(name, value)
+    if inference:
+        at = f"at context {inference.context:,}"
+        for name, value in ((f"prefill FLOPs {at}", human(inference.prefill_flops)), (f"decode FLOPs/token {at}", human(inference.decode_flops_per_token)),
+                            (f"inference cache {at}", human(inference.cache_bytes, "B"))):
+            totals.add_row(name, value)
     out = console()
     out.print(table)
     out.print(totals)
@@ -262,7 +277,31 @@ def cmd_train(args: argparse.Namespace) -> int | None:
     return None
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> None:
+    from .harness import run_lm_eval
+
+    if not args.tasks:
+        raise NanollmError("--harness lm-eval needs --tasks NAMES")
+    results, file = run_lm_eval(args.path, args.tasks.split(","), args.include, args.limit)
+    if args.json:
+        print(json.dumps(results["results"], indent=2, default=str))
+        return
+    table = Table(title=f"lm-eval on {results['model']}", title_justify="left")
+    for column in ("task", "metric", "value"):
+        table.add_column(column, justify="right" if column == "value" else "left")
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and "stderr" not in key:
+                table.add_row(task, key.split(",")[0], f"{value:.4f}")
+    console().print(table)
+    console().print(f"scores written to {file}")
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.harness == "lm-eval":
+        return cmd_lm_eval(args)
+    if args.tasks or args.include or args.limit:
+        raise NanollmError("--tasks, --include and --limit need --harness lm-eval")
     from .train.trainer import evaluate_run
 
     result = evaluate_run(Path(args.path), args.eval_tokens)
@@ -304,6 +343,55 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
               f"{manifest['eval_share']}); tokenizer {manifest['tokenizer']}. Train from it with --data {args.out}")
 
 
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of `generate`: --prompt, or one per non-empty line of --prompts FILE."""
+    if args.prompts is None:
+        return [args.prompt]
+    try:
+        lines = Path(args.prompts).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise NanollmError(f"cannot read {args.prompts}: {error.strerror or error}") from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise NanollmError(f"{args.prompts}: no prompt in it (one a line)")
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .decode import Decoder, Sampling, stream_text
+    from .trained import load_trained
+
+    prompts = read_prompts(args)
+    trained = load_trained(args.path)
+    decoder = Decoder(trained.model, trained.arch, trained.context)
+    sampling = Sampling(args.temperature, args.top_k or 0, args.top_p)
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([trained.tokenizer.encode(prompt)], dtype=torch.long)
+        decoder.check(ids)
+        if len(prompts) > 1:
+            sys.stdout.write(f"{'' if i == 0 else chr(10)}--- prompt {i + 1}\n")
+        sys.stdout.write(prompt)
+        for piece in stream_text(decoder, trained.tokenizer, ids, args.max_new_tokens, sampling, args.seed):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .hf.export import export
+    from .trained import load_trained
+
+    target = Path(args.output)
+    if target.exists():  # before loading anything
+        raise NanollmError(f"{target} exists: export writes a new directory")
+    trained = load_trained(args.path)
+    config = export(trained.model, trained.arch, trained.tokenizer, target)
+    how = "trust_remote_code=True, nanollm installed" if config.model_type == "nanollm" else "no custom code"
+    print(f"wrote {target}: {config.architectures[0]} ({config.model_type}), loadable with AutoModelForCausalLM.from_pretrained ({how})")
+
+
 def recipe_flag_type(name: str):
     """argparse type for one recipe key: YAML-style text checked against the key's type."""
     from .train.recipe import parse_value
@@ -334,10 +422,14 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
         else:
             train_cmd.add_argument(flag, dest=name, type=recipe_flag_type(name), metavar=name.upper(), help=help_text)
     train_cmd.set_defaults(run=cmd_train)
-    eval_cmd = commands.add_parser("eval", help="held-out perplexity and bits per byte of a run or checkpoint")
-    eval_cmd.add_argument("path", help="a run directory (its latest checkpoint) or a checkpoint folder")
+    eval_cmd = commands.add_parser("eval", help="held-out perplexity and bits per byte of a run or checkpoint; lm-eval tasks with --harness lm-eval")
+    eval_cmd.add_argument("path", help="a run directory (its latest checkpoint) or a checkpoint folder (with --harness: or a transformers model directory)")
     eval_cmd.add_argument("--eval-tokens", type=positive_int, help="held-out tokens to score (default: the run's eval_tokens)")
     eval_cmd.add_argument("--json", action="store_true", help="print one JSON object")
+    eval_cmd.add_argument("--harness", choices=("lm-eval",), help="score tasks with EleutherAI's lm-evaluation-harness instead (the [eval] extra)")
+    eval_cmd.add_argument("--tasks", help="with --harness lm-eval: comma-separated lm-eval task names")
+    eval_cmd.add_argument("--include", action="append", help="with --harness lm-eval: a directory of lm-eval task YAML files (repeatable)")
+    eval_cmd.add_argument("--limit", type=positive_int, help="with --harness lm-eval: score at most this many documents per task")
     eval_cmd.set_defaults(run=cmd_eval)
     consolidate_cmd = commands.add_parser("consolidate", help="write a checkpoint's model as one safetensors file (from sharded checkpoints)")
     consolidate_cmd.add_argument("path", help="a run directory (its latest checkpoint) or a checkpoint folder")
@@ -350,6 +442,44 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
         tokenize_cmd.add_argument("--" + name.replace("_", "-"), dest=name, type=recipe_flag_type(name), default=KEYS[name].default,
                                   metavar=name.upper(), help=KEYS[name].metadata["doc"])
     tokenize_cmd.set_defaults(run=cmd_tokenize)
+
+
+def non_negative_number(text: str) -> float:
+    """argparse type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    value = non_negative_number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text}")
+    return value
+
+
+def add_inference_commands(commands: argparse._SubParsersAction) -> None:
+    """`nanollm generate` and `nanollm export`."""
+    generate_cmd = commands.add_parser("generate", help="generate text from a run, a checkpoint or a transformers model directory")
+    generate_cmd.add_argument("path", help="a run directory (its latest checkpoint), a checkpoint folder, or a transformers model directory")
+    prompt = generate_cmd.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to continue")
+    prompt.add_argument("--prompts", help="a file of prompts, one a line, each continued in turn")
+    generate_cmd.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64; fewer at the model's context)")
+    generate_cmd.add_argument("--temperature", type=non_negative_number, default=0.0, help="sampling temperature; 0 (the default) is greedy")
+    generate_cmd.add_argument("--top-k", type=positive_int, help="sample among the k most likely tokens only")
+    generate_cmd.add_argument("--top-p", type=probability, default=1.0, help="sample among the most likely tokens holding this much probability")
+    generate_cmd.add_argument("--seed", type=int, help="seed of the sampling")
+    generate_cmd.set_defaults(run=cmd_generate)
+    export_cmd = commands.add_parser("export", help="write a run's model as a transformers model directory (config, safetensors, tokenizer)")
+    export_cmd.add_argument("path", help="a run directory (its latest checkpoint) or a checkpoint folder")
+    export_cmd.add_argument("-o", "--output", required=True, help="the directory to write (must not exist)")
+    export_cmd.set_defaults(run=cmd_export)
 
 
 def add_budget_options(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -369,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     compile_cmd = commands.add_parser("compile", help="analyse an .arch file: parameters, FLOPs, inference cache")
     compile_cmd.add_argument("file")
     compile_cmd.add_argument("--seq-len", type=positive_int, help="sequence length for the analysis (default: the file's seq_len)")
+    compile_cmd.add_argument("--context", type=token_count, help="add the inference view at this context (e.g. 32k): prefill FLOPs, "
+                                                                "decode FLOPs per token, cache bytes")
     compile_cmd.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     add_budget_options(compile_cmd, required=False)
     compile_cmd.add_argument("-o", "--output", help="with --budget: write the sized model as a concrete .arch file")
@@ -398,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     add_budget_options(render_cmd, required=False)
     render_cmd.set_defaults(run=cmd_render)
     add_train_commands(commands)
+    add_inference_commands(commands)
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0  # a command returns an exit code only when it is not 0

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .analysis import Analysis, analyze
+from .analysis import Analysis, InferenceView, analyze, inference_view
 from .compiler import lower, materialize
 from .ir import Arch, ModelConfig
 from .resolve import load
@@ -36,6 +36,10 @@ class Compiled:
         if seq_len not in self._analyses:
             self._analyses[seq_len] = analyze(self.arch, self.graph, seq_len)
         return self._analyses[seq_len]
+
+    def inference(self, context: int) -> InferenceView:
+        """Prefill FLOPs, decode FLOPs per token and cache bytes of one sequence at a context of `context` tokens."""
+        return inference_view(self.arch, self.graph, self.analyze(context), self.analyze(context + 1))
 
     def build(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> fx.GraphModule:
         """The same graph with real initialised weights; forward(input_ids) -> (logits, aux_loss)."""

@@ -128,6 +128,11 @@ def without_init() -> Iterator[None]:
             setattr(nn.init, name, function)
 
 
+def residual_schemes(arch: Arch) -> dict[Call, Residual]:
+    """One instance of each residual scheme the model and its layers name."""
+    return {call: make_component(call, arch.config) for call in {arch.config.residual, *(layer.residual for layer in arch.layers)}}
+
+
 def lower(arch: Arch) -> fx.GraphModule:
     """Build the model's modules on the meta device and the fx graph that wires them; forward(input_ids) -> (logits, aux_loss)."""
     config = arch.config
@@ -136,8 +141,7 @@ def lower(arch: Arch) -> fx.GraphModule:
     settings = dataclasses.replace(config, n_layers=1)
     root = nn.Module()
     g = Lowering()
-    schemes = {call: make_component(call, config) for call in {config.residual, *(layer.residual for layer in arch.layers)}}
-    tables: dict[Rotary, str] = {}
+    schemes = residual_schemes(arch)
     with torch.device("meta"), without_init():
         root.embed = nn.Embedding(config.vocab_size, config.d_model)
         g.built_from["embed"] = ("embed", config.vocab_size, config.d_model)
@@ -149,14 +153,10 @@ def lower(arch: Arch) -> fx.GraphModule:
                 for part, module in schemes[layer.residual].site_modules(site).items():
                     block.add_module(f"{slot}_{part}", module)
                     g.built_from[site.module(part)] = (layer.residual, slot, part, settings)
-                component = make_component(call, config)
-                block.add_module(slot, component)
+                block.add_module(slot, make_component(call, config))
                 g.built_from[site.module()] = (call, settings)
-                for rotary in component.inputs():
-                    if isinstance(rotary, Rotary) and rotary not in tables:
-                        tables[rotary] = "rope" if not tables else f"rope_{len(tables)}"
             root.layers.append(block)
-        for rotary, name in tables.items():
+        for rotary, name in table_names(root, arch).items():
             root.add_module(name, make_table(rotary))
             g.built_from[name] = rotary
         for name, module in schemes[config.residual].model_modules().items():
@@ -170,12 +170,39 @@ def lower(arch: Arch) -> fx.GraphModule:
     root.to(ANALYSIS_DTYPE)
 
     input_ids = g.graph.placeholder("input_ids")
+    positions = g.function(token_positions, (input_ids,), "positions")
+    logits, aux_loss = wire(g, root, arch, input_ids, positions, lambda site, args: g.call(site, None, args))
+    if aux_loss is None:
+        aux_loss = g.graph.create_node("call_method", "new_zeros", (logits, ()), name="aux_loss")
+    g.graph.output((logits, aux_loss))
+    return fx.GraphModule(root, g.graph, class_name="NanoLLM")
+
+
+def table_names(root: nn.Module, arch: Arch) -> dict[Rotary, str]:
+    """The module name of each position table the components declare, in the order they first ask for it."""
+    tables: dict[Rotary, str] = {}
+    for i, layer in enumerate(arch.layers):
+        for slot, _ in layer.sublayers:
+            for rotary in root.get_submodule(Site(i, slot).module()).inputs():
+                if isinstance(rotary, Rotary) and rotary not in tables:
+                    tables[rotary] = "rope" if not tables else f"rope_{len(tables)}"
+    return tables
+
+
+def wire(g: Lowering, root: nn.Module, arch: Arch, input_ids: fx.Node, positions: fx.Node,
+         call_sublayer: Callable[[Site, tuple], fx.Node]) -> tuple[fx.Node, fx.Node | None]:
+    """Emit the model's nodes from the token ids and their positions to the logits: (logits, summed aux losses or None).
+
+    `call_sublayer(site, args)` emits the node of one sublayer's component given its declared inputs: training
+    calls its forward, decoding (decode.py) its `decode` with its state.
+    """
+    config = arch.config
+    schemes = residual_schemes(arch)
     hidden = g.module("embed", (input_ids,), "embed")
     if config.embed_scale:
         hidden = g.function(scale_embedding, (hidden,), "embed_scaled")
-    positions = g.function(token_positions, (input_ids,), "positions")
     table_nodes = {}
-    for rotary, name in tables.items():
+    for rotary, name in table_names(root, arch).items():
         table = g.module(name, (positions,), name)
         table_nodes[rotary] = (g.item(table, 0, f"{name}_cos"), g.item(table, 1, f"{name}_sin"))
     given = {TOKEN_IDS: (input_ids,), POSITIONS: (positions,)}
@@ -186,11 +213,11 @@ def lower(arch: Arch) -> fx.GraphModule:
         scheme = schemes[layer.residual]
         for slot, _ in layer.sublayers:
             site = Site(i, slot)
-            component: Component = root.layers[i].get_submodule(slot)
+            component: Component = root.get_submodule(site.module())
             x = scheme.enter(g, site, stream)
             args = [arg for wanted in component.inputs()
                     for arg in ((x,) if wanted == BRANCH else table_nodes[wanted] if isinstance(wanted, Rotary) else given[wanted])]
-            out = g.call(site, None, tuple(args))
+            out = call_sublayer(site, tuple(args))
             if component.outputs != ("out",):
                 outputs = {name: g.item(out, k, site.node(name)) for k, name in enumerate(component.outputs)}
                 out = outputs["out"]
@@ -206,10 +233,7 @@ def lower(arch: Arch) -> fx.GraphModule:
         logits = g.module("lm_head", (hidden,), "lm_head")
     if config.logit_softcap:
         logits = g.function(softcap, (logits, config.logit_softcap), "logits_softcapped")
-    if aux_loss is None:
-        aux_loss = g.graph.create_node("call_method", "new_zeros", (logits, ()), name="aux_loss")
-    g.graph.output((logits, aux_loss))
-    return fx.GraphModule(root, g.graph, class_name="NanoLLM")
+    return logits, aux_loss
 
 
 def materialize(meta_model: fx.GraphModule, device: torch.device | str, dtype: torch.dtype) -> fx.GraphModule:

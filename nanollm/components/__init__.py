@@ -234,6 +234,22 @@ class Component(Registered, nn.Module):
         """fvcore op handles (counting multiply-accumulates) for ops fvcore does not know."""
         return {}
 
+    # ---- decoding (nanollm/decode.py): the one method pair a component implements to generate token by token ----
+
+    def state(self, batch: int, capacity: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+        """The inference state of `batch` sequences of up to `capacity` tokens, as tensors `decode` updates in place
+        (keys and values, a ring buffer, a recurrent state), or None: the output at a position depends on that
+        position alone (an FFN, an MoE), and the component decodes by its forward. A mixer must declare its state."""
+        if self.spec.kind != "ffn":  # a mixer or a memory reads earlier tokens: it must say how it keeps them
+            raise NotImplementedError(f"{self.spec.name} cannot decode incrementally yet: it implements no state() and decode()")
+        return None
+
+    def decode(self, state: dict[str, torch.Tensor], start: int, *inputs: torch.Tensor) -> Any:
+        """forward for the T >= 1 new tokens at positions start..start+T-1 (continuing where `state` stops), the
+        earlier tokens seen only through `state`, which it updates in place; `inputs` as forward takes them
+        (`inputs()`: rotary tables and POSITIONS are those of the new tokens)."""
+        raise NotImplementedError(f"{self.spec.name} declares a state but implements no decode()")
+
     def hf_weights(self) -> dict[str, str]:
         """Parameter (and persistent buffer) names: ours -> transformers', both relative to this module."""
         return {}

@@ -32,6 +32,9 @@ class Family:
     arch_from_config: Callable[[Any], Arch]
     decoder: str = "model."  # state-dict prefix of the decoder
     ignored: tuple[str, ...] = ()  # state-dict prefixes of weights that are not the language model's (a vision tower)
+    # The transformers config of an Arch this family may express, or None where it plainly cannot (export); export
+    # keeps it only if importing it gives back the same model (`expresses`), so the mapping needs no check of its own.
+    config_from_arch: Callable[[Arch], Any] | None = None
     # (pattern, replacement) regex substitutions from the usual transformers names (embed_tokens, input_layernorm,
     # self_attn.o_proj, mlp.gate_proj, ...) to the family's own (LFM2's operator_norm, Nemotron-H's mixer, ...)
     renames: tuple[tuple[str, str], ...] = ()
@@ -119,6 +122,42 @@ def layer_type_rope(hf: Any, layer_type: str) -> dict[str, Any] | None:
     return {**parameters, "truncate": hf.rope_parameters.get("truncate", True)}
 
 
+def rope_parameters(rope: Call) -> dict[str, Any] | None:
+    """transformers' rope_parameters of a position encoding (the inverse of `rope_call`); None for nope."""
+    if rope.name == "nope":
+        return None
+    args = rope.kwargs()
+    if rope.name == "yarn":
+        extra = {key: args[key] for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor") if key in args}
+        return {"rope_type": "yarn", "rope_theta": args["theta"], "factor": args["factor"], "original_max_position_embeddings": args["original"],
+                "truncate": args["truncate"], **extra}
+    if args["factor"] != 1.0:
+        return {"rope_type": "linear", "rope_theta": args["theta"], "factor": args["factor"]}
+    return {"rope_type": "default", "rope_theta": args["theta"]}
+
+
+def attention_only(arch: Arch, ffns: tuple[str, ...]) -> bool:
+    """Whether every layer is a global or sliding attention and one of these FFNs."""
+    return all(layer.mixer is not None and layer.mixer.name in ("global", "sliding") and layer.ffn is not None and layer.ffn.name in ffns
+               for layer in arch.layers)
+
+
+def common_fields(arch: Arch, d_ff: int) -> dict[str, Any]:
+    """The transformers config fields every decoder states the same way (the inverse of `common_settings`), the heads
+    read from the first layer's attention."""
+    config, attention = arch.config, arch.layers[0].mixer.kwargs()
+    return dict(vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=len(arch.layers), num_attention_heads=attention["heads"],
+                num_key_value_heads=attention["kv_heads"], head_dim=attention["head_dim"], intermediate_size=d_ff, rms_norm_eps=config.norm_eps,
+                tie_word_embeddings=config.tie_embeddings, max_position_embeddings=config.seq_len, attention_bias=False)
+
+
+def layer_types(arch: Arch) -> tuple[list[str], int | None]:
+    """Each layer's transformers layer type (full or sliding attention) and the sliding window (None if none slides)."""
+    windows = [layer.mixer.kwargs().get("window") for layer in arch.layers]
+    types = ["sliding_attention" if window else "full_attention" for window in windows]
+    return types, next((window for window in windows if window), None)
+
+
 def refuse(condition: bool, message: str) -> None:
     """ArchError(message) if the config asks for something nanollm does not reproduce."""
     if condition:
@@ -145,6 +184,10 @@ def load_config(path: str | os.PathLike) -> Any:
         raise ArchError(f"{file}: not a readable JSON config ({error})") from None
     if "model_type" not in data:
         raise ArchError(f"{file}: no model_type in it, so it is not a transformers config")
+    if data["model_type"] == "nanollm":  # nanollm's own export (modeling_nanollm.py), no transformers family
+        from .modeling_nanollm import NanollmConfig
+
+        return NanollmConfig(**data)
     try:
         return transformers.AutoConfig.for_model(**data)
     except (ValueError, KeyError, TypeError) as error:

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from ..ir import Arch, Call, Layer, ModelConfig
-from . import Family, call, common_settings, family, layer_type_rope, refuse, rope_call
+from . import Family, attention_only, call, common_fields, common_settings, family, layer_type_rope, layer_types, refuse, rope_call, rope_parameters
 
 
 def gemma3_text(hf: Any) -> Arch:
@@ -43,7 +43,23 @@ def gemma3(hf: Any) -> Arch:
     return Arch(dataclasses.replace(arch.config, tie_embeddings=bool(hf.tie_word_embeddings)), arch.layers)
 
 
-family("gemma3_text", Family(("Gemma3ForCausalLM",), gemma3_text))
+def gemma3_text_config(arch: Arch) -> Any:
+    """A Gemma3TextConfig of a model of global and sliding layers with GeGLUs, or None."""
+    from transformers import Gemma3TextConfig
+
+    if not attention_only(arch, ("geglu",)):
+        return None
+    types, window = layer_types(arch)
+    ropes = {kind: rope_parameters(layer.mixer.kwargs()["rope"]) for kind, layer in zip(types, arch.layers)}
+    attention, config = arch.layers[0].mixer.kwargs(), arch.config
+    # the inverse of scale = query_pre_attn_scalar^-1/2, an integer in every Gemma config
+    scalar = attention["head_dim"] if config.attn_scale == 0 else round(config.attn_scale ** -2)
+    return Gemma3TextConfig(**common_fields(arch, arch.layers[0].ffn.kwargs()["d_ff"]), layer_types=types, sliding_window=window or 4096,
+                            query_pre_attn_scalar=scalar, final_logit_softcapping=config.logit_softcap or None, hidden_activation="gelu_pytorch_tanh",
+                            rope_parameters={kind: ropes.get(kind, ropes[types[0]]) for kind in ("full_attention", "sliding_attention")})
+
+
+family("gemma3_text", Family(("Gemma3ForCausalLM",), gemma3_text, config_from_arch=gemma3_text_config))
 family("gemma3", Family(
     ("Gemma3ForConditionalGeneration",), gemma3, decoder="model.language_model.",
     ignored=("model.vision_tower.", "model.multi_modal_projector."),

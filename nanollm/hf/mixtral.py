@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..ir import Arch, Call, ModelConfig
-from . import Family, call, family
-from .qwen3 import attention_layers, gqa_config, layers
+from . import Family, attention_only, call, family
+from .qwen3 import attention_fields, attention_layers, gqa_config, layers
 
 
 def moe_call(hf: Any, config: ModelConfig) -> Call:
@@ -21,4 +21,17 @@ def mixtral(hf: Any) -> Arch:
     return Arch(config, layers(attention_layers(hf, config), [sparse] * hf.num_hidden_layers, config))
 
 
-family("mixtral", Family(("MixtralForCausalLM",), mixtral))
+def mixtral_config(arch: Arch) -> Any:
+    """A MixtralConfig of a model of attention layers (one window or none) with softmax MoEs, or None."""
+    from transformers import MixtralConfig
+
+    if not attention_only(arch, ("moe",)):
+        return None
+    moe = arch.layers[0].ffn.kwargs()
+    fields = attention_fields(arch, moe["d_ff"])
+    del fields["use_sliding_window"]  # Mixtral slides wherever sliding_window is set
+    return MixtralConfig(**fields, num_local_experts=moe["experts"], num_experts_per_tok=moe["top"], router_aux_loss_coef=moe["aux"],
+                         router_jitter_noise=moe["jitter"])
+
+
+family("mixtral", Family(("MixtralForCausalLM",), mixtral, config_from_arch=mixtral_config))

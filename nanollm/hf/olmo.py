@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from ..ir import Arch, Call, Layer, ModelConfig
-from . import Family, call, common_settings, family, layer_type_rope, refuse, rope_call
+from . import Family, attention_only, call, common_fields, common_settings, family, layer_type_rope, layer_types, refuse, rope_call, rope_parameters
 
 
 def olmo_config(hf: Any, rope_parameters: dict[str, Any]) -> ModelConfig:
@@ -47,5 +47,28 @@ def olmo3(hf: Any) -> Arch:
     return Arch(config, post_norm_layers(config, [mixers[t] for t in hf.layer_types], hf.intermediate_size))
 
 
-family("olmo2", Family(("Olmo2ForCausalLM",), olmo2))
-family("olmo3", Family(("Olmo3ForCausalLM",), olmo3))
+def olmo2_config(arch: Arch) -> Any:
+    """An Olmo2Config of a model of global layers with SwiGLUs, or None."""
+    from transformers import Olmo2Config
+
+    if not attention_only(arch, ("swiglu",)) or layer_types(arch)[1] is not None:
+        return None
+    return Olmo2Config(**common_fields(arch, arch.layers[0].ffn.kwargs()["d_ff"]), rope_parameters=rope_parameters(arch.layers[0].mixer.kwargs()["rope"]),
+                       hidden_act="silu", eos_token_id=None, pad_token_id=None)
+
+
+def olmo3_config(arch: Arch) -> Any:
+    """An Olmo3Config of a model of global and sliding layers with SwiGLUs, or None."""
+    from transformers import Olmo3Config
+
+    if not attention_only(arch, ("swiglu",)):
+        return None
+    types, window = layer_types(arch)
+    ropes = {kind: rope_parameters(layer.mixer.kwargs()["rope"]) for kind, layer in zip(types, arch.layers)}
+    return Olmo3Config(**common_fields(arch, arch.layers[0].ffn.kwargs()["d_ff"]), layer_types=types, sliding_window=window or 4096, hidden_act="silu",
+                       rope_parameters={kind: ropes.get(kind, ropes[types[0]]) for kind in ("full_attention", "sliding_attention")},
+                       eos_token_id=None, pad_token_id=None)
+
+
+family("olmo2", Family(("Olmo2ForCausalLM",), olmo2, config_from_arch=olmo2_config))
+family("olmo3", Family(("Olmo3ForCausalLM",), olmo3, config_from_arch=olmo3_config))

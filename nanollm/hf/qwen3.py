@@ -5,7 +5,7 @@ import dataclasses
 from typing import Any
 
 from ..ir import Arch, Call, Layer, ModelConfig
-from . import Family, call, common_settings, family, refuse, rope_call
+from . import Family, attention_only, call, common_fields, common_settings, family, layer_types, refuse, rope_call, rope_parameters
 
 
 def attention_layers(hf: Any, config: ModelConfig) -> list[Call]:
@@ -62,5 +62,37 @@ def qwen3_moe(hf: Any) -> Arch:
     return Arch(config, layers(attention_layers(hf, config), ffns, config))
 
 
-family("qwen3", Family(("Qwen3ForCausalLM",), qwen3))
-family("qwen3_moe", Family(("Qwen3MoeForCausalLM",), qwen3_moe))
+def attention_fields(arch: Arch, d_ff: int) -> dict[str, Any]:
+    """The config fields of a Qwen3-style decoder (one RoPE, sliding layers or not), for export."""
+    window = layer_types(arch)[1]
+    return dict(common_fields(arch, d_ff), rope_parameters=rope_parameters(arch.layers[0].mixer.kwargs()["rope"]), use_sliding_window=window is not None,
+                sliding_window=window, hidden_act="silu")
+
+
+def qwen3_config(arch: Arch) -> Any:
+    """A Qwen3Config of a model of global and sliding layers with SwiGLUs, or None."""
+    from transformers import Qwen3Config
+
+    if not attention_only(arch, ("swiglu",)):
+        return None
+    return Qwen3Config(**attention_fields(arch, arch.layers[0].ffn.kwargs()["d_ff"]), layer_types=layer_types(arch)[0])
+
+
+def qwen3_moe_config(arch: Arch) -> Any:
+    """A Qwen3MoeConfig of a model of attention layers with softmax MoEs (and dense SwiGLUs), or None."""
+    from transformers import Qwen3MoeConfig
+
+    if not attention_only(arch, ("swiglu", "moe")):
+        return None
+    sparse = [layer.ffn.kwargs() for layer in arch.layers if layer.ffn.name == "moe"]
+    dense = [layer.ffn.kwargs()["d_ff"] for layer in arch.layers if layer.ffn.name == "swiglu"]
+    if not sparse:
+        return None
+    moe = sparse[0]
+    return Qwen3MoeConfig(**attention_fields(arch, dense[0] if dense else moe["d_ff"]), num_experts=moe["experts"], num_experts_per_tok=moe["top"],
+                          moe_intermediate_size=moe["d_ff"], norm_topk_prob=moe["norm_topk"], router_aux_loss_coef=moe["aux"], decoder_sparse_step=1,
+                          mlp_only_layers=[i for i, layer in enumerate(arch.layers) if layer.ffn.name == "swiglu"])
+
+
+family("qwen3", Family(("Qwen3ForCausalLM",), qwen3, config_from_arch=qwen3_config))
+family("qwen3_moe", Family(("Qwen3MoeForCausalLM",), qwen3_moe, config_from_arch=qwen3_moe_config))

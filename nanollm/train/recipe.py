@@ -67,6 +67,7 @@ class Recipe:
     # logging and checkpoints
     log_every: int = option(5, "steps between metrics lines (the last step always logs)")
     eval_every: int = option(50, "steps between held-out evaluations (0: only at the end)")
+    sample_every: int = option(0, "steps between greedy samples of the model's text, printed (0: never; one process only)")
     checkpoint_every: int = option(50, "steps between checkpoints (0: only at the end; the last step always saves)")
     keep_checkpoints: int = option(2, "checkpoints kept in the run directory")
     checkpoint_format: str = option("auto", "sharded: each process writes its own shards (PyTorch DCP, safetensors); full: one file of each "
@@ -91,7 +92,7 @@ class Recipe:
         for name in ("eval_share", "warmup_fraction", "decay_fraction", "final_lr_ratio", "beta1", "beta2", "muon_momentum"):
             if not 0 <= getattr(self, name) <= 1:
                 raise RecipeError(f"recipe: {name} must be between 0 and 1, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "eval_every", "checkpoint_every"):
+        for name in ("weight_decay", "grad_clip", "eval_every", "sample_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise RecipeError(f"recipe: {name} must not be negative, got {getattr(self, name)}")
         lengths = [name for name in ("steps", "tokens", "budget") if getattr(self, name) is not None]

@@ -38,6 +38,7 @@ from rich.table import Table
 
 from ..compiled import Compiled, compile
 from ..components import Component, distributed
+from ..decode import sample
 from ..errors import DataError, LaunchError, RecipeError, RunError
 from ..human import console
 from ..ir import arch_from_json, arch_to_json
@@ -530,6 +531,12 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
                                            f"{values['tokens_per_s']:,.0f} tok/s  {flops:.3e} FLOPs")
                 final = values
                 interval_start, interval_tokens, paused = time.perf_counter(), 0, 0.0  # after evaluating: not training time
+            if recipe.sample_every and step % recipe.sample_every == 0 and plan.processes == 1:
+                pause = time.perf_counter()
+                model.eval()  # the model itself, its layers called through their decoding form
+                progress.console.print(f"sample at step {step}: {sample(model, compiled.arch, tokenizer, plan.seq_len)!r}")
+                model.train()
+                paused += time.perf_counter() - pause
             if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 or last:
                 pause = time.perf_counter()
                 save(step)

@@ -23,7 +23,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from .. import Param, register
 from ...ir import Call, ModelConfig
-from .causal import ATTENTION_PARAMS, CausalAttention
+from .causal import ATTENTION_PARAMS, CausalAttention, attend_visible, store
 
 MAX_BLOCKS = 1 << 20
 
@@ -183,6 +183,16 @@ class BlockSparseAttention(CausalAttention):
             return attend_flex(q, k, v, self.pattern, self.scale, self.softcap)
         # the meta device (the analysis) takes the SDPA form too: the soft-cap changes no product
         return attend_gathered(q, k, v, self.pattern, self.scale, 0.0 if q.is_meta else self.softcap)
+
+    def decode(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor, cos: torch.Tensor | None = None,
+               sin: torch.Tensor | None = None) -> torch.Tensor:
+        """Every key is kept (global blocks reach back to the start); each new query attends where the pattern allows."""
+        q, k, v = self.heads(x, cos, sin)
+        end = start + x.shape[1]
+        store(state, torch.arange(start, end, device=x.device), k, v)
+        query, key = torch.arange(start, end, device=x.device)[:, None], torch.arange(end, device=x.device)[None, :]
+        visible = (key <= query) & self.pattern.keeps(query // self.pattern.block, key // self.pattern.block)
+        return self.merge(attend_visible(q, state["keys"][:, :, :end], state["values"][:, :, :end], visible, self.scale, self.softcap))
 
     def attended_pairs(self, seq_len: int) -> int:
         return self.pattern.attended_pairs(seq_len)

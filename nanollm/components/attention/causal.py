@@ -91,16 +91,16 @@ def attend_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int |
     return out * torch.sigmoid(aux.lse - sinks.view(-1, 1)).unsqueeze(-1).to(out.dtype)
 
 
-def attend_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None, softcap: float,
+def attend_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float | None, softcap: float,
                  sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(cap(QK^T scale) + mask, with the sink logits as one more column, dropped after) V written out;
-    the softmax in fp32."""
+    """softmax(cap(QK^T scale) + mask, with the sink logits as one more column, dropped after) V written out, where the
+    boolean (Tq, Tk) `visible` allows; the softmax in fp32."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = q @ k.transpose(-2, -1) * (scale if scale is not None else q.shape[-1] ** -0.5)
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~causal_mask(q.shape[-2], window, q.device), float("-inf"))
+    scores = scores.masked_fill(~visible, float("-inf"))
     if sinks is not None:
         scores = torch.cat([scores, sinks.view(1, -1, 1, 1).expand(*scores.shape[:-1], 1).to(scores.dtype)], dim=-1)
     probabilities = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
@@ -136,12 +136,22 @@ def attend_with_sink(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     return out[..., 1:, :width]
 
 
+def attend_visible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, scale: float | None,
+                   softcap: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of q over k, v where the boolean (Tq, Tk) `visible` allows (None: everywhere), as decoding runs it:
+    SDPA, or, soft-capped or with sinks, the softmax written out."""
+    if softcap or sinks is not None:
+        everywhere = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
+        return attend_eager(q, k, v, everywhere if visible is None else visible, scale, softcap, sinks)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+
+
 def attend_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None, softcap: float,
                   sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The path everywhere but on GPUs: SDPA with an explicit boolean mask (and sinks as an extra key), or,
     soft-capped, the softmax written out."""
     if softcap:
-        return attend_eager(q, k, v, window, scale, softcap, sinks)
+        return attend_eager(q, k, v, causal_mask(q.shape[-2], window, q.device), scale, softcap, sinks)
     if sinks is not None:
         return attend_with_sink(q, k, v, window, scale, sinks)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q.shape[-2], window, q.device), scale=scale, enable_gqa=True)
@@ -158,6 +168,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
     if window or softcap or sinks is not None:  # flex_attention has no backward on CPU in this torch
         return attend_masked(q, k, v, window, scale, softcap, sinks)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+
+def store(state: dict[str, torch.Tensor], positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Write keys and values (B, H_kv, T, d) of `positions` into a cache's slots (position mod its length)."""
+    slots = positions % state["positions"].shape[0]
+    state["keys"][:, :, slots] = k
+    state["values"][:, :, slots] = v
+    state["positions"][slots] = positions
 
 
 @register("global", "mixer", *ATTENTION_PARAMS, SINKS)
@@ -200,6 +218,11 @@ class CausalAttention(Component):
         return (BRANCH, self.rotary) if self.rotary else (BRANCH,)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.heads(x, cos, sin)
+        return self.merge(self.attend(q, k, v))
+
+    def heads(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, d), keys and values (B, H_kv, T, d), normed and rotated."""
         batch, length, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "projection":
@@ -212,8 +235,7 @@ class CausalAttention(Component):
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary:
             q, k = rotate(q, cos, sin, self.layout), rotate(k, cos, sin, self.layout)
-        out = self.attend(q, k, v)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
+        return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The attention core on rotated heads q (B, H, T, d), k, v (B, H_kv, T, d)."""
@@ -225,6 +247,42 @@ class CausalAttention(Component):
 
     def param_roles(self) -> dict[str, str]:
         return {"sinks": VECTOR} if self.sinks is not None else {}
+
+    def merge(self, out: torch.Tensor) -> torch.Tensor:
+        """The output projection of the heads' outputs (B, H, T, d)."""
+        batch, _, length, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
+
+    def state(self, batch: int, capacity: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Keys and values of every position (a sliding window's: a ring buffer of its last `window`), and the
+        position each slot holds (-1: empty)."""
+        slots = min(capacity, self.window) if self.window else capacity
+        shape = (batch, self.n_kv_heads, slots, self.head_dim)
+        return {"keys": torch.zeros(shape, device=device, dtype=dtype), "values": torch.zeros(shape, device=device, dtype=dtype),
+                "positions": torch.full((slots,), -1, dtype=torch.long, device=device)}
+
+    def decode(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor, cos: torch.Tensor | None = None,
+               sin: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.heads(x, cos, sin)
+        length, slots = x.shape[1], state["positions"].shape[0]
+        positions = torch.arange(start, start + length, device=x.device)
+        if self.window is None:  # a slot per position: attend over the filled prefix, no mask for one token
+            store(state, positions, k, v)
+            end = start + length
+            visible = None if length == 1 else positions[:, None] >= torch.arange(end, device=x.device)[None, :]
+            return self.merge(attend_visible(q, state["keys"][:, :, :end], state["values"][:, :, :end], visible, self.scale, self.softcap,
+                                             self.sinks))
+        if length == 1:  # written first: the new key overwrites only the position that has just left the window
+            store(state, positions, k, v)
+            context_k, context_v, held = state["keys"], state["values"], state["positions"]
+        else:  # a chunk attends over the ring as it was and its own keys; the ring then keeps the last `window`
+            context_k, context_v = torch.cat((state["keys"], k), dim=2), torch.cat((state["values"], v), dim=2)
+            held = torch.cat((state["positions"], positions))
+            keep = min(length, slots)
+            store(state, positions[-keep:], k[:, :, -keep:], v[:, :, -keep:])
+        query, key = positions[:, None], held[None, :]
+        visible = (key >= 0) & (key <= query) & (query - key < self.window)
+        return self.merge(attend_visible(q, context_k, context_v, visible, self.scale, self.softcap, self.sinks))
 
     def attended_pairs(self, seq_len: int) -> int:
         """(query, key) pairs one head scores over a sequence: each position sees itself and all before it."""

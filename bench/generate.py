@@ -1,0 +1,114 @@
+"""How fast nanollm decodes: tokens per second beside transformers' `generate`, and the sliding hybrid's per-token time
+at a long context against a short one.
+
+Run: python bench/generate.py [--rounds R] [--new-tokens N] [--threads K]. Two tiny models, fp32 on the CPU, the same
+weights on both sides (nanollm imports the transformers model with from_hf):
+
+- dense: Qwen3-shaped (d_model 256, 4 layers, 8 heads of 32, 4 KV heads, SwiGLU 768), every layer global;
+- hybrid: the same with layers 1-5 of each 6 sliding (window 128) and every sixth global (Gemma 3's 5:1), 6 layers.
+
+Per model and batch (1 and 8): a 32-token prompt, N new tokens greedy, the prefill included on both sides;
+nanollm's `Decoder.generate` against `model.generate(do_sample=False)` with its default DynamicCache. Then the
+hybrid's per-token decode time after a 4,096-token context against a 256-token one (nanollm only; the ring buffers
+bound the sliding layers' work, the one global layer's keys grow). The ways run round-robin, so machine load falls
+on them alike; ratios are medians over rounds of ratios measured within a round. The fp32 matmul rate of the
+machine is printed beside them. Targets: nanollm >= 1.5x transformers at batch 1; 4k within 1.3x of 256.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+import nanollm
+from nanollm.decode import Decoder, generated
+from nanollm.hf import arch_from_config
+from train_throughput import matmul_rate  # bench/ is on the path of a script run from it
+
+SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+             max_position_embeddings=8192, eos_token_id=None, bos_token_id=None, pad_token_id=0)
+PROMPT = 32
+
+
+def model_pair(layer_types: list[str]) -> tuple[Qwen3ForCausalLM, Decoder]:
+    """A random transformers Qwen3 of these layer types (SDPA attention) and nanollm's decoder of the same weights."""
+    torch.manual_seed(0)
+    sliding = "sliding_attention" in layer_types
+    config = Qwen3Config(**SHAPE, num_hidden_layers=len(layer_types), layer_types=layer_types, use_sliding_window=sliding,
+                         sliding_window=128 if sliding else None, attn_implementation="sdpa")
+    hf = Qwen3ForCausalLM(config).eval()
+    hf.generation_config.eos_token_id = None
+    return hf, Decoder(nanollm.from_hf(hf).eval(), arch_from_config(config), context=SHAPE["max_position_embeddings"])
+
+
+def seconds(run: Callable[[], object]) -> float:
+    """Wall time of one call."""
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def step_time(decoder: Decoder, context: int, steps: int = 16) -> Callable[[], float]:
+    """A function timing one decoding step after `context` tokens (median of `steps`), the prefill outside the timing."""
+
+    def run() -> float:
+        states = decoder.states(1, context + steps)
+        decoder.step(torch.randint(0, SHAPE["vocab_size"], (1, context)), 0, states)
+        times = []
+        token = torch.zeros(1, 1, dtype=torch.long)
+        for position in range(context, context + steps):
+            start = time.perf_counter()
+            decoder.step(token, position, states)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return run
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = {"dense": model_pair(["full_attention"] * 4),
+              "hybrid": model_pair((["sliding_attention"] * 5 + ["full_attention"]))}
+    rates, ratios, speeds = [matmul_rate()], {}, {}
+    long_short = []
+    for _ in range(args.rounds):
+        for name, (hf, decoder) in models.items():
+            for batch in (1, 8):
+                prompt = torch.randint(0, SHAPE["vocab_size"], (batch, PROMPT))
+                theirs = seconds(lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
+                                                     min_new_tokens=args.new_tokens, do_sample=False))
+                ours = seconds(lambda: generated(decoder, prompt, args.new_tokens))
+                ratios.setdefault((name, batch), []).append(theirs / ours)
+                speeds.setdefault((name, batch), []).append((batch * args.new_tokens / ours, batch * args.new_tokens / theirs))
+        hybrid = models["hybrid"][1]
+        long_short.append(step_time(hybrid, 4096)() / step_time(hybrid, 256)())
+        rates.append(matmul_rate(repeats=5))
+
+    table = Table(title=f"decoding, fp32 CPU, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds", title_justify="left")
+    for column in ("model", "batch", "nanollm tokens/s", "transformers tokens/s", "nanollm / transformers"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for (name, batch), values in ratios.items():
+        ours, theirs = (statistics.median(v[k] for v in speeds[name, batch]) for k in (0, 1))
+        table.add_row(name, str(batch), f"{ours:,.0f}", f"{theirs:,.0f}", f"{statistics.median(values):.2f}x")
+    console = Console()
+    console.print(table)
+    console.print(f"hybrid per-token decode time, 4,096-token context / 256: {statistics.median(long_short):.2f}x (target <= 1.3x)")
+    console.print(f"fp32 matmul 1024^3: {statistics.median(rates) / 1e9:.1f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Incremental decoding: every family from_hf imports generates transformers' greedy tokens, and each decoding step's
+logits equal the full forward pass's at that position (global, sliding ring buffers, MoE), prompts past every window."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3TextConfig,
+    Gemma3ForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Olmo3Config,
+    Olmo3ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+import nanollm
+from nanollm.cli import main
+from nanollm.compiled import Compiled
+from nanollm.decode import Decoder, Sampling, generated
+from nanollm.hf import arch_from_config
+from nanollm.hf.export import export
+from nanollm.train.tokenizer import load_tokenizer
+from nanollm.trained import load_trained
+
+WINDOW = 5
+PROMPT = 12  # longer than every window
+NEW = 40
+TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=8, eos_token_id=None, bos_token_id=None, pad_token_id=None, max_position_embeddings=128)
+MIXED = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+FAMILIES = {
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(layer_types=MIXED, use_sliding_window=True, sliding_window=WINDOW)),
+    "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                            use_sliding_window=True, sliding_window=WINDOW)),
+    "mixtral": (MixtralForCausalLM, MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
+    "gemma3_text": (Gemma3ForCausalLM, Gemma3TextConfig, dict(layer_types=MIXED, sliding_window=WINDOW, query_pre_attn_scalar=12,
+                                                              final_logit_softcapping=5.0)),
+    "olmo2": (Olmo2ForCausalLM, Olmo2Config, {}),
+    "olmo3": (Olmo3ForCausalLM, Olmo3Config, dict(layer_types=MIXED, sliding_window=WINDOW)),
+}
+
+
+def tiny(family: str, std: float = 0.2) -> Any:
+    """A tiny random transformers model of a family, eager, fp32; weights drawn N(0, std), by default wide enough that
+    greedy choices are decisive (no near-ties for rounding to flip)."""
+    model_class, config_class, overrides = FAMILIES[family]
+    torch.manual_seed(0)
+    model = model_class(config_class(**TINY, **overrides, attn_implementation="eager", experts_implementation="eager")).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            elif param.dim() >= 2:
+                param.normal_(0, std)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def decoder_of(hf: Any) -> Decoder:
+    """nanollm's decoder of the same weights."""
+    return Decoder(nanollm.from_hf(hf).eval(), arch_from_config(hf.config), context=hf.config.max_position_embeddings)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_equal_transformers_generate(family: str) -> None:
+    hf = tiny(family)
+    torch.manual_seed(1)
+    prompt = torch.randint(0, TINY["vocab_size"], (2, PROMPT))
+    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    ours = generated(decoder_of(hf), prompt, NEW)
+    assert torch.equal(ours, theirs[:, PROMPT:])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "gemma3_text"])
+def test_each_decoding_step_gives_the_full_forward_logits_at_its_position(family: str) -> None:
+    hf = tiny(family, std=0.05)  # logits of order 1, where 1e-5 is a tolerance of rounding only
+    decoder = decoder_of(hf)
+    torch.manual_seed(2)
+    sequence = torch.randint(0, TINY["vocab_size"], (2, PROMPT + 16))
+    with torch.no_grad():
+        full, _ = decoder.model(sequence)
+        states = decoder.states(2, sequence.shape[1])
+        # a prefill chunk past the window, a second chunk continuing it (a ring buffer met mid-sequence), then tokens one by one
+        steps = [decoder.step(sequence[:, :PROMPT], 0, states), decoder.step(sequence[:, PROMPT:PROMPT + 7], PROMPT, states)]
+        steps += [decoder.step(sequence[:, t:t + 1], t, states) for t in range(PROMPT + 7, sequence.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+PATTERNS = {  # attention patterns no family above has, each decoded against its own full forward
+    "sinks": "repeat 1 < sliding(5, sinks=true); global(sinks=true) >",
+    "blocksparse": "blocksparse(4, 2, global=1); blocksparse(3, 1, global=0, stride=2)",
+}
+
+
+@pytest.mark.parametrize("layers", PATTERNS.values(), ids=list(PATTERNS))
+def test_each_decoding_step_of_sinks_and_block_patterns_gives_the_full_forward_logits(layers: str) -> None:
+    compiled = nanollm.compile(HYBRID.split("repeat")[0] + layers)
+    torch.manual_seed(3)
+    model = compiled.build().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("sinks"):
+                param.normal_(0, 2)  # sinks start at 0: give each head its own
+    decoder = Decoder(model, compiled.arch, context=64)
+    sequence = torch.randint(0, 96, (2, PROMPT + 10))
+    with torch.no_grad():
+        full, _ = model(sequence)
+        states = decoder.states(2, sequence.shape[1])
+        steps = [decoder.step(sequence[:, :PROMPT], 0, states), decoder.step(sequence[:, PROMPT:PROMPT + 3], PROMPT, states)]
+        steps += [decoder.step(sequence[:, t:t + 1], t, states) for t in range(PROMPT + 3, sequence.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_a_sliding_cache_holds_only_its_window() -> None:
+    decoder = decoder_of(tiny("qwen3"))
+    states = decoder.states(1, 100)
+    sizes = {path: state["keys"].shape[2] for path, state in states.items()}
+    assert sizes == {"layers.0.mixer": WINDOW, "layers.1.mixer": 100, "layers.2.mixer": WINDOW, "layers.3.mixer": WINDOW}
+
+
+def test_the_decoding_graph_runs_on_the_meta_device() -> None:
+    compiled = Compiled(arch_from_config(tiny("qwen3_moe").config))
+    decoder = Decoder(compiled.graph, compiled.arch, context=4096)
+    states = decoder.states(3, 4096)
+    logits = decoder.step(torch.zeros(3, 1, dtype=torch.long, device="meta"), 4000, states)
+    assert logits.is_meta and logits.shape == (3, 1, TINY["vocab_size"])
+
+
+def test_sampling_keeps_only_the_top_k_and_top_p_tokens() -> None:
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(200, 1)
+    generator = torch.Generator().manual_seed(0)
+    assert set(Sampling(temperature=1.0, top_k=2).choose(logits, generator).tolist()) == {0, 1}
+    # softmax: 0.64, 0.24, 0.09, ...: top_p 0.8 keeps the first two (0.64 < 0.8 <= 0.88)
+    assert set(Sampling(temperature=1.0, top_p=0.8).choose(logits, generator).tolist()) == {0, 1}
+    assert set(Sampling(temperature=0.0).choose(logits).tolist()) == {0}
+
+
+RUN = Path(__file__).resolve().parent / "fixtures" / "run_before_issue_18"  # 2 steps of a tiny model, embedded tokenizer
+RUN_ARCH = json.loads((RUN / "manifest.json").read_text())["arch_text"]
+
+
+def test_generate_streams_a_runs_text_and_sampling_repeats_with_its_seed(capsys) -> None:
+    assert main(["generate", str(RUN), "--prompt", "Once upon", "--max-new-tokens", "8"]) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("Once upon")
+    sampled = []
+    for _ in range(2):
+        assert main(["generate", str(RUN), "--prompt", "Once upon", "--max-new-tokens", "8", "--temperature", "1.5", "--top-k", "50",
+                     "--top-p", "0.95", "--seed", "7"]) == 0
+        sampled.append(capsys.readouterr().out)
+    assert sampled[0] == sampled[1] and len(sampled[0]) > len("Once upon\n")
+
+
+def test_generate_takes_prompts_from_a_file(tmp_path, capsys) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The cat\n\nA dog\n")
+    assert main(["generate", str(RUN), "--prompts", str(prompts), "--max-new-tokens", "4", "--temperature", "1", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "--- prompt 1\nThe cat" in out and "--- prompt 2\nA dog" in out and "--- prompt 3" not in out
+
+
+def test_generate_refuses_bad_input_in_one_line(tmp_path, capsys) -> None:
+    hf = tiny("qwen3")
+    hf.save_pretrained(tmp_path / "hf")
+    load_tokenizer(None).save_pretrained(tmp_path / "hf")  # 8192 tokens for a 128-token vocabulary
+    cases = {
+        str(tmp_path / "missing"): "no such run directory",
+        str(tmp_path / "hf"): "more than the model's vocab_size of 128",
+    }
+    capsys.readouterr()
+    for path, message in cases.items():
+        assert main(["generate", path, "--prompt", "x"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert main(["generate", str(RUN), "--prompt", "word " * 300]) == 2
+    err = capsys.readouterr()
+    assert "the model takes 1 to 16 (its context)" in err.err and err.out == ""
+
+
+def test_the_trainer_prints_a_sample_every_sample_every_steps(tmp_path, capsys) -> None:
+    arch = tmp_path / "micro.arch"
+    arch.write_text(RUN_ARCH)
+    assert main(["train", str(arch), "--out", str(tmp_path / "run"), "--steps", "2", "--sample-every", "1", "--batch-size", "2",
+                 "--shuffle-buffer", "4", "--eval-tokens", "256", "--eval-every", "0", "--checkpoint-every", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "sample at step 1:" in out and "sample at step 2:" in out
+
+
+HYBRID = """vocab_size = 96
+d_model = 32
+n_heads = 4
+n_kv_heads = 2
+head_dim = 8
+d_ff = 64
+seq_len = 64
+repeat 1 < sliding(6); global; sliding > ffn=moe(top=2, experts=4, d_ff=32)
+"""
+
+
+def test_the_inference_view_counts_what_a_real_prefill_and_decoding_step_compute() -> None:
+    """FlopCounterMode counts the matmuls of a real prefill of C tokens and of the next token's step (it has no rule for
+    CPU attention); the attention is added in closed form: each query scores the keys it sees, 2(d_k + d_v) FLOPs each."""
+    compiled, context, window, heads, head_dim = nanollm.compile(HYBRID), 20, 6, 4, 8
+    view = compiled.inference(context)
+    decoder = Decoder(compiled.build().eval(), compiled.arch, context=64)
+    states = decoder.states(1, 64)
+    ids = torch.randint(0, 96, (1, context + 1))
+    counted = []
+    with torch.no_grad():
+        for chunk, start in ((ids[:, :context], 0), (ids[:, context:], context)):
+            with FlopCounterMode(display=False) as counter:
+                decoder.step(chunk, start, states)
+            counted.append(counter.get_total_flops())
+    per_key = heads * 2 * 2 * head_dim
+
+    def seen(position: int) -> list[int]:  # keys each layer's query at this position scores: sliding, global, sliding
+        return [min(position + 1, window), position + 1, min(position + 1, window)]
+
+    assert view.prefill_flops == counted[0] + per_key * sum(sum(seen(t)) for t in range(context))
+    assert view.decode_flops_per_token == counted[1] + per_key * sum(seen(context))
+    assert view.cache_bytes == 2 * 2 * 2 * head_dim * (window + context + window)  # bf16 keys and values of 2 KV heads
+
+
+def test_compile_shows_the_inference_view_at_a_context(capsys) -> None:
+    assert main(["compile", "archs/qwen3_0_6b.arch", "--context", "32k", "--json"]) == 0
+    inference = json.loads(capsys.readouterr().out)["inference"]
+    assert inference["context"] == 32768 and inference["cache_bytes"] == 114688 * 32768
+    assert main(["compile", "archs/qwen3_0_6b.arch", "--context", "32k"]) == 0
+    assert "decode FLOPs/token at context 32,768" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_export_is_the_native_transformers_model_with_the_same_logits_and_imports_back_bit_for_bit(family: str, tmp_path) -> None:
+    hf = tiny(family, std=0.05)
+    arch, ours = arch_from_config(hf.config), nanollm.from_hf(hf).eval()
+    export(ours, arch, None, tmp_path / "out")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(theirs) is type(hf)
+    ids = torch.randint(0, TINY["vocab_size"], (2, PROMPT + 8))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids)[0], rtol=0, atol=1e-5)
+    back = nanollm.from_hf(tmp_path / "out").state_dict()
+    assert back.keys() == ours.state_dict().keys()
+    assert all(torch.equal(back[name], tensor) for name, tensor in ours.state_dict().items())
+
+
+def test_export_writes_a_runs_model_and_tokenizer_and_refuses_an_existing_target(tmp_path, capsys) -> None:
+    assert main(["export", str(RUN), "-o", str(tmp_path / "hf")]) == 0
+    assert "Qwen3ForCausalLM" in capsys.readouterr().out
+    trained = load_trained(RUN)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(tmp_path / "hf").encode("Once upon a time")])
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, trained.model(ids)[0], rtol=0, atol=1e-5)
+    assert main(["export", str(RUN), "-o", str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err.strip().endswith("exists: export writes a new directory")
+    # generate reads the exported directory as it reads the run
+    assert main(["generate", str(tmp_path / "hf"), "--prompt", "Once", "--max-new-tokens", "6"]) == 0
+    from_export = capsys.readouterr().out
+    assert main(["generate", str(RUN), "--prompt", "Once", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out == from_export
+
+
+def test_an_architecture_no_family_expresses_exports_as_nanollm_remote_code_that_generates(tmp_path) -> None:
+    compiled = nanollm.compile(HYBRID.replace("ffn=moe(top=2, experts=4, d_ff=32)", "ffn=moe(top=2, experts=4, d_ff=32, shared=1)"))
+    torch.manual_seed(0)
+    ours = compiled.build().eval()
+    export(ours, compiled.arch, None, tmp_path / "out")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "NanollmForCausalLM"
+    ids = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids)[0], rtol=0, atol=1e-5)
+        continued = theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(continued[:, 10:], generated(Decoder(ours, compiled.arch, 64), ids, 8))
+    back = theirs.model.state_dict()  # what transformers loaded from the export
+    assert back.keys() == ours.state_dict().keys()
+    assert all(torch.equal(back[name], tensor) for name, tensor in ours.state_dict().items())
