@@ -114,14 +114,15 @@ def test_mla_bad_arguments_are_positioned_errors(text, message):
     assert ":7:" in str(error.value)
 
 
-@pytest.mark.parametrize("q_lora_rank", [0, 128])
+@pytest.mark.parametrize("q_lora_rank", [0, 512])
 def test_mla_ranks_scale_with_the_width_under_a_budget(q_lora_rank):
-    """Budget sizing keeps each latent rank at its ratio to d_model; a rank of 0 (no query latent) stays 0."""
-    text = (f"d_model = 256\nn_heads = 4\nn_kv_heads = 4\nhead_dim = 64\nd_ff = 768\nvocab_size = 4096\n"
-            f"repeat 2 < mla(kv_lora_rank=64, q_lora_rank={q_lora_rank}, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32) >")
-    solution = solve(text, 1e19)
+    """Budget sizing keeps each latent rank at its ratio to d_model, written (q) or at its default (kv: 512 at d_model
+    1024); a rank of 0 (no query latent) stays 0."""
+    text = (f"d_model = 1024\nn_heads = 8\nn_kv_heads = 8\nhead_dim = 128\nd_ff = 3072\nvocab_size = 4096\n"
+            f"repeat 2 < mla(q_lora_rank={q_lora_rank}, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32) >")
+    solution = solve(text, 1e15)
     d_model = solution.arch.config.d_model
-    assert d_model > 256
+    assert d_model < 1024
     args = solution.arch.layers[0].mixer.kwargs()
-    assert args["kv_lora_rank"] == round(d_model / 4 / 64) * 64
-    assert args["q_lora_rank"] == (round(d_model / 2 / 64) * 64 if q_lora_rank else 0)
+    assert args["kv_lora_rank"] == max(64, round(d_model / 2 / 64) * 64)
+    assert args["q_lora_rank"] == (max(64, round(d_model / 2 / 64) * 64) if q_lora_rank else 0)
