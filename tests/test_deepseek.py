@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 from test_families import assert_same_logits, hf_logits, tiny
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DeepseekV32Config, DeepseekV32ForCausalLM
 
 import nanollm
 from nanollm import ArchError
@@ -89,3 +89,32 @@ def test_deepseek_v3_import_has_transformers_parameter_count_and_a_576_element_c
     expert = 3 * 7168 * 2048
     assert analysis.params_active == analysis.params_total - 58 * (256 - 8) * expert
     assert analysis.cache_bytes_per_token == 61 * (512 + 64) * 2
+
+
+# --- DeepSeek-V3.2: DSA -------------------------------------------------------------------------------------
+
+DEEPSEEK_V32 = dict({k: v for k, v in DEEPSEEK.items() if k != "experts_implementation"}, experts_implementation="eager",
+                    index_topk=7, index_n_heads=8, index_head_dim=16)
+
+
+def deepseek_v32(**overrides) -> DeepseekV32ForCausalLM:
+    """A tiny DeepseekV32ForCausalLM: the indexer keeps 7 of up to 40 keys; norms perturbed, routers' biases drawn."""
+    model = tiny(DeepseekV32ForCausalLM, DeepseekV32Config, DEEPSEEK_V32, **overrides)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(std=0.3)
+        for name, param in model.named_parameters():
+            if "indexer.k_norm" in name:
+                param.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("overrides", [{}, {"rope_parameters": YARN, "index_topk": 20}], ids=["topk-7", "yarn-topk-20"])
+def test_deepseek_v32_matches_hf_with_selection_shorter_than_the_sequence(overrides):
+    hf = deepseek_v32(**overrides)
+    arch = arch_from_config(hf.config)
+    assert {(layer.mixer.name, layer.mixer.kwargs()["topk"]) for layer in arch.layers} == {("dsa", overrides.get("index_topk", 7))}
+    expected = assert_same_logits(hf)
+    everything = deepseek_v32(**{**overrides, "index_topk": 64})  # the same weights, every key kept
+    assert (expected - hf_logits(everything)).abs().max() > 1e-2  # so the selection mattered

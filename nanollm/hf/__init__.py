@@ -186,7 +186,7 @@ from . import deepseek, gemma3, mixtral, olmo, qwen3  # noqa: E402,F401  the fam
 
 def moe_call(hf: Any, config: ModelConfig) -> Call:
     """The `moe` call of a Qwen3-MoE, Mixtral or DeepSeek-V3 sparse layer (DeepSeek-V3's is proven at block level)."""
-    makers = {"qwen3_moe": qwen3.moe_call, "mixtral": mixtral.moe_call, "deepseek_v3": deepseek.moe_call}
+    makers = {"qwen3_moe": qwen3.moe_call, "mixtral": mixtral.moe_call, "deepseek_v3": deepseek.moe_call, "deepseek_v32": deepseek.moe_call}
     if hf.model_type not in makers:
         raise ArchError(f"transformers model_type {hf.model_type!r} has no MoE layer nanollm knows")
     return makers[hf.model_type](hf, config)

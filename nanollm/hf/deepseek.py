@@ -1,5 +1,6 @@
-"""DeepSeek-V3: multi-head latent attention (`mla`) on every layer, `first_k_dense_replace` dense SwiGLU layers, then
-the MoE (sigmoid scores, group-limited top-k, score-correction bias, shared experts)."""
+"""DeepSeek-V3 and V3.2: multi-head latent attention on every layer (`mla`; V3.2's with its lightning indexer, `dsa`),
+`first_k_dense_replace` dense SwiGLU layers, then the MoE (sigmoid scores, group-limited top-k, score-correction bias,
+shared experts)."""
 from __future__ import annotations
 
 import dataclasses
@@ -41,11 +42,10 @@ def mla_args(hf: Any) -> dict[str, int]:
 
 
 def deepseek_layers(hf: Any, config: ModelConfig, mixer: Call) -> tuple[Layer, ...]:
-    """Pre-norm layers of `mixer`: dense SwiGLU for the first `first_k_dense_replace`, the MoE after."""
-    dense = call("swiglu", "ffn", config, d_ff=hf.intermediate_size)
-    sparse = moe_call(hf, config)
-    return tuple(Layer((("mixer", mixer), ("ffn", dense if i < hf.first_k_dense_replace else sparse)), config.residual)
-                 for i in range(hf.num_hidden_layers))
+    """Pre-norm layers of `mixer`: dense SwiGLU or the MoE as `mlp_layer_types` (V3.2) or `first_k_dense_replace` (V3) say."""
+    kinds = getattr(hf, "mlp_layer_types", None) or ["dense" if i < hf.first_k_dense_replace else "sparse" for i in range(hf.num_hidden_layers)]
+    ffns = {"dense": call("swiglu", "ffn", config, d_ff=hf.intermediate_size), "sparse": moe_call(hf, config)}
+    return tuple(Layer((("mixer", mixer), ("ffn", ffns[kind])), config.residual) for kind in kinds)
 
 
 def deepseek_v3(hf: Any) -> Arch:
@@ -54,4 +54,13 @@ def deepseek_v3(hf: Any) -> Arch:
     return Arch(config, deepseek_layers(hf, config, call("mla", "mixer", config, **mla_args(hf))))
 
 
+def deepseek_v32(hf: Any) -> Arch:
+    """DeepseekV32ForCausalLM: MLA (interleaved RoPE) with the DSA indexer picking `index_topk` keys per query."""
+    config = mla_config(hf)
+    mixer = call("dsa", "mixer", config, topk=hf.index_topk, index_heads=hf.index_n_heads, index_head_dim=hf.index_head_dim,
+                 **mla_args(hf))
+    return Arch(config, deepseek_layers(hf, config, mixer))
+
+
 family("deepseek_v3", Family(("DeepseekV3ForCausalLM",), deepseek_v3))
+family("deepseek_v32", Family(("DeepseekV32ForCausalLM",), deepseek_v32))

@@ -104,12 +104,13 @@ class LatentAttention(Component):
     def inputs(self) -> tuple[Input, ...]:
         return (BRANCH, self.rotary)
 
-    def queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Each head's query (B, H, T, nope + rope), and the normed query latent (None without one)."""
+    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Each head's query without and with RoPE (B, H, T, nope), (B, H, T, rope), and the normed query latent (None without one)."""
         batch, length, _ = x.shape
         latent = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else None
         q = self.q_b_proj(latent) if self.q_lora_rank else self.q_proj(x)
-        return q.view(batch, length, self.n_heads, self.nope + self.rope_dim).transpose(1, 2), latent
+        q_nope, q_rope = q.view(batch, length, self.n_heads, self.nope + self.rope_dim).transpose(1, 2).split((self.nope, self.rope_dim), -1)
+        return q_nope, rotate(q_rope, cos, sin, self.layout), latent
 
     def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the cache holds: the normed latent (B, 1, T, kv_lora_rank) and the rotated shared key (B, 1, T, rope)."""
@@ -117,14 +118,20 @@ class LatentAttention(Component):
         return self.kv_a_layernorm(latent), rotate(k_rope, cos, sin, self.layout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        q, _ = self.queries(x)
-        q_nope, q_rope = q.split((self.nope, self.rope_dim), dim=-1)
-        q_rope = rotate(q_rope, cos, sin, self.layout)
+        q_nope, q_rope, _ = self.queries(x, cos, sin)
         latent, k_rope = self.latents(x, cos, sin)
-        out = (self.attend_absorbed if self.absorb else self.attend_decompressed)(q_nope, q_rope, latent, k_rope)
-        out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.v_head_dim)
+        return self.output(x, (self.attend_absorbed if self.absorb else self.attend_decompressed)(q_nope, q_rope, latent, k_rope))
+
+    def output(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """o_proj of the heads' outputs (B, H, T, v_head_dim), gated from the layer input x if the call says so."""
+        batch, _, length, _ = heads.shape
+        out = heads.transpose(1, 2).reshape(batch, length, self.n_heads * self.v_head_dim)
         return self.o_proj(apply_gate(out, self.gate_proj(x) if self.gate != "none" else None, self.n_heads))
+
+    def up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split per head into the key half (H, nope, r) and the value half (H, v, r)."""
+        up = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_head_dim, self.kv_lora_rank)
+        return up.split((self.nope, self.v_head_dim), dim=1)
 
     def attend_decompressed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor
                             ) -> torch.Tensor:
@@ -137,8 +144,7 @@ class LatentAttention(Component):
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
         """Absorbed form: q_nope W_UK scores the latent itself, and W_UV maps the latent-weighted sum out; (B, H, T, v_head_dim)."""
-        up = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_head_dim, self.kv_lora_rank)
-        key_up, value_up = up.split((self.nope, self.v_head_dim), dim=1)  # (H, nope, r), (H, v, r)
+        key_up, value_up = self.up_projections()
         q = torch.cat((q_nope @ key_up, q_rope), dim=-1)  # (B, H, T, r + rope)
         out = attend(q, torch.cat((latent, k_rope), dim=-1), latent, scale=self.scale)  # one key/value head for all
         return out @ value_up.transpose(1, 2)
