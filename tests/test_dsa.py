@@ -108,3 +108,12 @@ def test_dsa_bad_arguments_are_positioned_errors(text, message):
     with pytest.raises(nanollm.ArchError, match=message) as error:
         nanollm.compile(TINY + text)
     assert ":7:" in str(error.value)
+
+
+def test_dsa_trains_every_weight_but_the_indexers():
+    """A training step reaches every MLA weight; the indexer's choice is not differentiable, so its weights get none."""
+    model = nanollm.compile(TINY + "dsa(topk=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, index_heads=2, index_head_dim=16)").build()
+    logits, _ = model(torch.randint(0, 256, (2, 12)))
+    logits.logsumexp(-1).mean().backward()
+    for name, param in model.named_parameters():
+        assert (param.grad is None) == (".indexer." in name), name

@@ -30,7 +30,7 @@ def mla_pair(q_lora_rank: int, interleave: bool, rope_parameters: dict, **args) 
     rope = rope_call(dict(rope_parameters), CONFIG)
     rope = complete(Call(rope.name, tuple((k, v) for k, v in rope.args if k != "interleaved") + (("interleaved", interleave),)),
                     "position", CONFIG)
-    return build("mla", CONFIG, q_lora_rank=q_lora_rank, rope=rope, **SIZES, **args), hf
+    return build("mla", CONFIG, q_lora_rank=q_lora_rank, rope=rope, **(SIZES | args)), hf
 
 
 @pytest.mark.parametrize("q_lora_rank", [0, 24], ids=["q-direct", "q-latent"])
@@ -126,3 +126,13 @@ def test_mla_ranks_scale_with_the_width_under_a_budget(q_lora_rank):
     args = solution.arch.layers[0].mixer.kwargs()
     assert args["kv_lora_rank"] == max(64, round(d_model / 2 / 64) * 64)
     assert args["q_lora_rank"] == (max(64, round(d_model / 2 / 64) * 64) if q_lora_rank else 0)
+
+
+def test_mla_with_values_wider_than_queries_matches_deepseek_v3_attention():
+    """Values wider than query/key heads (24 > 8 + 8): the padding for CPUs' fused attention goes on queries and keys."""
+    ours, hf = mla_pair(0, True, DEFAULT, v_head_dim=24)
+    hf.v_head_dim = 24
+    theirs = DeepseekV3Attention(hf, 0)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 13, 64)
+    close(mix(ours, x), hf_attention(theirs, DeepseekV3RotaryEmbedding(hf), x))

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import BRANCH, REGISTRY, Component, Input, Param, Rotary, make_norm, register, telling
@@ -46,6 +47,21 @@ MLA_PARAMS = (
     Param("absorb", bool, "attend over the latents, the up-projections folded into query and output (as decoding does)",
           default=False, positional=False),
 )
+
+
+def attend_widths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention whose values may be narrower or wider than queries and keys.
+
+    CPUs' fused SDPA takes only equal widths (otherwise it falls back to materialising T x T, ~5x slower), so off
+    the meta device the narrower side is padded with zeros, which change no score and no output; the analysis
+    (meta) counts the unpadded products.
+    """
+    extra = q.shape[-1] - v.shape[-1]
+    if not extra or q.is_meta:
+        return attend(q, k, v, scale=scale)
+    if extra > 0:
+        return attend(q, k, F.pad(v, (0, extra)), scale=scale)[..., : v.shape[-1]]
+    return attend(F.pad(q, (0, -extra)), F.pad(k, (0, -extra)), v, scale=scale)
 
 
 def logit_scale(scale: float, qk_head_dim: int, rope: Call) -> float:
@@ -140,13 +156,13 @@ class LatentAttention(Component):
         kv = self.kv_b_proj(latent.squeeze(1)).view(batch, length, self.n_heads, self.nope + self.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split((self.nope, self.v_head_dim), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(-1, self.n_heads, -1, -1)), dim=-1)
-        return attend(torch.cat((q_nope, q_rope), dim=-1), k, v, scale=self.scale)
+        return attend_widths(torch.cat((q_nope, q_rope), dim=-1), k, v, self.scale)
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
         """Absorbed form: q_nope W_UK scores the latent itself, and W_UV maps the latent-weighted sum out; (B, H, T, v_head_dim)."""
         key_up, value_up = self.up_projections()
         q = torch.cat((q_nope @ key_up, q_rope), dim=-1)  # (B, H, T, r + rope)
-        out = attend(q, torch.cat((latent, k_rope), dim=-1), latent, scale=self.scale)  # one key/value head for all
+        out = attend_widths(q, torch.cat((latent, k_rope), dim=-1), latent, self.scale)  # one key/value head for all
         return out @ value_up.transpose(1, 2)
 
     def cache_elements(self, seq_len: int) -> int:

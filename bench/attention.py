@@ -1,0 +1,167 @@
+"""How fast the attention components train: each beside transformers' own module, or sparse beside dense.
+
+Run: python bench/attention.py [--lengths 512 2048 8192] [--rounds R] [--threads K] [--cases NAME ...]. Every case is
+one attention layer's forward + backward (input gradient included) in fp32 on the CPU, batch 1, timed per token:
+
+- `gated`: `global(gate=elementwise)` (Qwen3-Next's layout: per-head QK-norm, a quarter of each head rotated) against
+  transformers' Qwen3NextAttention, eager;
+- `mla`: `mla` (training form, query latent) against transformers' DeepseekV3Attention, eager;
+- `dsa`: `dsa` keeping 1/8 of the keys (topk = T/8) against full causal attention of the same shape: `mla(absorb=true)`,
+  the same latent attention over every earlier key (and, for information, MLA's training form).
+
+Cases are a list (`CASES`): a case builds its ways for a length and names the ratio it reports with its target, so
+other components' cases sit beside these. The ways of a case run round-robin, so machine load hits them alike; ratios
+are medians over rounds of ratios within one round. The machine's fp32 matmul rate is printed beside them.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from train_throughput import matmul_rate
+from transformers import DeepseekV3Config, Qwen3NextConfig
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextAttention, Qwen3NextRotaryEmbedding
+
+from nanollm.compiler import initialize, make_component, make_table
+from nanollm.components import complete
+from nanollm.ir import Call, ModelConfig
+
+D_MODEL, HEADS = 512, 8
+CONFIG = ModelConfig(d_model=D_MODEL, n_heads=HEADS, n_kv_heads=2, head_dim=64, qk_norm="head", rope_theta=1e4)
+MLA = dict(kv_lora_rank=64, q_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64)
+INTERLEAVED = Call("rope", (("theta", 1e4), ("interleaved", True)))
+
+Way = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One comparison: its ways at a length, and the ratio it reports (time of `numerator` / time of `denominator`, ways
+    named by their start) with its target."""
+
+    name: str
+    build: Callable[[int], dict[str, Way]]
+    numerator: str
+    denominator: str
+    target: str  # e.g. ">= 1.0"
+
+    def meets(self, ratio: float) -> bool:
+        """Whether a measured ratio meets the target."""
+        bound = float(self.target.split()[1])
+        return ratio >= bound if self.target.startswith(">=") else ratio <= bound
+
+
+def ours(call: Call, length: int) -> Way:
+    """Forward + backward of a nanollm mixer with its own rotary tables."""
+    module = make_component(complete(call, "mixer", CONFIG), CONFIG)
+    initialize(module)
+    tables = make_table(module.rotary)(torch.arange(length))
+    return step(lambda x: module(x, *tables), module, length)
+
+
+def theirs(module: torch.nn.Module, rotary: torch.nn.Module, length: int) -> Way:
+    """Forward + backward of a transformers attention module (eager) with its causal mask and rotary tables."""
+    x = torch.zeros(1, length, D_MODEL)
+    tables = rotary(x, torch.arange(length)[None])
+    mask = torch.full((length, length), float("-inf")).triu(1)[None, None]
+    return step(lambda x: module(x, position_embeddings=tables, attention_mask=mask)[0], module, length)
+
+
+def step(forward: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module, length: int) -> Way:
+    """One training step's work on a layer: forward, backward of its output against a fixed probe, input gradient included."""
+    x = torch.randn(1, length, D_MODEL, requires_grad=True)
+    probe = torch.randn(1, length, D_MODEL)
+
+    def run() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        (forward(x) * probe).sum().backward()
+
+    return run
+
+
+def gated(length: int) -> dict[str, Way]:
+    hf = Qwen3NextConfig(hidden_size=D_MODEL, num_attention_heads=HEADS, num_key_value_heads=2, head_dim=64, num_hidden_layers=1,
+                         layer_types=["full_attention"], partial_rotary_factor=0.25,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4}, attn_implementation="eager")
+    rope = Call("rope", (("theta", 1e4), ("fraction", 0.25)))
+    return {"nanollm global(gate=elementwise)": ours(Call("global", (("gate", "elementwise"), ("rope", rope))), length),
+            "transformers Qwen3NextAttention": theirs(Qwen3NextAttention(hf, 0), Qwen3NextRotaryEmbedding(hf), length)}
+
+
+def mla(length: int) -> dict[str, Way]:
+    hf = DeepseekV3Config(hidden_size=D_MODEL, num_attention_heads=HEADS, num_key_value_heads=HEADS, **MLA,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1e4}, attn_implementation="eager")
+    return {"nanollm mla": ours(Call("mla", (*MLA.items(), ("rope", INTERLEAVED))), length),
+            "transformers DeepseekV3Attention": theirs(DeepseekV3Attention(hf, 0), DeepseekV3RotaryEmbedding(hf), length)}
+
+
+def dsa(length: int) -> dict[str, Way]:
+    latent = (*MLA.items(), ("rope", INTERLEAVED))
+    return {f"nanollm dsa(topk={length // 8})": ours(Call("dsa", (("topk", length // 8), ("index_heads", 4), ("index_head_dim", 32),
+                                                                  *latent)), length),
+            "full: mla(absorb=true)": ours(Call("mla", (*latent, ("absorb", True))), length),
+            "full: mla (training form)": ours(Call("mla", latent), length)}
+
+
+CASES = [
+    Case("gated", gated, "transformers", "nanollm", ">= 1.0"),  # transformers' time / ours: a speed-up
+    Case("mla", mla, "transformers", "nanollm", ">= 1.0"),
+    Case("dsa", dsa, "nanollm dsa", "full: mla(absorb=true)", "<= 0.35"),  # sparse time / dense time
+]
+
+
+def measure(ways: dict[str, Way], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each way per round, the ways taking turns, after one warm-up call each."""
+    for run in ways.values():
+        run()
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, run in ways.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--cases", nargs="+", default=[case.name for case in CASES], choices=[case.name for case in CASES])
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    console = Console()
+    console.print(f"fp32 matmul rate (1024^3): {matmul_rate() / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads")
+    table = Table(title=f"one attention layer, forward + backward, fp32, batch 1, d_model {D_MODEL}, {HEADS} heads, "
+                        f"{args.rounds} rounds", title_justify="left")
+    for column in ("case", "T", "way", "median us/token", "ratio", "target"):  # ratio: the case's numerator / denominator
+        table.add_column(column, justify="left" if column in ("case", "way") else "right")
+    for case in (case for case in CASES if case.name in args.cases):
+        lengths = [length for length in args.lengths if case.name != "dsa" or length >= 2048]  # 1/8 of a short prefix is few keys
+        for length in lengths:
+            ways = case.build(length)
+            seconds = measure(ways, args.rounds)
+            numerator = next(name for name in ways if name.startswith(case.numerator))
+            denominator = next(name for name in ways if name.startswith(case.denominator))
+            ratio = statistics.median(n / d for n, d in zip(seconds[numerator], seconds[denominator]))
+            for i, (name, times) in enumerate(seconds.items()):
+                verdict = f"{case.target} {'ok' if case.meets(ratio) else 'MISSED'}"
+                table.add_row(case.name if i == 0 else "", str(length) if i == 0 else "", name,
+                              f"{statistics.median(times) / length * 1e6:.1f}", f"{ratio:.2f}" if i == 0 else "", verdict if i == 0 else "")
+            console.print(f"{case.name} T={length}: {numerator} / {denominator} = {ratio:.2f} ({case.target})")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
