@@ -1,17 +1,17 @@
-"""How fast the attention mixers train on a CPU: each case times nanollm beside a reference, forward + backward.
+"""How fast the attention components train: each beside transformers' own module, or sparse beside dense.
 
-Run: python bench/attention.py [--rounds R] [--threads K] [--only TEXT]. fp32, batch 1. CASES is a list of case
-builders; a case is two train steps (nanollm's and its reference's), a sequence length and a target on the ratio.
-The two steps of a case run in turns, so machine load falls on both alike; a case's ratio is the median over
-rounds of the ratios measured within one round. Times are per token. The machine's fp32 matmul rate is printed
-first, to place the absolute times.
+Run: python bench/attention.py [--lengths 512 2048 8192] [--rounds R] [--threads K] [--cases NAME ...]. Every case is
+one attention layer's forward + backward (input gradient included) in fp32 on the CPU, batch 1, timed per token:
 
-- sinks: one GPT-OSS attention layer (sinks and projection biases; full, and sliding with a 128 window) beside
-  transformers' GptOssAttention on its eager path (the only one it has on CPUs) with the same weights, 4 heads,
-  1 KV head, head_dim 64, at T = 512, 2048 and 8192: target transformers / nanollm >= 1.0.
-- blocksparse: the attention core over 8 heads (2 KV heads, head_dim 64) at T = 8192, blocks of 256 with 3 local and
-  1 global (1/8 of the keys: 1024 of 8192 for the late queries) beside full causal SDPA of the same shape:
-  target blocksparse / causal <= 0.35.
+- `gated`: `global(gate=elementwise)` (Qwen3-Next's layout: per-head QK-norm, a quarter of each head rotated) against
+  transformers' Qwen3NextAttention, eager;
+- `mla`: `mla` (training form, query latent) against transformers' DeepseekV3Attention, eager;
+- `dsa`: `dsa` keeping 1/8 of the keys (topk = T/8) against full causal attention of the same shape: `mla(absorb=true)`,
+  the same latent attention over every earlier key (and, for information, MLA's training form).
+
+Cases are a list (`CASES`): a case builds its ways for a length and names the ratio it reports with its target, so
+other components' cases sit beside these. The ways of a case run round-robin, so machine load hits them alike; ratios
+are medians over rounds of ratios within one round. The machine's fp32 matmul rate is printed beside them.
 """
 from __future__ import annotations
 
@@ -22,145 +22,144 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
-from transformers import GptOssConfig
-from transformers.models.gpt_oss.modeling_gpt_oss import GptOssAttention, GptOssRotaryEmbedding
+from train_throughput import matmul_rate
+from transformers import DeepseekV3Config, Qwen3NextConfig
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextAttention, Qwen3NextRotaryEmbedding
 
-import nanollm
 from nanollm.compiler import initialize, make_component, make_table
 from nanollm.components import complete
-from nanollm.components.attention.blocksparse import Pattern, attend_gathered
+from nanollm.ir import Call, ModelConfig
 
-Step = Callable[[], None]
+D_MODEL, HEADS = 512, 8
+CONFIG = ModelConfig(d_model=D_MODEL, n_heads=HEADS, n_kv_heads=2, head_dim=64, qk_norm="head", rope_theta=1e4)
+MLA = dict(kv_lora_rank=64, q_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64)
+INTERLEAVED = Call("rope", (("theta", 1e4), ("interleaved", True)))
+
+Way = Callable[[], None]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Case:
-    """nanollm's train step and its reference's, and how their ratio is judged."""
+    """One comparison: its ways at a length, and the ratio it reports (time of `numerator` / time of `denominator`, ways
+    named by their start) with its target."""
 
     name: str
-    length: int
-    ours: Step
-    reference: Step
-    reference_name: str
-    speedup: bool  # True: the target is reference / ours >= target; False: ours / reference <= target
-    target: float
+    build: Callable[[int], dict[str, Way]]
+    numerator: str
+    denominator: str
+    target: str  # e.g. ">= 1.0"
+
+    def meets(self, ratio: float) -> bool:
+        """Whether a measured ratio meets the target."""
+        bound = float(self.target.split()[1])
+        return ratio >= bound if self.target.startswith(">=") else ratio <= bound
 
 
-def train_step(forward: Callable[[], torch.Tensor], parameters: list[torch.Tensor]) -> Step:
-    """Forward, then backward of the output dotted with a fixed probe, gradients cleared first."""
-    probe: list[torch.Tensor] = []
+def ours(call: Call, length: int) -> Way:
+    """Forward + backward of a nanollm mixer with its own rotary tables."""
+    module = make_component(complete(call, "mixer", CONFIG), CONFIG)
+    initialize(module)
+    tables = make_table(module.rotary)(torch.arange(length))
+    return step(lambda x: module(x, *tables), module, length)
+
+
+def theirs(module: torch.nn.Module, rotary: torch.nn.Module, length: int) -> Way:
+    """Forward + backward of a transformers attention module (eager) with its causal mask and rotary tables."""
+    x = torch.zeros(1, length, D_MODEL)
+    tables = rotary(x, torch.arange(length)[None])
+    mask = torch.full((length, length), float("-inf")).triu(1)[None, None]
+    return step(lambda x: module(x, position_embeddings=tables, attention_mask=mask)[0], module, length)
+
+
+def step(forward: Callable[[torch.Tensor], torch.Tensor], module: torch.nn.Module, length: int) -> Way:
+    """One training step's work on a layer: forward, backward of its output against a fixed probe, input gradient included."""
+    x = torch.randn(1, length, D_MODEL, requires_grad=True)
+    probe = torch.randn(1, length, D_MODEL)
 
     def run() -> None:
-        for p in parameters:
-            p.grad = None
-        out = forward()
-        if not probe:
-            probe.append(torch.randn_like(out))
-        (out * probe[0]).sum().backward()
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        (forward(x) * probe).sum().backward()
 
     return run
 
 
-def sinks_case(length: int, window: int | None) -> Case:
-    """One GPT-OSS attention layer with sinks, nanollm's beside transformers' eager GptOssAttention."""
-    d_model, heads, kv_heads, head_dim = 256, 4, 1, 64
-    layer_type = "sliding_attention" if window else "full_attention"
-    hf = GptOssConfig(hidden_size=d_model, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, num_hidden_layers=1,
-                      layer_types=[layer_type], sliding_window=window or 128, attn_implementation="eager",
-                      rope_parameters={"rope_type": "default", "rope_theta": 150000.0})
-    theirs = GptOssAttention(hf, 0)
-    config = nanollm.ModelConfig(d_model=d_model, n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim, qk_norm="none", rope_theta=150000.0)
-    args = (("window", window),) if window else ()
-    call = complete(nanollm.Call("sliding" if window else "global", (*args, ("bias", True), ("sinks", True))), "mixer", config)
-    ours = make_component(call, config)
-    initialize(ours)
-    with torch.no_grad():
-        for param in ours.parameters():
-            param.normal_(0.0, 0.05)
-    theirs.load_state_dict(ours.state_dict())
-    x = torch.randn(1, length, d_model, requires_grad=True)
-    cos, sin = make_table(ours.rotary)(torch.arange(length))
-    hf_rope = GptOssRotaryEmbedding(hf)(x, torch.arange(length)[None])
-    q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
-    mask = torch.zeros(length, length).masked_fill(~((k <= q) & (q - k < (window or length))), float("-inf"))[None, None]
-    with torch.no_grad():
-        torch.testing.assert_close(ours(x, cos, sin), theirs(x, hf_rope, mask)[0], atol=1e-4, rtol=1e-4)  # the same layer
-    return Case(f"sinks, {'sliding(128)' if window else 'global'}", length,
-                train_step(lambda: ours(x, cos, sin), [x, *ours.parameters()]),
-                train_step(lambda: theirs(x, hf_rope, mask)[0], [x, *theirs.parameters()]),
-                "transformers GptOssAttention (eager)", speedup=True, target=1.0)
+def gated(length: int) -> dict[str, Way]:
+    hf = Qwen3NextConfig(hidden_size=D_MODEL, num_attention_heads=HEADS, num_key_value_heads=2, head_dim=64, num_hidden_layers=1,
+                         layer_types=["full_attention"], partial_rotary_factor=0.25,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4}, attn_implementation="eager")
+    rope = Call("rope", (("theta", 1e4), ("fraction", 0.25)))
+    return {"nanollm global(gate=elementwise)": ours(Call("global", (("gate", "elementwise"), ("rope", rope))), length),
+            "transformers Qwen3NextAttention": theirs(Qwen3NextAttention(hf, 0), Qwen3NextRotaryEmbedding(hf), length)}
 
 
-def blocksparse_case(length: int = 8192, block: int = 256, local: int = 3, leading: int = 1) -> Case:
-    """The block-sparse core keeping 1/8 of the keys beside full causal attention of the same shape."""
-    heads, kv_heads, head_dim = 8, 2, 64
-    q = torch.randn(1, heads, length, head_dim, requires_grad=True)
-    k, v = (torch.randn(1, kv_heads, length, head_dim, requires_grad=True) for _ in range(2))
-    pattern = Pattern(block, local, leading, 0)
-    kept = block * (local + leading) / length
-    return Case(f"blocksparse({block}, {local}, global={leading}): {kept:.3g} of the keys", length,
-                train_step(lambda: attend_gathered(q, k, v, pattern, None, 0.0), [q, k, v]),
-                train_step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), [q, k, v]),
-                "full causal SDPA", speedup=False, target=0.35)
+def mla(length: int) -> dict[str, Way]:
+    hf = DeepseekV3Config(hidden_size=D_MODEL, num_attention_heads=HEADS, num_key_value_heads=HEADS, **MLA,
+                          rope_parameters={"rope_type": "default", "rope_theta": 1e4}, attn_implementation="eager")
+    return {"nanollm mla": ours(Call("mla", (*MLA.items(), ("rope", INTERLEAVED))), length),
+            "transformers DeepseekV3Attention": theirs(DeepseekV3Attention(hf, 0), DeepseekV3RotaryEmbedding(hf), length)}
 
 
-CASES: list[tuple[str, Callable[[], Case]]] = [  # (name, builder): built one at a time, so one case's tensors are alive at once
-    *((f"sinks {'sliding' if window else 'global'} {length}", lambda length=length, window=window: sinks_case(length, window))
-      for window in (None, 128) for length in (512, 2048, 8192)),
-    ("blocksparse 8192", blocksparse_case),
+def dsa(length: int) -> dict[str, Way]:
+    latent = (*MLA.items(), ("rope", INTERLEAVED))
+    return {f"nanollm dsa(topk={length // 8})": ours(Call("dsa", (("topk", length // 8), ("index_heads", 4), ("index_head_dim", 32),
+                                                                  *latent)), length),
+            "full: mla(absorb=true)": ours(Call("mla", (*latent, ("absorb", True))), length),
+            "full: mla (training form)": ours(Call("mla", latent), length)}
+
+
+CASES = [
+    Case("gated", gated, "transformers", "nanollm", ">= 1.0"),  # transformers' time / ours: a speed-up
+    Case("mla", mla, "transformers", "nanollm", ">= 1.0"),
+    Case("dsa", dsa, "nanollm dsa", "full: mla(absorb=true)", "<= 0.35"),  # sparse time / dense time
 ]
 
 
-def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
-    """The machine's fp32 matmul rate in GFLOP/s (best of `repeats`)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = min(timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * size**3 / best / 1e9
-
-
-def timed(run: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
+def measure(ways: dict[str, Way], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each way per round, the ways taking turns, after one warm-up call each."""
+    for run in ways.values():
+        run()
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, run in ways.items():
+            start = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    parser.add_argument("--only", default="", help="run only the cases whose key contains this text (e.g. 'sinks global', '8192')")
+    parser.add_argument("--cases", nargs="+", default=[case.name for case in CASES], choices=[case.name for case in CASES])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    console = Console(width=170)
-    console.print(f"fp32 matmul rate: {matmul_rate():.1f} GFLOP/s ({torch.get_num_threads()} threads)")
-    table = Table(title=f"attention, forward + backward, fp32, batch 1, {args.rounds} rounds", title_justify="left")
-    for column in ("case", "T", "reference", "nanollm us/token", "reference us/token", "ratio", "target", "met"):
-        table.add_column(column, justify="left" if column in ("case", "reference") else "right")
-    for name, build in CASES:
-        if args.only not in name:
-            continue
-        case = build()
-        case.ours()  # warm-up: allocator, kernels, first-call paths
-        case.reference()
-        ours, reference = [], []
-        for _ in range(args.rounds):
-            ours.append(timed(case.ours))
-            reference.append(timed(case.reference))
-        ratio = statistics.median(r / o if case.speedup else o / r for o, r in zip(ours, reference))
-        met = ratio >= case.target if case.speedup else ratio <= case.target
-        per_token = lambda seconds: f"{statistics.median(seconds) / case.length * 1e6:.1f}"  # noqa: E731
-        row = (case.name, str(case.length), case.reference_name, per_token(ours), per_token(reference),
-               f"{ratio:.2f}" + (" faster" if case.speedup else " of the time"),
-               (">= " if case.speedup else "<= ") + f"{case.target:g}", "yes" if met else "NO")
-        console.print(" | ".join(row))  # as it comes: the long cases take minutes
-        table.add_row(*row)
-        del case
+    console = Console()
+    console.print(f"fp32 matmul rate (1024^3): {matmul_rate() / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads")
+    table = Table(title=f"one attention layer, forward + backward, fp32, batch 1, d_model {D_MODEL}, {HEADS} heads, "
+                        f"{args.rounds} rounds", title_justify="left")
+    for column in ("case", "T", "way", "median us/token", "ratio", "target"):  # ratio: the case's numerator / denominator
+        table.add_column(column, justify="left" if column in ("case", "way") else "right")
+    for case in (case for case in CASES if case.name in args.cases):
+        lengths = [length for length in args.lengths if case.name != "dsa" or length >= 2048]  # 1/8 of a short prefix is few keys
+        for length in lengths:
+            ways = case.build(length)
+            seconds = measure(ways, args.rounds)
+            numerator = next(name for name in ways if name.startswith(case.numerator))
+            denominator = next(name for name in ways if name.startswith(case.denominator))
+            ratio = statistics.median(n / d for n, d in zip(seconds[numerator], seconds[denominator]))
+            for i, (name, times) in enumerate(seconds.items()):
+                verdict = f"{case.target} {'ok' if case.meets(ratio) else 'MISSED'}"
+                table.add_row(case.name if i == 0 else "", str(length) if i == 0 else "", name,
+                              f"{statistics.median(times) / length * 1e6:.1f}", f"{ratio:.2f}" if i == 0 else "", verdict if i == 0 else "")
+            console.print(f"{case.name} T={length}: {numerator} / {denominator} = {ratio:.2f} ({case.target})")
     console.print(table)
 
 

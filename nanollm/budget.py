@@ -204,7 +204,9 @@ class Family:
         return max(1, (MAX_LAYERS - self.other_layers) // self.unit_layers)
 
     def scaled(self, value: float, d_model: int) -> int:
-        """A hidden width at its reference ratio to d_model, as a multiple of 64."""
+        """A hidden width at its reference ratio to d_model, as a multiple of 64; a width of 0 (a part switched off) stays 0."""
+        if not value:
+            return 0
         return max(WIDTH_MULTIPLE, round(value * d_model / self.reference.d_model / WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
 
     def file(self, width: Width, depth: int) -> ArchFile:
@@ -231,18 +233,23 @@ class Family:
         return dataclasses.replace(item, count=count, body=tuple(self.rewrite(c, depth, d_model) for c in item.body), attrs=attrs)
 
     def scale_term(self, term: Term, d_model: int) -> Term:
-        """A call with its explicit hidden-width arguments scaled to d_model."""
+        """A call with its hidden-width arguments scaled to d_model: those written, and those left at a fixed default
+        (`mla`'s latent ranks; a width defaulting to a setting follows that setting)."""
         spec = REGISTRY.get(term.name)
-        if spec is None or not term.args:
+        if spec is None:
             return term
-        args = list(term.args)
-        widths = {p.name for p in spec.params if p.width}
-        for name, (index, arg) in bind(term, spec.params).items():
+        args = list(term.args or ())
+        widths = {p.name: p for p in spec.params if p.width}
+        bound = bind(term, spec.params) if term.args else {}
+        for name, (index, arg) in bound.items():
             if name in widths:
                 keyword = arg.name or (name if term.args[index].value.kind == "name" else None)  # `d_ff2048` shorthand
                 value = Value(str(self.scaled(parse_number(arg.value.text), d_model)), "number", arg.value.pos)
                 args[index] = Arg(keyword, value, arg.pos)
-        return dataclasses.replace(term, args=tuple(args))
+        for name, param in widths.items():
+            if name not in bound and param.setting is None and param.default:
+                args.append(Arg(name, Value(str(self.scaled(param.default, d_model)), "number", term.pos), term.pos))
+        return dataclasses.replace(term, args=tuple(args)) if args else term
 
     def arch(self, width: Width, depth: int) -> Arch:
         """The IR of one size."""

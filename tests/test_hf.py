@@ -7,8 +7,6 @@ from typing import Any
 import pytest
 import torch
 from transformers import (
-    DeepseekV3Config,
-    DeepseekV3ForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MixtralConfig,
@@ -178,26 +176,6 @@ def test_load_moe_from_local_directory(tmp_path: Path) -> None:
     hf = tiny_hf(Qwen3MoeForCausalLM, Qwen3MoeConfig, **MOE_TINY, num_experts=4, moe_intermediate_size=32)
     hf.save_pretrained(tmp_path)
     assert_same_logits(hf, nanollm.from_hf(tmp_path))
-
-
-def tiny_deepseek_v3() -> DeepseekV3ForCausalLM:
-    config = DeepseekV3Config(
-        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
-        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None,
-        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-    )
-    return DeepseekV3ForCausalLM(config)
-
-
-def test_deepseek_v3_is_refused_naming_mla(tmp_path: Path) -> None:
-    """Its MoE layer is proven at block level (test_moe.py); its attention, MLA, nanollm does not have."""
-    hf = tiny_deepseek_v3()
-    hf.save_pretrained(tmp_path)
-    for model in (hf, tmp_path):
-        with pytest.raises(ArchError, match="multi-head latent attention") as error:
-            nanollm.from_hf(model)
-        assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize(

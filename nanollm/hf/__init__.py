@@ -239,8 +239,9 @@ from . import deepseek, gemma3, gpt_oss, lfm2, minimax, mixtral, nemotron_h, olm
 
 
 def moe_call(hf: Any, config: ModelConfig) -> Call:
-    """The `moe` call of a Qwen3-MoE, Mixtral, DeepSeek-V3 or GPT-OSS sparse layer (DeepSeek-V3's is proven at block level)."""
-    makers = {"qwen3_moe": qwen3.moe_call, "mixtral": mixtral.moe_call, "deepseek_v3": deepseek.moe_call, "gpt_oss": gpt_oss.moe_call}
+    """The `moe` call of a Qwen3-MoE, Mixtral, DeepSeek-V3(.2) or GPT-OSS sparse layer (DeepSeek-V3's is proven at block level)."""
+    makers = {"qwen3_moe": qwen3.moe_call, "mixtral": mixtral.moe_call, "deepseek_v3": deepseek.moe_call, "deepseek_v32": deepseek.moe_call,
+              "gpt_oss": gpt_oss.moe_call}
     if hf.model_type not in makers:
         raise ArchError(f"transformers model_type {hf.model_type!r} has no MoE layer nanollm knows")
     return makers[hf.model_type](hf, config)

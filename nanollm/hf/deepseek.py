@@ -1,11 +1,15 @@
-"""DeepSeek-V3: its MoE layer maps onto `moe`; its attention (MLA) has no nanollm counterpart yet, so models are refused."""
+"""DeepSeek-V3 and V3.2: multi-head latent attention on every layer (`mla`; V3.2's with its lightning indexer, `dsa`),
+`first_k_dense_replace` dense SwiGLU layers, then the MoE (sigmoid scores, group-limited top-k, score-correction bias,
+shared experts)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from ..errors import ArchError
-from ..ir import Arch, Call, ModelConfig
-from . import Family, call, family
+from ..ir import Arch, Call, Layer, ModelConfig
+from . import Family, call, common_settings, family, refuse, rope_call
+
+LATENT_NORM_EPS = 1e-6  # transformers norms DeepSeek's query and key/value latents at this eps, whatever rms_norm_eps says
 
 
 def moe_call(hf: Any, config: ModelConfig) -> Call:
@@ -15,9 +19,48 @@ def moe_call(hf: Any, config: ModelConfig) -> Call:
                 groups=hf.n_group, top_groups=hf.topk_group, balance="bias")
 
 
+def mla_config(hf: Any) -> ModelConfig:
+    """The settings of a DeepSeek MLA decoder: its RoPE (interleaved pairs as `rope_interleave` says) as the model's `rope`."""
+    refuse(getattr(hf, "attention_bias", False), "the transformers config has attention_bias = true; nanollm attention has no biases")
+    refuse(hf.hidden_act != "silu", f"transformers hidden_act {hf.hidden_act!r} is not supported here (only silu, as SwiGLU)")
+    refuse(hf.num_key_value_heads != hf.num_attention_heads,
+           f"num_key_value_heads = {hf.num_key_value_heads} differs from num_attention_heads = {hf.num_attention_heads}: "
+           "MLA decompresses keys for every head")
+    refuse(float(hf.rms_norm_eps) != LATENT_NORM_EPS,
+           f"rms_norm_eps = {hf.rms_norm_eps:g}: transformers norms the MLA latents at {LATENT_NORM_EPS:g} whatever it says, "
+           "nanollm at rms_norm_eps")
+    config = ModelConfig(**common_settings(hf), qk_norm="none", rope_theta=float(hf.rope_parameters["rope_theta"]))
+    rope = rope_call(hf.rope_parameters, config)
+    rope = call(rope.name, "position", config, **{**rope.kwargs(), "interleaved": bool(getattr(hf, "rope_interleave", True))})
+    return dataclasses.replace(config, rope=rope)
+
+
+def mla_args(hf: Any) -> dict[str, int]:
+    """The arguments of an `mla` call from a DeepSeek config's sizes (no q_lora_rank: queries straight from the input)."""
+    return dict(kv_lora_rank=hf.kv_lora_rank, q_lora_rank=hf.q_lora_rank or 0, qk_nope_head_dim=hf.qk_nope_head_dim,
+                qk_rope_head_dim=hf.qk_rope_head_dim, v_head_dim=hf.v_head_dim)
+
+
+def deepseek_layers(hf: Any, config: ModelConfig, mixer: Call) -> tuple[Layer, ...]:
+    """Pre-norm layers of `mixer`: dense SwiGLU or the MoE as `mlp_layer_types` (V3.2) or `first_k_dense_replace` (V3) say."""
+    kinds = getattr(hf, "mlp_layer_types", None) or ["dense" if i < hf.first_k_dense_replace else "sparse" for i in range(hf.num_hidden_layers)]
+    ffns = {"dense": call("swiglu", "ffn", config, d_ff=hf.intermediate_size), "sparse": moe_call(hf, config)}
+    return tuple(Layer((("mixer", mixer), ("ffn", ffns[kind])), config.residual) for kind in kinds)
+
+
 def deepseek_v3(hf: Any) -> Arch:
-    """Refused: DeepSeek-V3's attention is multi-head latent attention."""
-    raise ArchError("transformers DeepseekV3 uses multi-head latent attention (MLA), which nanollm does not have yet")
+    """DeepseekV3ForCausalLM."""
+    config = mla_config(hf)
+    return Arch(config, deepseek_layers(hf, config, call("mla", "mixer", config, **mla_args(hf))))
+
+
+def deepseek_v32(hf: Any) -> Arch:
+    """DeepseekV32ForCausalLM: MLA (interleaved RoPE) with the DSA indexer picking `index_topk` keys per query."""
+    config = mla_config(hf)
+    mixer = call("dsa", "mixer", config, topk=hf.index_topk, index_heads=hf.index_n_heads, index_head_dim=hf.index_head_dim,
+                 **mla_args(hf))
+    return Arch(config, deepseek_layers(hf, config, mixer))
 
 
 family("deepseek_v3", Family(("DeepseekV3ForCausalLM",), deepseek_v3))
+family("deepseek_v32", Family(("DeepseekV32ForCausalLM",), deepseek_v32))

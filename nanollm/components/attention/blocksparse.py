@@ -187,12 +187,13 @@ class BlockSparseAttention(CausalAttention):
     def decode(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor, cos: torch.Tensor | None = None,
                sin: torch.Tensor | None = None) -> torch.Tensor:
         """Every key is kept (global blocks reach back to the start); each new query attends where the pattern allows."""
-        q, k, v = self.heads(x, cos, sin)
+        q, k, v, gate = self.heads(x, cos, sin)
         end = start + x.shape[1]
         store(state, torch.arange(start, end, device=x.device), k, v)
         query, key = torch.arange(start, end, device=x.device)[:, None], torch.arange(end, device=x.device)[None, :]
         visible = (key <= query) & self.pattern.keeps(query // self.pattern.block, key // self.pattern.block)
-        return self.merge(attend_visible(q, state["keys"][:, :, :end], state["values"][:, :, :end], visible, self.scale, self.softcap))
+        return self.merge(attend_visible(q, state["keys"][:, :, :end], state["values"][:, :, :end], visible, self.scale, self.softcap),
+                          gate)
 
     def attended_pairs(self, seq_len: int) -> int:
         return self.pattern.attended_pairs(seq_len)

@@ -29,6 +29,8 @@ from .. import BRANCH, REGISTRY, VECTOR, Component, Input, Param, Rotary, make_n
 from ...ir import MAX_WIDTH, QK_NORMS, Call, ModelConfig
 from ..position.rope import rotate
 
+GATES = ("none", "elementwise", "head")  # gated attention (Qiu et al. 2025): where the output's sigmoid gate acts
+
 ATTENTION_PARAMS = (  # per-layer overrides of the model settings, by name only
     Param("heads", int, "query heads", setting="n_heads", minimum=1, maximum=MAX_WIDTH, positional=False),
     Param("kv_heads", int, "key/value heads", setting="n_kv_heads", minimum=1, maximum=MAX_WIDTH, positional=False),
@@ -38,6 +40,8 @@ ATTENTION_PARAMS = (  # per-layer overrides of the model settings, by name only
     Param("scale", float, "logit scale; 0 is 1/sqrt(head_dim)", setting="attn_scale", minimum=0, positional=False),
     Param("softcap", float, "logit soft-cap c tanh(s / c); 0 is off", setting="attn_softcap", minimum=0, positional=False),
     Param("bias", bool, "biases on the q, k, v and o projections (GPT-OSS)", default=False, positional=False),
+    Param("gate", str, "sigmoid gate on the output from the layer input: none, elementwise (per channel, Qwen3-Next) or head "
+                       "(one per head)", default="none", choices=GATES, positional=False),
 )
 SINKS = Param("sinks", bool, "a learned per-head logit in every softmax, taking mass without a value (GPT-OSS)", default=False,
               positional=False)
@@ -53,6 +57,15 @@ def sdpa_handle(attended_pairs: int) -> Callable:
         return batch * heads * attended_pairs * (q[-1] + v[-1])  # QK^T and AV multiply-accumulates
 
     return count
+
+
+def apply_gate(out: torch.Tensor, gate: torch.Tensor | None, heads: int) -> torch.Tensor:
+    """The attention output (B, T, heads * d) times sigmoid(gate): gate (B, T, heads * d) per channel, or (B, T, heads) per head."""
+    if gate is None:
+        return out
+    if gate.shape[-1] == heads:
+        return (out.unflatten(-1, (heads, -1)) * torch.sigmoid(gate).unsqueeze(-1)).flatten(-2)
+    return out * torch.sigmoid(gate)
 
 
 def causal_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -186,12 +199,15 @@ class CausalAttention(Component):
     window: int | None = None
 
     def __init__(self, config: ModelConfig, heads: int, kv_heads: int, head_dim: int, qk_norm: str, rope: Call, scale: float,
-                 softcap: float, bias: bool, sinks: bool = False) -> None:
+                 softcap: float, bias: bool, gate: str, sinks: bool = False) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.qk_norm = heads, kv_heads, head_dim, qk_norm
-        self.scale, self.softcap = scale or None, softcap
+        self.scale, self.softcap, self.gate = scale or None, softcap, gate
         d, q_width, kv_width = config.d_model, heads * head_dim, kv_heads * head_dim
-        self.q_proj = nn.Linear(d, q_width, bias=bias)
+        # Qwen3-Next widens q_proj to carry the elementwise gate: per head [query | gate], so its weights load unchanged.
+        self.q_proj = nn.Linear(d, q_width * (2 if gate == "elementwise" else 1), bias=bias)
+        if gate == "head":
+            self.gate_proj = nn.Linear(d, heads, bias=False)
         self.k_proj = nn.Linear(d, kv_width, bias=bias)
         self.v_proj = nn.Linear(d, kv_width, bias=bias)
         self.o_proj = nn.Linear(q_width, d, bias=bias)
@@ -218,13 +234,18 @@ class CausalAttention(Component):
         return (BRANCH, self.rotary) if self.rotary else (BRANCH,)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = self.heads(x, cos, sin)
-        return self.merge(self.attend(q, k, v))
+        q, k, v, gate = self.heads(x, cos, sin)
+        return self.merge(self.attend(q, k, v), gate)
 
-    def heads(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (B, H, T, d), keys and values (B, H_kv, T, d), normed and rotated."""
+    def heads(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Queries (B, H, T, d), keys and values (B, H_kv, T, d), normed and rotated, and the output gate's logits (or None)."""
         batch, length, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        gate = self.gate_proj(x) if self.gate == "head" else None
+        if self.gate == "elementwise":
+            q, gate = q.view(batch, length, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            q, gate = q.flatten(2), gate.flatten(2)
         if self.qk_norm == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(batch, length, self.n_heads, self.head_dim)
@@ -235,7 +256,7 @@ class CausalAttention(Component):
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary:
             q, k = rotate(q, cos, sin, self.layout), rotate(k, cos, sin, self.layout)
-        return q, k, v
+        return q, k, v, gate
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The attention core on rotated heads q (B, H, T, d), k, v (B, H_kv, T, d)."""
@@ -248,10 +269,10 @@ class CausalAttention(Component):
     def param_roles(self) -> dict[str, str]:
         return {"sinks": VECTOR} if self.sinks is not None else {}
 
-    def merge(self, out: torch.Tensor) -> torch.Tensor:
-        """The output projection of the heads' outputs (B, H, T, d)."""
+    def merge(self, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """The output projection of the heads' outputs (B, H, T, d), gated first if the layer has a gate."""
         batch, _, length, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
+        return self.o_proj(apply_gate(out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim), gate, self.n_heads))
 
     def state(self, batch: int, capacity: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Keys and values of every position (a sliding window's: a ring buffer of its last `window`), and the
@@ -263,7 +284,7 @@ class CausalAttention(Component):
 
     def decode(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor, cos: torch.Tensor | None = None,
                sin: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = self.heads(x, cos, sin)
+        q, k, v, gate = self.heads(x, cos, sin)
         length, slots = x.shape[1], state["positions"].shape[0]
         positions = torch.arange(start, start + length, device=x.device)
         if self.window is None:  # a slot per position: attend over the filled prefix, no mask for one token
@@ -271,7 +292,7 @@ class CausalAttention(Component):
             end = start + length
             visible = None if length == 1 else positions[:, None] >= torch.arange(end, device=x.device)[None, :]
             return self.merge(attend_visible(q, state["keys"][:, :, :end], state["values"][:, :, :end], visible, self.scale, self.softcap,
-                                             self.sinks))
+                                             self.sinks), gate)
         if length == 1:  # written first: the new key overwrites only the position that has just left the window
             store(state, positions, k, v)
             context_k, context_v, held = state["keys"], state["values"], state["positions"]
@@ -282,7 +303,7 @@ class CausalAttention(Component):
             store(state, positions[-keep:], k[:, :, -keep:], v[:, :, -keep:])
         query, key = positions[:, None], held[None, :]
         visible = (key >= 0) & (key <= query) & (query - key < self.window)
-        return self.merge(attend_visible(q, context_k, context_v, visible, self.scale, self.softcap, self.sinks))
+        return self.merge(attend_visible(q, context_k, context_v, visible, self.scale, self.softcap, self.sinks), gate)
 
     def attended_pairs(self, seq_len: int) -> int:
         """(query, key) pairs one head scores over a sequence: each position sees itself and all before it."""

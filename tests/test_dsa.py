@@ -1,0 +1,119 @@
+"""DeepSeek sparse attention (`dsa`): keeping every key is MLA, the indexer's choice by its equation, and the accounting
+(the indexer's T x T scoring and the T x topk attention, counted apart) against closed forms and FlopCounterMode.
+Whole DeepSeek-V3.2 models against transformers are in test_deepseek.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_components import CONFIG, build, close, mix
+from torch.utils.flop_counter import FlopCounterMode
+
+import nanollm
+from nanollm.compiler import make_table
+from nanollm.components import complete
+from nanollm.ir import Call
+
+SIZES = dict(kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12)
+INDEXER = dict(index_heads=4, index_head_dim=16)
+TINY = "vocab_size = 256\nd_model = 64\nn_heads = 4\nn_kv_heads = 4\nhead_dim = 16\nd_ff = 128\n"
+
+
+def rope(interleaved: bool) -> Call:
+    """A RoPE call (base 1e3), interleaved pairs or half-split."""
+    return complete(Call("rope", (("theta", 1e3), ("interleaved", interleaved))), "position", CONFIG)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_dsa_keeping_every_key_is_mla(interleaved):
+    sparse = build("dsa", CONFIG, topk=32, rope=rope(interleaved), **SIZES, **INDEXER)
+    dense = build("mla", CONFIG, rope=rope(interleaved), **SIZES)
+    dense.load_state_dict({k: v for k, v in sparse.state_dict().items() if not k.startswith("indexer.")})
+    x = torch.randn(2, 13, 64)
+    close(mix(sparse, x), mix(dense, x), atol=2e-5)
+    sparse.topk = 3
+    assert (mix(sparse, x) - mix(dense, x)).abs().max() > 1e-2
+
+
+def test_dsa_attends_exactly_the_keys_its_indexer_scores_highest():
+    """The output equals MLA under a mask keeping, for each query, the top-k earlier keys of sum_h w_h relu(q_h . k)."""
+    torch.manual_seed(0)
+    sparse = build("dsa", CONFIG, topk=4, rope=rope(True), **SIZES, **INDEXER)
+    x = torch.randn(1, 12, 64)
+    cos, sin = make_table(sparse.rotary)(torch.arange(12))
+    _, _, q_latent = sparse.queries(x, cos, sin)
+    index = sparse.indexer(x, q_latent, cos, sin, sparse.layout)[0]
+    # by the equation, with the tables rebuilt half-split from the positions
+    inv_freq = 1.0 / 1e3 ** (torch.arange(0, 8, 2).float() / 8)
+    angles = torch.arange(12)[:, None].float() * inv_freq
+
+    def rot(t: torch.Tensor) -> torch.Tensor:  # half-split RoPE on the first 8 channels
+        first, second, rest = t[..., :4], t[..., 4:8], t[..., 8:]
+        c, s = angles.cos(), angles.sin()
+        return torch.cat((first * c - second * s, second * c + first * s, rest), dim=-1)
+
+    indexer = sparse.indexer
+    q = rot(indexer.wq_b(q_latent[0]).view(12, 4, 16).transpose(0, 1)).transpose(0, 1)  # (T, heads, d)
+    k = rot(indexer.k_norm(indexer.wk(x[0])))  # (T, d)
+    w = indexer.weights_proj(x[0]) / 2
+    expected = torch.einsum("thd,sd->ths", q, k).div(4).relu().mul(w[..., None]).sum(1)
+    expected = expected.masked_fill(torch.ones(12, 12, dtype=torch.bool).triu(1), float("-inf"))
+    close(index, expected)
+    dense = build("mla", CONFIG, rope=rope(True), **SIZES)
+    dense.load_state_dict({k: v for k, v in sparse.state_dict().items() if not k.startswith("indexer.")})
+    keep = torch.zeros(12, 12, dtype=torch.bool).scatter(1, expected.topk(4).indices, True) & torch.ones(12, 12, dtype=torch.bool).tril()
+    mask = torch.zeros(12, 12).masked_fill(~keep, float("-inf"))
+    # MLA's training form under that mask, written out
+    q_nope, q_rope, _ = dense.queries(x, cos, sin)
+    latent, k_rope = dense.latents(x, cos, sin)
+    kv = dense.kv_b_proj(latent.squeeze(1)).view(1, 12, 4, 20).transpose(1, 2)
+    keys = torch.cat((kv[..., :8], k_rope.expand(-1, 4, -1, -1)), dim=-1)
+    weights = (torch.cat((q_nope, q_rope), dim=-1) @ keys.transpose(-1, -2) * dense.scale + mask).softmax(-1)
+    close(mix(sparse, x), dense.output(x, weights @ kv[..., 8:]), atol=2e-5)
+
+
+def dsa_macs(seq_len: int, d: int, heads: int, kv: int, q: int, nope: int, rope: int, v: int, topk: int, index_heads: int,
+             index_dim: int) -> tuple[int, int, int]:
+    """Closed-form multiply-accumulates of one dsa layer: (projections, indexer scoring, attention over the chosen keys)."""
+    kept = min(topk, seq_len)
+    projections = seq_len * (d * q + q * heads * (nope + rope) + d * (kv + rope) + heads * v * d  # as MLA's
+                             + heads * (nope * kv + kv * v)  # the absorbed up-projections
+                             + q * index_heads * index_dim + d * index_dim + d * index_heads)  # the indexer's
+    scoring = seq_len * seq_len * index_heads * (index_dim + 1)  # q.k per head, then the weighted sum over heads
+    attention = heads * seq_len * kept * (2 * kv + rope)
+    return projections, scoring, attention
+
+
+@pytest.mark.parametrize("seq_len, topk", [(64, 16), (32, 48)])
+def test_dsa_flops_and_cache_match_closed_forms(seq_len, topk):
+    call = (f"dsa(topk={topk}, kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, "
+            "index_heads=4, index_head_dim=16)")
+    compiled = nanollm.compile(TINY + f"{call} ffn=none")
+    analysis = compiled.analyze(seq_len)
+    layer = sum(dsa_macs(seq_len, 64, 4, 32, 48, 16, 8, 24, topk, 4, 16))
+    assert analysis.layers[0].flops_per_token_fwd * seq_len == 2 * layer
+    assert analysis.flops_per_token_fwd * seq_len == 2 * (layer + seq_len * 64 * 256)
+    assert analysis.cache_bytes_per_token == (32 + 8 + 16) * 2  # latent, RoPE key and the indexer's key, bf16
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:  # every product is a matmul: the counts agree exactly
+        compiled.graph(ids)
+    assert counter.get_total_flops() == analysis.flops_per_token_fwd * seq_len
+
+
+@pytest.mark.parametrize("text, message", [
+    ("dsa(topk=0, q_lora_rank=32, kv_lora_rank=32)", "topk"),
+    ("dsa(topk=8, kv_lora_rank=32)", "the indexer reads the query latent"),
+    ("dsa(topk=8, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=32, index_head_dim=16)", "do not fit an indexer head"),
+])
+def test_dsa_bad_arguments_are_positioned_errors(text, message):
+    with pytest.raises(nanollm.ArchError, match=message) as error:
+        nanollm.compile(TINY + text)
+    assert ":7:" in str(error.value)
+
+
+def test_dsa_trains_every_weight_but_the_indexers():
+    """A training step reaches every MLA weight; the indexer's choice is not differentiable, so its weights get none."""
+    model = nanollm.compile(TINY + "dsa(topk=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, index_heads=2, index_head_dim=16)").build()
+    logits, _ = model(torch.randint(0, 256, (2, 12)))
+    logits.logsumexp(-1).mean().backward()
+    for name, param in model.named_parameters():
+        assert (param.grad is None) == (".indexer." in name), name
