@@ -47,6 +47,16 @@ def record_wall_time(run_dir: Path, seconds: float) -> None:
 
 
 @dataclass
+class Timer:
+    """Seconds the sweep spends on its own work, by kind (sizing, evaluation, report), beside its runs' processes."""
+
+    seconds: dict[str, float]
+
+    def add(self, kind: str, start: float) -> None:
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - start
+
+
+@dataclass
 class Started:
     """A training process under way."""
 
@@ -68,7 +78,7 @@ def command(run: SweepRun, recipe: Path | None, overrides: dict[str, Any], statu
 
 
 def execute(runs: list[SweepRun], recipe: Path | None, overrides: dict[str, Any], jobs: int,
-            report: Callable[[str], None], finished: Callable[[SweepRun], None]) -> dict[str, str]:
+            report: Callable[[str], None], finished: Callable[[SweepRun], None], timer: Timer) -> dict[str, str]:
     """Train every run not yet done, `jobs` at a time; returns each run's outcome ('done', 'skipped', 'failed: ...').
 
     SIGINT or SIGTERM is passed on to the training processes, which checkpoint and stop; then Interrupted.
@@ -115,7 +125,9 @@ def execute(runs: list[SweepRun], recipe: Path | None, overrides: dict[str, Any]
             for started in [s for s in active if s.process.poll() is not None]:
                 active.remove(started)
                 started.log.close()
-                record_wall_time(started.run.run_dir, time.perf_counter() - started.start)
+                seconds = time.perf_counter() - started.start
+                record_wall_time(started.run.run_dir, seconds)
+                timer.seconds["processes"] = timer.seconds.get("processes", 0.0) + seconds
                 code = started.process.returncode
                 if code == 0 and run_status(started.run.run_dir) == "done":
                     outcome[started.run.name] = "done"
@@ -138,15 +150,6 @@ def last_line(path: Path) -> str:
     lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     return lines[-1] if lines else "(no output)"
 
-
-@dataclass
-class Timer:
-    """Seconds the sweep spends on its own work, by kind (sizing, evaluation, report), beside its runs' processes."""
-
-    seconds: dict[str, float]
-
-    def add(self, kind: str, start: float) -> None:
-        self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - start
 
 
 def sweep(files: list[str], budgets: list[float], out: Path, seeds: int = 1, sizes: int = 1, law: str | None = None,
@@ -182,7 +185,7 @@ def sweep(files: list[str], budgets: list[float], out: Path, seeds: int = 1, siz
     say(f"sweep: {len(runs)} runs ({len({r.entry for r in runs})} files x {len(budgets)} budgets x {sizes} sizes x {seeds} seeds) -> {out}")
     began = time.perf_counter()
     try:
-        outcome = execute(runs, recipe, overrides, jobs, lambda line: say(line, markup=False), finished)
+        outcome = execute(runs, recipe, overrides, jobs, lambda line: say(line, markup=False), finished, timer)
     finally:
         timer.seconds["runs"] = time.perf_counter() - began - timer.seconds.get("evaluation", 0.0)
     begin = time.perf_counter()
