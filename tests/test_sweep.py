@@ -251,3 +251,19 @@ def test_more_non_finite_steps_than_max_bad_steps_stop_the_run(tmp_path, monkeyp
     arch.write_text(MICRO)
     assert main(["train", str(arch), "--out", str(tmp_path / "run"), "--steps", "6", "--max-bad-steps", "2", *FAST]) == 2
     assert "non-finite loss or gradient in 3 steps, more than max_bad_steps 2" in capsys.readouterr().err
+
+
+def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    arch, run = tmp_path / "micro.arch", tmp_path / "run"
+    arch.write_text(MICRO)
+    common = ["--log-every", "1", *FAST]
+    assert main(["train", str(arch), "--out", str(run), "--steps", "2", "--tracker", "wandb", "--tracker-group", "g", *common]) == 0
+    entry = json.loads((run / "manifest.json").read_text())["tracker"]
+    assert entry["name"] == "wandb" and entry["group"] == "g" and entry["project"] == "nanollm"
+    assert main(["train", str(arch), "--resume", str(run), "--steps", "3"]) == 0
+    assert json.loads((run / "manifest.json").read_text())["tracker"] == entry
+    folders = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and all(name.endswith("-" + entry["run_id"]) for name in folders)

@@ -167,6 +167,7 @@ def sweep(files: list[str], budgets: list[float], out: Path, seeds: int = 1, siz
     seq_len = overrides.get("seq_len")
     check_spec(out, {"files": files, "budgets": budgets, "seeds": seeds, "sizes": sizes, "law": law, "seq_len": seq_len,
                      "recipe": str(recipe) if recipe else None, "overrides": overrides})
+    overrides.setdefault("tracker_group", out.resolve().name)  # an external tracker shows the sweep's runs together
     runs = plan_sweep(files, budgets, seeds, sizes, law, seq_len, out)
     timer.add("sizing", start)
     say = console().print

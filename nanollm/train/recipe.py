@@ -74,6 +74,10 @@ class Recipe:
     eval_every: int = option(50, "steps between held-out evaluations (0: only at the end)")
     checkpoint_every: int = option(50, "steps between checkpoints (0: only at the end; the last step always saves)")
     keep_checkpoints: int = option(2, "checkpoints kept in the run directory")
+    tracker: str = option("tensorboard", "where metrics go besides metrics.jsonl and TensorBoard: wandb, trackio, mlflow or aim when installed",
+                          ("tensorboard", "wandb", "trackio", "mlflow", "aim"))
+    tracker_project: str | None = option(None, "the tracker's project (W&B, trackio) or experiment (MLflow; Aim without a group); none: nanollm")
+    tracker_group: str | None = option(None, "the tracker's group of runs (Aim: its experiment); a sweep sets its directory's name")
 
     def check(self) -> None:
         """RecipeError (one line) for values that cannot work."""

@@ -53,6 +53,7 @@ from .recipe import LENGTH_KEYS, Recipe, load_recipe, with_overrides
 from .scaling import scaled_recipe
 from .tasks import parse_tasks, score_tasks
 from .tokenizer import load_tokenizer
+from .trackers import open_tracker
 
 # The exit code of a run stopped by SIGTERM or SIGINT after checkpointing: sysexits' EX_TEMPFAIL ("try again
 # later"), for a cluster script to requeue the job with --resume.
@@ -60,7 +61,8 @@ PREEMPTED_EXIT_CODE = 75
 
 # What a resumed run may change: its length, how it runs, and how it reports; never what it computes.
 RESUMABLE_KEYS = set(LENGTH_KEYS) | {"default_steps", "micro_batch_size", "compile", "activation_checkpointing", "parallel",
-                                     "mixed_precision", "peak_flops", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"}
+                                     "mixed_precision", "peak_flops", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                                     "tracker", "tracker_project", "tracker_group"}
 
 
 @dataclass(frozen=True)
@@ -444,6 +446,10 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
             out_console.print(f"note: the evaluations logged up to step {step} scored {earlier}; from step {step + 1} on they score set "
                               f"{held_out.fingerprint}. Compare across the change by scoring checkpoints again with nanollm eval.", style="yellow")
     log = MetricsLog(run_dir, saved_step) if main else None
+    tracker = open_tracker(recipe, run_dir, manifest.get("tracker")) if main else None
+    if tracker is not None:  # its run id, for a resume to log into the same run
+        manifest["tracker"] = tracker.entry
+        write_manifest(run_dir / "manifest.json", manifest)
     peak = peak_flops(accelerator.device, plan.mixed_precision, recipe.peak_flops)
     sync_target = wrapped if plan.parallel == "ddp" else model
     components = {name: module for name, module in model.named_modules() if isinstance(module, Component)}
@@ -527,6 +533,8 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
                     values.update(run_eval())
                 if main:
                     log.write(step, values)
+                    if tracker is not None:
+                        tracker.log(values, step)
                     for name, value in metrics.items():
                         if value.dim() == 1:
                             log.histogram(name, value, step)
@@ -547,6 +555,8 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
 
     if main:
         log.close()
+        if tracker is not None:
+            tracker.finish()
         table = summary_table(components, totals, step)
         if table is not None:
             out_console.print(table)
