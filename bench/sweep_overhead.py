@@ -1,8 +1,8 @@
 """The sweep's own time against its runs' training time: sizing, scheduling, task evaluation and the report.
 
-Run: python bench/sweep_overhead.py [--budgets 1e12,2e12] [--tasks mqar,copy,induction]. It runs `nanollm sweep` as a
-user would (its own process) on `archs/qwen3_tiny.arch` and its MoE variant at the given budgets, one seed, into a
-temporary folder, and splits the command's wall time into the training processes' wall time (each a `nanollm train`,
+Run: python bench/sweep_overhead.py [--budgets 5e11,1e12] [--tasks mqar,copy,induction]. It runs `nanollm sweep` as a
+user would (its own process) on `archs/qwen3_tiny.arch` and its MoE variant at the given budgets, one seed, with the
+README sweep's settings (sequences of 128 tokens, batches of 4, 8,192 held-out tokens), into a temporary folder, and splits the command's wall time into the training processes' wall time (each a `nanollm train`,
 startup included, as a hand-run would pay it) and everything else: the sweep's start, sizing, starting and waiting
 on processes, scoring each final checkpoint on the tasks, the table and the figures. Target: the rest <= 5% of the
 training processes' time. The host is shared, so the fp32 matmul rate is printed beside the figures.
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", default="1e12,2e12")
+    parser.add_argument("--budgets", default="5e11,1e12")
     parser.add_argument("--tasks", default="mqar,copy,induction")
     args = parser.parse_args()
     rate_before = matmul_rate()
@@ -33,7 +33,7 @@ def main() -> None:
         files = [str(ROOT / "archs" / "qwen3_tiny.arch"), str(ROOT / "archs" / "qwen3_tiny_moe.arch")]
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "nanollm", "sweep", *files, "--budgets", args.budgets, "--tasks", args.tasks,
-                        "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
+                        "--seq-len", "128", "--batch-size", "4", "--eval-tokens", "8192", "--out", str(out)], check=True, stdout=subprocess.DEVNULL)
         total = time.perf_counter() - start
         timing = json.loads((out / "timing.json").read_text())
         rows = json.loads((out / "results.json").read_text())

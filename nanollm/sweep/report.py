@@ -178,6 +178,7 @@ def plot_power_laws(rows: list[dict[str, Any]], laws: list[PowerLaw], palette: d
     """Final loss (best size per budget, every seed) against the budget, and each file's fitted L(C) = a C^-exponent."""
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import FuncFormatter
 
     figure, axes = plt.subplots(figsize=(8, 5))
     points = best_size_losses(rows)
@@ -193,6 +194,9 @@ def plot_power_laws(rows: list[dict[str, Any]], laws: list[PowerLaw], palette: d
             axes.plot([], [], color=palette[label], label=f"{label} (one budget: no fit)")
     axes.set_xscale("log")
     axes.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 6.5, not 6.5 x 10^0
+    axes.yaxis.set_major_formatter(plain)
+    axes.yaxis.set_minor_formatter(plain)
     axes.set_xlabel("training FLOPs (budget)")
     axes.set_ylabel("final held-out loss")
     axes.set_title("power laws L(C), fitted over every seed at each budget's best size")
@@ -211,6 +215,28 @@ def cell(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def paired_differences(rows: list[dict[str, Any]]) -> list[str]:
+    """Each file's final loss minus the first file's, seed by seed (a seed fixes the data order, which weighs at small
+    budgets), at the law's size: mean and standard error of the differences."""
+    done = [r for r in finished(rows) if r["size"] == 0]
+    labels = list(dict.fromkeys(r["file"] for r in rows))
+    if len(labels) < 2:
+        return []
+    loss = {(r["file"], r["budget"], r["seed"]): r["final_loss"] for r in done}
+    lines = ["", f"## Against {labels[0]}, paired by seed", "",
+             "Final loss minus the first file's at the same budget and seed: mean ± standard error over seeds (negative: lower loss).", "",
+             "| file | " + " | ".join(budget_text(b) for b in sorted({r["budget"] for r in done})) + " |", "|---|" + "---|" * len({r["budget"] for r in done})]
+    for label in labels[1:]:
+        cells = []
+        for budget in sorted({r["budget"] for r in done}):
+            diffs = [loss[(label, budget, seed)] - loss[(labels[0], budget, seed)] for seed in sorted({r["seed"] for r in done})
+                     if (label, budget, seed) in loss and (labels[0], budget, seed) in loss]
+            error = f" ± {statistics.stdev(diffs) / math.sqrt(len(diffs)):.3f}" if len(diffs) > 1 else ""
+            cells.append(f"{statistics.mean(diffs):+.3f}{error}" if diffs else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(rows: list[dict[str, Any]], laws: list[PowerLaw], minima: list[IsoFlopMinimum], columns: list[str]) -> str:
     """The report page: summary by file and budget, fits, figures, every run."""
     summary = (f"{len(rows)} runs; {len(finished(rows))} with a final evaluation. Figures: held-out loss of the final checkpoint "
@@ -226,6 +252,7 @@ def markdown(rows: list[dict[str, Any]], laws: list[PowerLaw], minima: list[IsoF
         bpb = statistics.mean(r["bits_per_byte"] for r in group)
         lines.append(f"| {label} | {budget_text(budget)} | {size:+d} | {group[0]['active_params']:,} | {group[0]['tokens']:,} | {len(group)} | "
                      f"{statistics.mean(losses):.4f}{spread} | {bpb:.4f} |")
+    lines += paired_differences(rows)
     lines += ["", "## Power laws L(C) = a C^-exponent", ""]
     if laws:
         lines += ["| file | a | exponent | standard error | 95% interval | points |", "|---|---|---|---|---|---|"]
