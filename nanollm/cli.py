@@ -287,14 +287,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int | None:
     from .sweep.run import Interrupted, sweep
     from .train.recipe import KEYS
+    from .train.trainer import PREEMPTED_EXIT_CODE
 
     overrides = {name: getattr(args, name) for name in KEYS if getattr(args, name, None) is not None}
     law = f"tokens-per-param={args.tokens_per_param:g}" if args.tokens_per_param else args.law
     try:
         sweep(args.files, args.budgets, Path(args.out), seeds=args.seeds, sizes=args.sizes, law=law, recipe=Path(args.recipe) if args.recipe else None,
               overrides=overrides, tasks=args.tasks, jobs=args.jobs, plan_only=args.plan_only)
-    except Interrupted:
-        return 75
+    except Interrupted:  # the runs have checkpointed: the same command continues them
+        return PREEMPTED_EXIT_CODE
     return None
 
 
@@ -351,7 +352,7 @@ def budget_list(text: str) -> list[float]:
 
 def add_sweep_command(commands: argparse._SubParsersAction) -> None:
     """`nanollm sweep`: files x budgets x sizes x seeds, trained, evaluated, tabulated and plotted."""
-    from .sweep.run import SWEEP_SET
+    from .train.tasks import TASKS
 
     sweep_cmd = commands.add_parser("sweep", help="train every file at every budget (and seed, and isoFLOP size); table, plots, fitted laws")
     sweep_cmd.add_argument("files", nargs="+", metavar="FILE.arch[@RECIPE.yaml]", help="the models; @RECIPE gives one its own recipe")
@@ -363,7 +364,7 @@ def add_sweep_command(commands: argparse._SubParsersAction) -> None:
     laws.add_argument("--law", help="chinchilla (default), chinchilla-paper, deepseek, or tokens-per-param=R")
     laws.add_argument("--tokens-per-param", type=positive_number, metavar="R", help="size every model for R tokens per parameter")
     sweep_cmd.add_argument("--recipe", help="the recipe of every run (a file's own @RECIPE replaces it)")
-    sweep_cmd.add_argument("--tasks", help=f"score each run's final checkpoint on these tasks, separated by commas ({', '.join(SWEEP_SET)})")
+    sweep_cmd.add_argument("--tasks", help=f"score each run's final checkpoint on these tasks, separated by commas ({', '.join(TASKS)})")
     sweep_cmd.add_argument("--jobs", type=positive_int, default=1, help="training processes at once (default 1); the cores are shared among them")
     sweep_cmd.add_argument("--plan-only", action="store_true", help="size the models and write DIR/plan.sh, one `accelerate launch` per run, without training")
     add_recipe_flags(sweep_cmd, leave_out=("steps", "tokens", "budget", "default_steps", "seed"))

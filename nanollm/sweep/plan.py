@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -140,8 +139,3 @@ def launch_commands(runs: list[SweepRun], recipe: Path | None, overrides: dict[s
 def python_command() -> list[str]:
     """How a run is started here: this Python running nanollm's module."""
     return [sys.executable, "-m", "nanollm", "train"]
-
-
-def finite(value: Any) -> bool:
-    """Whether a JSON figure is a finite number."""
-    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .plan import SweepRun, budget_text, finite
+from .plan import SweepRun, budget_text
 from .results import curve
 
 FIGURES = ("loss_vs_flops", "isoflop", "power_law")
@@ -65,6 +65,11 @@ def fit_isoflop(label: str, budget: float, params: list[float], losses: list[flo
         return IsoFlopMinimum(label, budget, (c2, c1, c0), None, None)
     best = -c1 / (2 * c2)
     return IsoFlopMinimum(label, budget, (c2, c1, c0), math.exp(best), c0 - c1 * c1 / (4 * c2))
+
+
+def finite(value: Any) -> bool:
+    """Whether a JSON figure is a finite number."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def finished(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

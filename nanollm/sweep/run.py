@@ -15,13 +15,10 @@ from typing import Any
 from ..errors import NanollmError, RunError
 from ..human import console
 from ..train.checkpoint import latest_checkpoint, read_state
-from ..train.tasks import TASKS, parse_tasks
+from ..train.tasks import parse_tasks
+from ..train.trainer import PREEMPTED_EXIT_CODE
 from .plan import SweepRun, check_spec, launch_commands, plan_sweep, python_command
 from .results import row, write_results
-
-SWEEP_SET = tuple(TASKS)
-
-PREEMPTED_EXIT_CODE = 75  # the trainer's code for "stopped by a signal with a checkpoint"
 
 
 def run_status(run_dir: Path) -> str:
