@@ -195,7 +195,7 @@ MICRO = TINY.format(layers="global; global")
 FAST = ["--batch-size", "4", "--shuffle-buffer", "8", "--eval-tokens", "256", "--eval-every", "0"]
 
 
-def test_the_deepseek_rule_sets_lr_and_batch_by_the_papers_formulas_and_the_manifest_records_it(tmp_path):
+def test_the_deepseek_rule_sets_lr_and_batch_by_the_papers_formulas_and_the_manifest_records_it(tmp_path, capsys):
     for compute in (1e17, 1e20, 3e23):
         recipe, chosen = scaled_recipe(Recipe(scaling_rule="deepseek", budget=compute), 1e9, 4096, 8)
         assert recipe.lr == pytest.approx(0.3118 * compute**-0.125, rel=1e-12)
@@ -205,13 +205,20 @@ def test_the_deepseek_rule_sets_lr_and_batch_by_the_papers_formulas_and_the_mani
     arch = tmp_path / "micro.arch"
     arch.write_text(MICRO)
     run = tmp_path / "run"
-    assert main(["train", str(arch), "--out", str(run), "--budget", "2e10", "--scaling-rule", "deepseek", *FAST[2:]]) == 0
+    assert main(["train", str(arch), "--out", str(run), "--budget", "2e10", "--scaling-rule", "deepseek", "--eval-tasks", "copy,induction",
+                 *FAST[2:]]) == 0
     manifest = json.loads((run / "manifest.json").read_text())
     scaling = manifest["scaling"]
     assert scaling["rule"] == "deepseek" and scaling["compute"] == 2e10
     assert scaling["lr"] == pytest.approx(0.3118 * 2e10**-0.125) and manifest["recipe"]["lr"] == scaling["lr"]
     assert manifest["plan"]["batch_size"] == scaling["batch_size"] == round(0.2920 * 2e10**0.3271 / 32)
     assert read_metrics(run)[0]["lr"] <= scaling["lr"]
+    final = read_metrics(run)[-1]  # the tasks scored at the evaluation, as `nanollm eval --tasks` scores the checkpoint
+    scores = {k.removeprefix("tasks/"): v for k, v in final.items() if k.startswith("tasks/")}
+    assert set(scores) == {"copy/8", "copy", "induction/16", "induction"}  # the lengths that fit in 32 tokens
+    capsys.readouterr()
+    assert main(["eval", str(run), "--tasks", "copy,induction", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tasks"] == scores
 
 
 def test_a_non_finite_step_is_skipped_counted_and_layer_gradient_norms_are_logged(tmp_path, monkeypatch):
