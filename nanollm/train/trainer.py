@@ -506,7 +506,7 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
                 if applied:  # a non-finite step changes no weight and no optimiser state; the schedule moves on
                     optimizer.step()
                 with warnings.catch_warnings():  # torch's warning of a scheduler stepped before its optimiser: skipping is meant
-                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before", category=UserWarning)
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before", category=UserWarning)
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             metrics = component_metrics(components, totals)
