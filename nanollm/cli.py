@@ -300,11 +300,12 @@ def cmd_lm_eval(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     if args.harness == "lm-eval":
         return cmd_lm_eval(args)
-    if args.tasks or args.include or args.limit:
-        raise NanollmError("--tasks, --include and --limit need --harness lm-eval")
+    if args.include or args.limit:
+        raise NanollmError("--include and --limit need --harness lm-eval")
+    from .train.tasks import parse_tasks
     from .train.trainer import evaluate_run
 
-    result = evaluate_run(Path(args.path), args.eval_tokens)
+    result = evaluate_run(Path(args.path), args.eval_tokens, parse_tasks(args.tasks) if args.tasks else ())
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -315,6 +316,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
                          ("bytes", f"{result['bytes']:,}"), ("loss (nats/token)", f"{result['loss']:.4f} ± {result['loss_stderr']:.4f}"),
                          ("perplexity", f"{result['perplexity']:.3f}"), ("bits per byte", f"{result['bits_per_byte']:.4f}")):
         table.add_row(label, value)
+    for name, value in result["tasks"].items():
+        table.add_row(f"{name} accuracy", f"{value:.3f}")
     out = console()
     out.print(table)
     if result["run_fingerprint"] != result["fingerprint"]:
@@ -392,6 +395,21 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {target}: {config.architectures[0]} ({config.model_type}), loadable with AutoModelForCausalLM.from_pretrained ({how})")
 
 
+def cmd_sweep(args: argparse.Namespace) -> int | None:
+    from .sweep.run import Interrupted, sweep
+    from .train.recipe import KEYS
+    from .train.trainer import PREEMPTED_EXIT_CODE
+
+    overrides = {name: getattr(args, name) for name in KEYS if getattr(args, name, None) is not None}
+    law = f"tokens-per-param={args.tokens_per_param:g}" if args.tokens_per_param else args.law
+    try:
+        sweep(args.files, args.budgets, Path(args.out), seeds=args.seeds, sizes=args.sizes, law=law, recipe=Path(args.recipe) if args.recipe else None,
+              overrides=overrides, tasks=args.tasks, jobs=args.jobs, plan_only=args.plan_only)
+    except Interrupted:  # the runs have checkpointed: the same command continues them
+        return PREEMPTED_EXIT_CODE
+    return None
+
+
 def recipe_flag_type(name: str):
     """argparse type for one recipe key: YAML-style text checked against the key's type."""
     from .train.recipe import parse_value
@@ -405,29 +423,37 @@ def recipe_flag_type(name: str):
     return convert
 
 
-def add_train_commands(commands: argparse._SubParsersAction) -> None:
-    """`nanollm train` (every recipe key is also a flag), `nanollm eval`, `nanollm consolidate` and `nanollm tokenize`."""
+def add_recipe_flags(parser: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -> None:
+    """Every recipe key as a flag (`--lr 1e-3`, `--no-compile`), but those left out."""
     from .train.recipe import KEYS
 
+    for name, field in KEYS.items():
+        if name in leave_out:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_text = field.metadata["doc"]
+        if field.type.startswith("bool"):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=recipe_flag_type(name), metavar=name.upper(), help=help_text)
+
+
+def add_train_commands(commands: argparse._SubParsersAction) -> None:
+    """`nanollm train` (every recipe key is also a flag), `eval`, `consolidate`, `tokenize` and `sweep`."""
     train_cmd = commands.add_parser("train", help="train a model: embedded CPU default, or a recipe with overrides")
     train_cmd.add_argument("file", help="the .arch file of the model")
     train_cmd.add_argument("--recipe", help="a training recipe (YAML), e.g. runtime/train/pretrain_muon.yaml")
     train_cmd.add_argument("--out", help="the run directory (default: runs/<arch>-<time>)")
     train_cmd.add_argument("--resume", help="continue the run in this directory from its latest checkpoint")
-    for name, field in KEYS.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = field.metadata["doc"]
-        if field.type.startswith("bool"):
-            train_cmd.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            train_cmd.add_argument(flag, dest=name, type=recipe_flag_type(name), metavar=name.upper(), help=help_text)
+    add_recipe_flags(train_cmd)
     train_cmd.set_defaults(run=cmd_train)
     eval_cmd = commands.add_parser("eval", help="held-out perplexity and bits per byte of a run or checkpoint; lm-eval tasks with --harness lm-eval")
     eval_cmd.add_argument("path", help="a run directory (its latest checkpoint) or a checkpoint folder (with --harness: or a transformers model directory)")
     eval_cmd.add_argument("--eval-tokens", type=positive_int, help="held-out tokens to score (default: the run's eval_tokens)")
+    eval_cmd.add_argument("--tasks", help="tasks separated by commas: nanollm's synthetic probes (mqar, copy, induction; accuracy per "
+                          "length), or with --harness lm-eval, lm-eval task names")
     eval_cmd.add_argument("--json", action="store_true", help="print one JSON object")
     eval_cmd.add_argument("--harness", choices=("lm-eval",), help="score tasks with EleutherAI's lm-evaluation-harness instead (the [eval] extra)")
-    eval_cmd.add_argument("--tasks", help="with --harness lm-eval: comma-separated lm-eval task names")
     eval_cmd.add_argument("--include", action="append", help="with --harness lm-eval: a directory of lm-eval task YAML files (repeatable)")
     eval_cmd.add_argument("--limit", type=positive_int, help="with --harness lm-eval: score at most this many documents per task")
     eval_cmd.set_defaults(run=cmd_eval)
@@ -442,6 +468,7 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:
         tokenize_cmd.add_argument("--" + name.replace("_", "-"), dest=name, type=recipe_flag_type(name), default=KEYS[name].default,
                                   metavar=name.upper(), help=KEYS[name].metadata["doc"])
     tokenize_cmd.set_defaults(run=cmd_tokenize)
+    add_sweep_command(commands)
 
 
 def non_negative_number(text: str) -> float:
@@ -480,6 +507,32 @@ def add_inference_commands(commands: argparse._SubParsersAction) -> None:
     export_cmd.add_argument("path", help="a run directory (its latest checkpoint) or a checkpoint folder")
     export_cmd.add_argument("-o", "--output", required=True, help="the directory to write (must not exist)")
     export_cmd.set_defaults(run=cmd_export)
+
+
+def budget_list(text: str) -> list[float]:
+    """argparse type: budgets separated by commas, such as 1e14,3e14."""
+    return [positive_number(part) for part in text.split(",") if part.strip()] or [positive_number(text)]
+
+
+def add_sweep_command(commands: argparse._SubParsersAction) -> None:
+    """`nanollm sweep`: files x budgets x sizes x seeds, trained, evaluated, tabulated and plotted."""
+    from .train.tasks import TASKS
+
+    sweep_cmd = commands.add_parser("sweep", help="train every file at every budget (and seed, and isoFLOP size); table, plots, fitted laws")
+    sweep_cmd.add_argument("files", nargs="+", metavar="FILE.arch[@RECIPE.yaml]", help="the models; @RECIPE gives one its own recipe")
+    sweep_cmd.add_argument("--budgets", type=budget_list, required=True, help="training budgets in FLOPs, separated by commas: 1e14,3e14")
+    sweep_cmd.add_argument("--out", required=True, help="the sweep's directory: runs/, archs/, results.csv, results.json, report.md, plots")
+    sweep_cmd.add_argument("--seeds", type=positive_int, default=1, help="seeds per (file, budget, size): 0 .. N-1 (default 1)")
+    sweep_cmd.add_argument("--sizes", type=positive_int, default=1, help="model sizes per budget around the law's choice, active parameters x2 apart (isoFLOP profiles; default 1)")
+    laws = sweep_cmd.add_mutually_exclusive_group()
+    laws.add_argument("--law", help="chinchilla (default), chinchilla-paper, deepseek, or tokens-per-param=R")
+    laws.add_argument("--tokens-per-param", type=positive_number, metavar="R", help="size every model for R tokens per parameter")
+    sweep_cmd.add_argument("--recipe", help="the recipe of every run (a file's own @RECIPE replaces it)")
+    sweep_cmd.add_argument("--tasks", help=f"score each run's final checkpoint on these tasks, separated by commas ({', '.join(TASKS)})")
+    sweep_cmd.add_argument("--jobs", type=positive_int, default=1, help="training processes at once (default 1); the cores are shared among them")
+    sweep_cmd.add_argument("--plan-only", action="store_true", help="size the models and write DIR/plan.sh, one `accelerate launch` per run, without training")
+    add_recipe_flags(sweep_cmd, leave_out=("steps", "tokens", "budget", "default_steps", "seed"))
+    sweep_cmd.set_defaults(run=cmd_sweep)
 
 
 def add_budget_options(parser: argparse.ArgumentParser, required: bool) -> None:

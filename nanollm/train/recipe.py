@@ -35,6 +35,7 @@ class Recipe:
     eval_share: float = option(0.02, "share of documents held out for evaluation (chosen by content hash)")
     eval_tokens: int = option(32768, "held-out tokens per evaluation")
     eval_scan: int | None = option(20000, "documents read, in the source's own order, to choose the evaluation set from; none: the whole source")
+    eval_tasks: str | None = option(None, "synthetic probes scored at each evaluation, separated by commas: mqar, copy, induction")
     # length (at most one; none of them: `steps` of the recipe)
     steps: int | None = option(None, "optimiser steps in all, counted from the start of the run")
     tokens: int | None = option(None, "training tokens in all")
@@ -57,6 +58,10 @@ class Recipe:
     decay_fraction: float = option(0.2, "wsd: share of the steps spent decaying linearly at the end")
     final_lr_ratio: float = option(0.1, "learning rate at the end, as a share of the peak")
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    max_bad_steps: int = option(10, "steps with a non-finite loss or gradient that are skipped (not applied) before the run stops")
+    spike_sigmas: float = option(6.0, "report a loss above the running mean by this many running standard deviations (0: never)")
+    scaling_rule: str = option("constant", "lr and batch_size: the recipe's at every scale, or deepseek: 0.3118 C^-0.125 and 0.2920 C^0.3271 tokens from the run's compute C",
+                               ("constant", "deepseek"))
     # runtime
     seed: int = option(0, "seed of initialisation, data order and router noise")
     compile: bool | None = option(None, "torch.compile the model; none: on for GPUs, off on CPU")
@@ -73,6 +78,10 @@ class Recipe:
     checkpoint_format: str = option("auto", "sharded: each process writes its own shards (PyTorch DCP, safetensors); full: one file of each "
                                     "gathered on the main process; auto: sharded when there are several processes", ("auto", "full", "sharded"))
     async_save: bool = option(False, "write checkpoints in the background while training goes on (each still complete or absent)")
+    tracker: str = option("tensorboard", "where metrics go besides metrics.jsonl and TensorBoard: wandb, trackio, mlflow or aim when installed",
+                          ("tensorboard", "wandb", "trackio", "mlflow", "aim"))
+    tracker_project: str | None = option(None, "the tracker's project (W&B, trackio) or experiment (MLflow; Aim without a group); none: nanollm")
+    tracker_group: str | None = option(None, "the tracker's group of runs (Aim: its experiment); a sweep sets its directory's name")
 
     def check(self) -> None:
         """RecipeError (one line) for values that cannot work."""
@@ -92,9 +101,13 @@ class Recipe:
         for name in ("eval_share", "warmup_fraction", "decay_fraction", "final_lr_ratio", "beta1", "beta2", "muon_momentum"):
             if not 0 <= getattr(self, name) <= 1:
                 raise RecipeError(f"recipe: {name} must be between 0 and 1, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "eval_every", "sample_every", "checkpoint_every"):
+        for name in ("weight_decay", "grad_clip", "eval_every", "sample_every", "checkpoint_every", "max_bad_steps", "spike_sigmas"):
             if getattr(self, name) < 0:
                 raise RecipeError(f"recipe: {name} must not be negative, got {getattr(self, name)}")
+        if self.eval_tasks is not None:
+            from .tasks import parse_tasks
+
+            parse_tasks(self.eval_tasks)
         lengths = [name for name in ("steps", "tokens", "budget") if getattr(self, name) is not None]
         if len(lengths) > 1:
             raise RecipeError(f"recipe: {' and '.join(lengths)} both set the run's length: give one")

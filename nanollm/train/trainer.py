@@ -47,11 +47,15 @@ from ..optim import build_optimizers, lr_multiplier, split_params
 from .checkpoint import Checkpointer, latest_checkpoint, load_checkpoint
 from .data import Source, TrainingRows, heldout_rows, open_source
 from .evaluate import HeldOut, evaluate
+from .health import Health, layer_grad_norms
 from .log import MetricsLog, environment, peak_flops, write_manifest
 from .parallel import check_launch, checkpoint_activations, gradient_sync, shard
 from .recipe import LENGTH_KEYS, Recipe, load_recipe, with_overrides
+from .scaling import scaled_recipe
+from .tasks import parse_tasks, score_tasks
 from .tokenizer import load_tokenizer
 from .tokens import TokenFolder, TokenRows, is_token_folder
+from .trackers import open_tracker
 
 # The exit code of a run stopped by SIGTERM or SIGINT after checkpointing: sysexits' EX_TEMPFAIL ("try again
 # later"), for a cluster script to requeue the job with --resume.
@@ -60,7 +64,8 @@ PREEMPTED_EXIT_CODE = 75
 # What a resumed run may change: its length, how it runs, and how it reports; never what it computes.
 RESUMABLE_KEYS = set(LENGTH_KEYS) | {"default_steps", "micro_batch_size", "compile", "activation_checkpointing", "parallel",
                                      "mixed_precision", "peak_flops", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                                     "checkpoint_format", "async_save"}
+                                     "checkpoint_format", "async_save",
+                                     "tracker", "tracker_project", "tracker_group"}
 
 
 @dataclass(frozen=True)
@@ -361,6 +366,9 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     check_launch(accelerator.num_processes)
     run_dir = Path(broadcast_object_list([str(run_dir)])[0]) if distributed() else run_dir  # one timestamp for all
+    seq_len = recipe.seq_len or compiled.config.seq_len  # the scaling rule's lr and batch, before the plan lays the batch out
+    recipe, scaling = scaled_recipe(recipe, compiled.analyze(seq_len).flops_per_token_train, seq_len, accelerator.num_processes,
+                                    manifest.get("scaling") if manifest else None)
     plan = make_plan(recipe, compiled, accelerator)
     memory = plan_memory(plan, compiled, recipe)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -403,6 +411,7 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
 
     step, tokens, flops, totals = 0, 0, 0.0, {}
     saved_step = None  # the step of the run's newest checkpoint
+    health_state = None
     if manifest is not None:
         checkpoint = latest_checkpoint(run_dir, report=warn if main else None)  # every process verifies what it loads
         if checkpoint is None:
@@ -413,6 +422,7 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
         rows.load_state_dict(state["data"])
         step, tokens, flops = state["step"], state["tokens"], state["flops"]
         saved_step = step
+        health_state = state.get("health")  # checkpoints from before training health had none
         totals = {name: {k: torch.tensor(v, device=accelerator.device) for k, v in entry.items()} for name, entry in state["totals"].items()}
         if step >= plan.steps:
             if main:
@@ -438,6 +448,7 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
             "plan": {**plan.__dict__, "tokens_per_step": plan.tokens_per_step, "tokens": plan.steps * plan.tokens_per_step,
                      "flops": plan.steps * plan.flops_per_step, "memory_bytes": memory.to_json()},
             "analysis": analysis.to_json(),
+            "scaling": scaling,
             "data": {"source": rows.name, "tokenizer": recipe.tokenizer or "embedded", "vocab": len(tokenizer),
                      "eos_token_id": tokenizer.eos_token_id, "held_out_tokens": held_out.tokens, "held_out_bytes": held_out.bytes,
                      "held_out_sequences": held_out.sequences, "held_out_fingerprint": held_out.fingerprint, "held_out_sets": scored},
@@ -450,10 +461,16 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
             out_console.print(f"note: the evaluations logged up to step {step} scored {earlier}; from step {step + 1} on they score set "
                               f"{held_out.fingerprint}. Compare across the change by scoring checkpoints again with nanollm eval.", style="yellow")
     log = MetricsLog(run_dir, saved_step) if main else None
+    tracker = open_tracker(recipe, run_dir, manifest.get("tracker")) if main else None
+    if tracker is not None:  # its run id, for a resume to log into the same run
+        manifest["tracker"] = tracker.entry
+        write_manifest(run_dir / "manifest.json", manifest)
     peak = peak_flops(accelerator.device, plan.mixed_precision, recipe.peak_flops)
     sync_target = wrapped if plan.parallel == "ddp" else model
     components = {name: module for name, module in model.named_modules() if isinstance(module, Component)}
     rank = accelerator.process_index
+    tasks = parse_tasks(recipe.eval_tasks) if recipe.eval_tasks else ()
+    health = Health(recipe.max_bad_steps, recipe.spike_sigmas, health_state)
     per_process = plan.batch_size // plan.processes
 
     sharded_checkpoints = recipe.checkpoint_format == "sharded" or recipe.checkpoint_format == "auto" and plan.processes > 1
@@ -461,7 +478,7 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
 
     def save(at: int) -> None:
         state = {"step": at, "tokens": tokens, "flops": flops, "data": rows.state_dict(),
-                 "schedulers": [s.state_dict() for s in schedulers],
+                 "schedulers": [s.state_dict() for s in schedulers], "health": health.state_dict(),
                  "totals": {name: {k: v.tolist() for k, v in entry.items()} for name, entry in totals.items()}}
         checkpointer.save(at, model, optimizers, state)
 
@@ -469,8 +486,9 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
         model.eval()
         with accelerator.autocast():  # the model itself: no gradients to synchronise, nothing worth compiling
             result = evaluate(model, held_out, plan.micro_batch_size, accelerator.device)
+            scores = score_tasks(model, tokenizer, tasks, plan.seq_len, plan.micro_batch_size, accelerator.device) if tasks else {}
         model.train()
-        return {f"eval/{k}": v for k, v in result.items()}
+        return {**{f"eval/{k}": v for k, v in result.items()}, **{f"tasks/{k}": v for k, v in scores.items()}}
 
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=out_console, disable=not main)
@@ -493,11 +511,21 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
                     accelerator.backward((loss + aux_loss) / plan.accumulation)
                 step_loss += loss.detach() / plan.accumulation
                 step_aux += aux_loss.detach() / plan.accumulation
+            upcoming = step + 1
+            logging = upcoming % recipe.log_every == 0 or upcoming == plan.steps or bool(recipe.eval_every and upcoming % recipe.eval_every == 0)
+            layer_norms = layer_grad_norms(model) if logging else {}  # before clipping, like grad_norm
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip or math.inf)
             rates = [scheduler.get_last_lr()[0] for scheduler in schedulers]  # what this step applies
+            applied, mean_loss = health.check(step_loss + step_aux, grad_norm)
+            report = health.spike(upcoming, mean_loss) if applied else health.skipped(upcoming)
+            if report and main:
+                warn(report)
             for optimizer, scheduler in zip(optimizers, schedulers):
-                optimizer.step()
-                scheduler.step()
+                if applied:  # a non-finite step changes no weight and no optimiser state; the schedule moves on
+                    optimizer.step()
+                with warnings.catch_warnings():  # torch's warning of a scheduler stepped before its optimiser: skipping is meant
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before", category=UserWarning)
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             metrics = component_metrics(components, totals)
             step, tokens, flops = step + 1, tokens + plan.tokens_per_step, flops + plan.flops_per_step
@@ -515,6 +543,7 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
                           "grad_norm": norm.item(), "tokens": tokens, "flops": flops, "tokens_per_s": interval_tokens / elapsed}
                 if len(rates) > 1:
                     values["muon_lr"] = rates[0]
+                values.update({"bad_steps": health.bad_steps, "loss_spikes": health.spikes, **layer_norms})
                 if peak is not None:
                     values["mfu"] = values["tokens_per_s"] * plan.flops_per_token / (peak * plan.processes)
                 values.update({name: value.item() for name, value in metrics.items() if value.dim() == 0})
@@ -522,6 +551,8 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
                     values.update(run_eval())
                 if main:
                     log.write(step, values)
+                    if tracker is not None:
+                        tracker.log(values, step)
                     for name, value in metrics.items():
                         if value.dim() == 1:
                             log.histogram(name, value, step)
@@ -549,6 +580,8 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
 
     if main:
         log.close()
+        if tracker is not None:
+            tracker.finish()
         table = summary_table(components, totals, step)
         if table is not None:
             out_console.print(table)
@@ -566,32 +599,41 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
     return run_dir
 
 
-def evaluate_run(path: Path, eval_tokens: int | None = None) -> dict[str, Any]:
-    """Held-out loss (with its standard error), perplexity and bits per byte of a run's newest intact checkpoint (or of a
-    given checkpoint), with the fingerprint of the set scored and of the set the run's own evaluations scored at that step."""
-    from .checkpoint import load_model, read_state
+def checkpoint_model(checkpoint: Path) -> tuple[torch.nn.Module, Recipe, dict[str, Any], torch.device]:
+    """A checkpoint's model rebuilt from its run's manifest (in eval mode), the run's recipe and manifest, and the device."""
+    from .checkpoint import load_model
 
-    checkpoint = latest_checkpoint(path, ("model.safetensors",), warn)
-    if checkpoint is None:
-        raise RunError(f"{path}: no checkpoint there (give a run directory or a checkpoint folder)")
     run_dir = checkpoint.parent.parent
     try:
         manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         raise RunError(f"{run_dir}: manifest.json missing or unreadable") from None
-    recipe = Recipe(**manifest["recipe"])
-    if eval_tokens is not None:
-        recipe = replace(recipe, eval_tokens=eval_tokens)
-    compiled = Compiled(arch_from_json(manifest["arch"]))
-    seq_len = manifest["plan"]["seq_len"]
-    held_out = held_out_set(recipe, load_tokenizer(recipe.tokenizer), seq_len)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = compiled.build(device=device, dtype=torch.float32)
+    model = Compiled(arch_from_json(manifest["arch"])).build(device=device, dtype=torch.float32)
     load_model(checkpoint, model)
     model.eval()
+    return model, Recipe(**manifest["recipe"]), manifest, device
+
+
+def evaluate_run(path: Path, eval_tokens: int | None = None, tasks: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Held-out loss (with its standard error), perplexity and bits per byte of a run's newest intact checkpoint (or of a
+    given checkpoint), with the fingerprint of the set scored and of the set the run's own evaluations scored at that step,
+    and the scores of the given tasks."""
+    from .checkpoint import read_state
+
+    checkpoint = latest_checkpoint(path, ("model.safetensors",), warn)
+    if checkpoint is None:
+        raise RunError(f"{path}: no checkpoint there (give a run directory or a checkpoint folder)")
+    model, recipe, manifest, device = checkpoint_model(checkpoint)
+    if eval_tokens is not None:
+        recipe = replace(recipe, eval_tokens=eval_tokens)
+    seq_len = manifest["plan"]["seq_len"]
+    tokenizer = load_tokenizer(recipe.tokenizer)
+    held_out = held_out_set(recipe, tokenizer, seq_len)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         result = evaluate(model, held_out, manifest["plan"]["micro_batch_size"], device)
+        scores = score_tasks(model, tokenizer, tasks, seq_len, manifest["plan"]["micro_batch_size"], device) if tasks else {}
     step = read_state(checkpoint)["step"]
     run_fingerprint = [entry["fingerprint"] for entry in held_out_sets(manifest) if entry["after_step"] < step][-1]
     return {"checkpoint": str(checkpoint), "step": step, "tokens": held_out.tokens, "bytes": held_out.bytes, "sequences": held_out.sequences,
-            "fingerprint": held_out.fingerprint, "run_fingerprint": run_fingerprint, **result}
+            "fingerprint": held_out.fingerprint, "run_fingerprint": run_fingerprint, **result, "tasks": scores}

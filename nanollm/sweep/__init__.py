@@ -1,0 +1,1 @@
+"""`nanollm sweep`: every (file, budget, size, seed) run sized, trained by the trainer, evaluated, tabulated and plotted."""
