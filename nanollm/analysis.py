@@ -36,6 +36,7 @@ class LayerReport:
     params_active: int
     flops_per_token_fwd: float
     cache_bytes_per_token: float
+    state_bytes: float  # the part of the cache a sequence holds whatever its length (a recurrent state), in bytes
 
     def to_json(self) -> dict[str, Any]:
         """Plain data: the slots' calls as keys of their own (`mixer`, `ffn`), beside the figures."""
@@ -55,6 +56,7 @@ class Analysis:
     flops_per_token_fwd: float
     flops_per_token_train: float
     cache_bytes_per_token: float
+    state_bytes: float
     activation_bytes: int
     layers: list[LayerReport]
 
@@ -190,8 +192,9 @@ def analyze(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
         params = sum(p.numel() for p in block.parameters())
         inactive = sum(sum(p.numel() for p in c.parameters()) - c.active_params() for c in components)
         cache = sum(c.cache_elements(seq_len) for c in components) * cache_bytes
+        state = sum(c.cache_elements(0) for c in components) * CACHE_BYTES  # held before the first token: it never grows
         calls = {slot: str(call) for slot, call in spec.sublayers}
-        layers.append(LayerReport(i, str(spec.residual), calls, params, params - inactive, 2 * layer_macs[i] / seq_len, cache))
+        layers.append(LayerReport(i, str(spec.residual), calls, params, params - inactive, 2 * layer_macs[i] / seq_len, cache, state))
 
     params_total = sum(p.numel() for p in model.parameters())
     embedding = model.embed.weight.numel() + (0 if arch.config.tie_embeddings else model.lm_head.weight.numel())
@@ -205,6 +208,7 @@ def analyze(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
         flops_per_token_fwd=flops_fwd,
         flops_per_token_train=3 * flops_fwd,
         cache_bytes_per_token=sum(r.cache_bytes_per_token for r in layers),
+        state_bytes=sum(r.state_bytes for r in layers),
         activation_bytes=recorder.activation_bytes,
         layers=layers,
     )

@@ -14,8 +14,9 @@ from nanollm.cli import main
 ROOT = Path(__file__).parent.parent
 BASELINE = str(ROOT / "archs/qwen3_0_6b.arch")
 SCHEMA = {"params_total", "params_active", "params_embedding", "flops_per_token_fwd", "flops_per_token_train",
-          "cache_bytes_per_token", "seq_len", "n_layers", "layers", "activation_bytes"}
-LAYER_SCHEMA = {"index", "residual", "mixer", "ffn", "params", "params_active", "flops_per_token_fwd", "cache_bytes_per_token"}
+          "cache_bytes_per_token", "state_bytes", "seq_len", "n_layers", "layers", "activation_bytes"}
+LAYER_SCHEMA = {"index", "residual", "mixer", "ffn", "params", "params_active", "flops_per_token_fwd", "cache_bytes_per_token",
+                "state_bytes"}
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

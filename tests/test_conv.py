@@ -44,3 +44,11 @@ def test_causal_conv_equals_transformers_padded_and_truncated_convolution() -> N
 
 def test_causal_conv_taps_are_vectors_for_the_optimiser() -> None:
     assert set(param_roles(CausalConv1d(4, 3, bias=True)).values()) == {VECTOR}
+
+
+@pytest.mark.parametrize("kernel, dilation, bias", [(4, 1, True), (3, 2, False)])
+def test_causal_conv_window_form_of_the_analysis_equals_the_convolution(kernel: int, dilation: int, bias: bool) -> None:
+    torch.manual_seed(0)
+    conv = CausalConv1d(6, kernel, bias=bias, dilation=dilation)
+    x = torch.randn(2, 11, 6)
+    torch.testing.assert_close(conv.by_windows(x), conv(x), atol=1e-6, rtol=0)

@@ -24,8 +24,17 @@ class CausalConv1d(nn.Conv1d):
         return (self.kernel_size[0] - 1) * self.dilation[0] + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_meta:  # torch.jit.trace (fvcore, the analysis) cannot run a meta convolution in this torch
+            return self.by_windows(x)
         # left padding only: transformers pads both sides and drops the tail, which computes outputs it throws away
         return super().forward(F.pad(x.transpose(1, 2), (self.span - 1, 0))).transpose(1, 2)
+
+    def by_windows(self, x: torch.Tensor) -> torch.Tensor:
+        """The same products as a matmul of each output's window of taps (fvcore counts channels x kernel per token exactly;
+        its einsum count is rounded)."""
+        windows = F.pad(x, (0, 0, self.span - 1, 0)).unfold(1, self.span, 1)[..., :: self.dilation[0]]  # (B, T, C, kernel)
+        out = (windows[..., None, :] @ self.weight[:, 0, :, None]).flatten(-3)
+        return out + self.bias if self.bias is not None else out
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One token: x (B, C) and the previous span-1 inputs (B, C, span-1) -> output (B, C) and the next state."""

@@ -119,6 +119,8 @@ def figures(report: LayerReport) -> list[str]:
     shown.append(f"FLOPs/token {human(report.flops_per_token_fwd)}")
     if report.cache_bytes_per_token:
         shown.append(f"cache {human(report.cache_bytes_per_token, 'B')}/token")
+    if report.state_bytes:
+        shown.append(f"state {human(report.state_bytes, 'B')}/sequence")
     return shown
 
 

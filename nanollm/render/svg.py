@@ -182,7 +182,8 @@ class StackDrawing:
             f"{len(self.arch.layers)} layers, d_model {config.d_model}, {config.n_heads} heads ({config.n_kv_heads} KV) × {config.head_dim}, "
             f"vocab {config.vocab_size:,}, seq_len {analysis.seq_len}",
             f"{human(analysis.params_total)} params" + (f" ({human(analysis.params_active)} active)" if analysis.params_active != analysis.params_total else "")
-            + f", {human(analysis.flops_per_token_fwd)} FLOPs/token forward, inference cache {human(analysis.cache_bytes_per_token, 'B')}/token",
+            + f", {human(analysis.flops_per_token_fwd)} FLOPs/token forward, inference cache {human(analysis.cache_bytes_per_token, 'B')}/token"
+            + (f" (of which a state of {human(analysis.state_bytes, 'B')}/sequence)" if analysis.state_bytes else ""),
             *notes,
         ]
         for line in summary:
@@ -243,10 +244,12 @@ class StackDrawing:
             "data_params_active": str(report.params_active),
             "data_flops_per_token_fwd": repr(report.flops_per_token_fwd),
             "data_cache_bytes_per_token": repr(report.cache_bytes_per_token),
+            "data_state_bytes": repr(report.state_bytes),
         }
         calls = "\n".join(str(call) for call in layer.calls())
         tooltip = (f"{layer_span(block.indices)}\n{calls}\nparams {report.params:,} (active {report.params_active:,})\n"
-                   f"forward FLOPs/token {report.flops_per_token_fwd:,.0f}\ncache bytes/token {report.cache_bytes_per_token:,.1f}")
+                   f"forward FLOPs/token {report.flops_per_token_fwd:,.0f}\ncache bytes/token {report.cache_bytes_per_token:,.1f}"
+                   + (f"\nstate bytes/sequence {report.state_bytes:,.0f}" if report.state_bytes else ""))
         top = self.y
         rows = [(layer_span(block.indices), INK)] + [(text, MUTED) for text in figures(report)]
         with self.c.group(tooltip, **data):

@@ -1,1 +1,1 @@
-"""Linear-attention and recurrent mixers: a state of fixed size per sequence in place of a growing KV cache."""
+"""Linear-attention mixers: recurrent mixers with a matrix-valued state, each with chunked, recurrent and naive forms."""

@@ -89,7 +89,8 @@ def decayed_scores(x: torch.Tensor, k: torch.Tensor, G: torch.Tensor, strict: bo
         end = start + block
         x_b, k_b, G_b = x[..., start:end, :], k[..., start:end, :], G[..., start:end, :]
         pair_decay = (G_b[..., :, None, :] - G_b[..., None, :, :]).masked_fill(~inside[..., None], float("-inf")).exp()
-        parts = [torch.einsum("...ijc,...jc->...ij", x_b[..., :, None, :] * pair_decay, k_b)]
+        # sum over channels as a matmul per (i, j) pair, which fvcore counts exactly (its einsum count is rounded)
+        parts = [((x_b[..., :, None, :] * pair_decay)[..., None, :] @ k_b[..., None, :, :, None]).flatten(-3)]
         if start:
             first = G_b[..., :1, :]
             parts.insert(0, (x_b * (G_b - first).exp()) @ (k[..., :start, :] * (first - G[..., :start, :]).exp()).transpose(-1, -2))
@@ -100,10 +101,11 @@ def decayed_scores(x: torch.Tensor, k: torch.Tensor, G: torch.Tensor, strict: bo
 
 
 def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                       state: torch.Tensor | None = None, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                       state: torch.Tensor | None = None, chunk: int = 64, final_state: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The training form: within each chunk of `chunk` tokens as matrices (the WY/UT transform of the delta updates,
     one triangular solve), between chunks through the state. Any length: the last chunk is padded with tokens that
-    neither decay nor write the state."""
+    neither decay nor write the state. Without `final_state` (training), the last chunk's write is skipped: None."""
     batch, heads, length, _ = k.shape
     per_channel = channelwise(g, k)
     pad = -length % chunk
@@ -139,11 +141,11 @@ def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     S = starting_state(k, v, state)
     outputs = []
     # unbind, not indexing: its backward stacks the chunks' gradients instead of adding each into a zero-filled whole
-    for reads_n, u_n, scores_n, decay_n, written_n in zip(*(x.unbind(2) for x in (reads, u, queries_keys, chunk_decay, written))):
+    for n, (reads_n, u_n, scores_n, decay_n, written_n) in enumerate(zip(*(x.unbind(2) for x in (reads, u, queries_keys, chunk_decay, written)))):
         read = reads_n @ S
         fresh = u_n - read[..., :chunk, :]  # the values the delta rule writes, past what the state predicts
         outputs.append(read[..., chunk:, :] + scores_n @ fresh)
-        S = S * decay_n + written_n @ fresh
+        S = S * decay_n + written_n @ fresh if final_state or n < chunks - 1 else None
     return torch.stack(outputs, dim=2).reshape(batch, heads, chunks * chunk, -1)[:, :, :length], S
 
 
@@ -209,7 +211,7 @@ class DeltaRuleMixer(Component):
 
     def mix(self, x: torch.Tensor, form: str = "chunked") -> torch.Tensor:
         """The mixer over a whole sequence with the delta rule in one of its `FORMS`."""
-        rule = functools.partial(chunked_delta_rule, chunk=self.chunk) if form == "chunked" else FORMS[form]
+        rule = functools.partial(chunked_delta_rule, chunk=self.chunk, final_state=False) if form == "chunked" else FORMS[form]
         qkv, gates = self.project(x)
         return self.recur(F.silu(self.conv1d(qkv)), gates, rule, None)[0]
 
