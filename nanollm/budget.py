@@ -204,7 +204,9 @@ class Family:
         return max(1, (MAX_LAYERS - self.other_layers) // self.unit_layers)
 
     def scaled(self, value: float, d_model: int) -> int:
-        """A hidden width at its reference ratio to d_model, as a multiple of 64."""
+        """A hidden width at its reference ratio to d_model, as a multiple of 64; a width of 0 (a part switched off) stays 0."""
+        if not value:
+            return 0
         return max(WIDTH_MULTIPLE, round(value * d_model / self.reference.d_model / WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
 
     def file(self, width: Width, depth: int) -> ArchFile:

@@ -24,6 +24,8 @@ from .. import BRANCH, REGISTRY, Component, Input, Param, Rotary, make_norm, reg
 from ...ir import MAX_WIDTH, QK_NORMS, Call, ModelConfig
 from ..position.rope import rotate
 
+GATES = ("none", "elementwise", "head")  # gated attention (Qiu et al. 2025): where the output's sigmoid gate acts
+
 ATTENTION_PARAMS = (  # per-layer overrides of the model settings, by name only
     Param("heads", int, "query heads", setting="n_heads", minimum=1, maximum=MAX_WIDTH, positional=False),
     Param("kv_heads", int, "key/value heads", setting="n_kv_heads", minimum=1, maximum=MAX_WIDTH, positional=False),
@@ -32,6 +34,8 @@ ATTENTION_PARAMS = (  # per-layer overrides of the model settings, by name only
     Param("rope", Call, "position encoding: rope(...), yarn(...) or nope", setting="rope", kind="position", positional=False),
     Param("scale", float, "logit scale; 0 is 1/sqrt(head_dim)", setting="attn_scale", minimum=0, positional=False),
     Param("softcap", float, "logit soft-cap c tanh(s / c); 0 is off", setting="attn_softcap", minimum=0, positional=False),
+    Param("gate", str, "sigmoid gate on the output from the layer input: none, elementwise (per channel, Qwen3-Next) or head "
+                       "(one per head)", default="none", choices=GATES, positional=False),
 )
 
 
@@ -44,6 +48,15 @@ def sdpa_handle(attended_pairs: int) -> Callable:
         return batch * heads * attended_pairs * (q[-1] + v[-1])  # QK^T and AV multiply-accumulates
 
     return count
+
+
+def apply_gate(out: torch.Tensor, gate: torch.Tensor | None, heads: int) -> torch.Tensor:
+    """The attention output (B, T, heads * d) times sigmoid(gate): gate (B, T, heads * d) per channel, or (B, T, heads) per head."""
+    if gate is None:
+        return out
+    if gate.shape[-1] == heads:
+        return (out.unflatten(-1, (heads, -1)) * torch.sigmoid(gate).unsqueeze(-1)).flatten(-2)
+    return out * torch.sigmoid(gate)
 
 
 def causal_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -114,12 +127,15 @@ class CausalAttention(Component):
     window: int | None = None
 
     def __init__(self, config: ModelConfig, heads: int, kv_heads: int, head_dim: int, qk_norm: str, rope: Call, scale: float,
-                 softcap: float) -> None:
+                 softcap: float, gate: str) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.qk_norm = heads, kv_heads, head_dim, qk_norm
-        self.scale, self.softcap = scale or None, softcap
+        self.scale, self.softcap, self.gate = scale or None, softcap, gate
         d, q_width, kv_width = config.d_model, heads * head_dim, kv_heads * head_dim
-        self.q_proj = nn.Linear(d, q_width, bias=False)
+        # Qwen3-Next widens q_proj to carry the elementwise gate: per head [query | gate], so its weights load unchanged.
+        self.q_proj = nn.Linear(d, q_width * (2 if gate == "elementwise" else 1), bias=False)
+        if gate == "head":
+            self.gate_proj = nn.Linear(d, heads, bias=False)
         self.k_proj = nn.Linear(d, kv_width, bias=False)
         self.v_proj = nn.Linear(d, kv_width, bias=False)
         self.o_proj = nn.Linear(q_width, d, bias=False)
@@ -147,6 +163,10 @@ class CausalAttention(Component):
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        gate = self.gate_proj(x) if self.gate == "head" else None
+        if self.gate == "elementwise":
+            q, gate = q.view(batch, length, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            q, gate = q.flatten(2), gate.flatten(2)
         if self.qk_norm == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(batch, length, self.n_heads, self.head_dim)
@@ -158,7 +178,8 @@ class CausalAttention(Component):
         if self.rotary:
             q, k = rotate(q, cos, sin, self.layout), rotate(k, cos, sin, self.layout)
         out = attend(q, k, v, self.window, self.scale, self.softcap)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
+        out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
+        return self.o_proj(apply_gate(out, gate, self.n_heads))
 
     def attended_pairs(self, seq_len: int) -> int:
         """(query, key) pairs one head scores over a sequence: each position sees itself and all before it."""

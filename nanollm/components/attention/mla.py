@@ -1,0 +1,156 @@
+"""Multi-head latent attention (`mla`, DeepSeek-V2/V3): keys and values come from one low-rank latent per token.
+
+Per token, `kv_a_proj_with_mqa` makes a latent c (`kv_lora_rank` wide, normed) and one RoPE key shared by all
+heads (`qk_rope_head_dim`); `kv_b_proj` decompresses c into each head's no-RoPE key (`qk_nope_head_dim`) and
+value (`v_head_dim`). Queries come from the input directly (`q_lora_rank` = 0) or through their own normed
+latent. Only c and the RoPE key are cached: `kv_lora_rank + qk_rope_head_dim` elements per token and layer.
+
+Two forms compute the same function. The training form decompresses keys and values and attends per head
+(fewer products over a long prefix). The absorbed form (`absorb=true`) folds kv_b_proj's key half into the
+query and its value half into the output, and attends over the latents directly, all heads sharing one key and
+value (multi-query attention of width kv_lora_rank + qk_rope_head_dim): what decoding from the latent cache does.
+The analysis counts whichever form the call names.
+
+The logit scale is 1/sqrt(qk_nope_head_dim + qk_rope_head_dim) (or `scale`), times DeepSeek-V3's YaRN
+correction mscale(factor, mscale_all_dim)^2 when the encoding is YaRN with mscale_all_dim set, as transformers does.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import BRANCH, REGISTRY, Component, Input, Param, Rotary, make_norm, register, telling
+from ...ir import MAX_WIDTH, Call, ModelConfig
+from ..position.rope import rotate
+from ..position.yarn import mscale
+from .causal import GATES, apply_gate, attend, sdpa_handle
+
+MLA_PARAMS = (
+    Param("heads", int, "query heads", setting="n_heads", minimum=1, maximum=MAX_WIDTH, positional=False),
+    Param("kv_lora_rank", int, "width of the key/value latent (the cache)", default=512, minimum=1, maximum=MAX_WIDTH, width=True),
+    Param("q_lora_rank", int, "width of the query latent; 0: queries straight from the input", default=0, minimum=0,
+          maximum=MAX_WIDTH, width=True),
+    Param("qk_nope_head_dim", int, "query/key dimensions per head without RoPE", default=128, minimum=0, maximum=MAX_WIDTH,
+          positional=False),
+    Param("qk_rope_head_dim", int, "query/key dimensions per head with RoPE (the key's shared by all heads)", default=64, minimum=2,
+          maximum=MAX_WIDTH, positional=False),
+    Param("v_head_dim", int, "value dimensions per head", default=128, minimum=1, maximum=MAX_WIDTH, positional=False),
+    Param("rope", Call, "position encoding of the RoPE dimensions: rope(...) or yarn(...)", setting="rope", kind="position",
+          positional=False),
+    Param("scale", float, "logit scale; 0 is 1/sqrt(qk_nope_head_dim + qk_rope_head_dim)", setting="attn_scale", minimum=0,
+          positional=False),
+    Param("gate", str, "sigmoid gate on the output from the layer input: none, elementwise or head", default="none", choices=GATES,
+          positional=False),
+    Param("absorb", bool, "attend over the latents, the up-projections folded into query and output (as decoding does)",
+          default=False, positional=False),
+)
+
+
+def logit_scale(scale: float, qk_head_dim: int, rope: Call) -> float:
+    """The softmax scale: `scale` or 1/sqrt(qk_head_dim), with DeepSeek-V3's YaRN correction mscale(factor, mscale_all_dim)^2."""
+    base = scale or qk_head_dim ** -0.5
+    args = rope.kwargs()
+    if rope.name == "yarn" and args["mscale_all_dim"]:
+        base *= mscale(args["factor"], args["mscale_all_dim"]) ** 2
+    return base
+
+
+@register("mla", "mixer", *MLA_PARAMS)
+class LatentAttention(Component):
+    """Multi-head latent attention (DeepSeek-V2/V3): a low-rank cached latent, decompressed or absorbed."""
+
+    hf_module = "self_attn"
+
+    def __init__(self, config: ModelConfig, heads: int, kv_lora_rank: int, q_lora_rank: int, qk_nope_head_dim: int,
+                 qk_rope_head_dim: int, v_head_dim: int, rope: Call, scale: float, gate: str, absorb: bool) -> None:
+        super().__init__()
+        self.n_heads, self.kv_lora_rank, self.q_lora_rank = heads, kv_lora_rank, q_lora_rank
+        self.nope, self.rope_dim, self.v_head_dim, self.gate, self.absorb = qk_nope_head_dim, qk_rope_head_dim, v_head_dim, gate, absorb
+        self.scale = logit_scale(scale, qk_nope_head_dim + qk_rope_head_dim, rope)
+        d, q_width = config.d_model, heads * (qk_nope_head_dim + qk_rope_head_dim)
+        if q_lora_rank:
+            self.q_a_proj = nn.Linear(d, q_lora_rank, bias=False)
+            self.q_a_layernorm = make_norm(config, q_lora_rank)
+            self.q_b_proj = nn.Linear(q_lora_rank, q_width, bias=False)
+        else:
+            self.q_proj = nn.Linear(d, q_width, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, kv_lora_rank + qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = make_norm(config, kv_lora_rank)
+        self.kv_b_proj = nn.Linear(kv_lora_rank, heads * (qk_nope_head_dim + v_head_dim), bias=False)
+        self.o_proj = nn.Linear(heads * v_head_dim, d, bias=False)
+        if gate != "none":
+            self.gate_proj = nn.Linear(d, heads * v_head_dim if gate == "elementwise" else heads, bias=False)
+        self.layout = REGISTRY[rope.name].module.layout(qk_rope_head_dim, **rope.kwargs())
+        self.rotary = Rotary(rope, qk_rope_head_dim)
+
+    @classmethod
+    def check(cls, config: ModelConfig, **args: Any) -> str | None:
+        for rank in ("kv_lora_rank", "q_lora_rank"):
+            if args[rank] > config.d_model:
+                return f"{rank} = {args[rank]} is larger than the width d_model = {config.d_model}: a latent compresses"
+        rope = args["rope"]
+        if rope.name == "nope":
+            return "the RoPE dimensions need a rotary encoding (rope or yarn), not nope"
+        return REGISTRY[rope.name].module.problem(args["qk_rope_head_dim"], **rope.kwargs())
+
+    @classmethod
+    def describe(cls, call: Call, config: ModelConfig) -> list[str]:
+        args, shown = call.kwargs(), telling(call, config, always=("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
+        query = f"q latent {args['q_lora_rank']}" if args["q_lora_rank"] else "q from x"
+        return ([shown] if shown else []) + [f"{args['heads']} heads, kv latent {args['kv_lora_rank']} + RoPE key {args['qk_rope_head_dim']}, {query}"]
+
+    def inputs(self) -> tuple[Input, ...]:
+        return (BRANCH, self.rotary)
+
+    def queries(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each head's query (B, H, T, nope + rope), and the normed query latent (None without one)."""
+        batch, length, _ = x.shape
+        latent = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else None
+        q = self.q_b_proj(latent) if self.q_lora_rank else self.q_proj(x)
+        return q.view(batch, length, self.n_heads, self.nope + self.rope_dim).transpose(1, 2), latent
+
+    def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache holds: the normed latent (B, 1, T, kv_lora_rank) and the rotated shared key (B, 1, T, rope)."""
+        latent, k_rope = self.kv_a_proj_with_mqa(x).unsqueeze(1).split((self.kv_lora_rank, self.rope_dim), dim=-1)
+        return self.kv_a_layernorm(latent), rotate(k_rope, cos, sin, self.layout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, _ = self.queries(x)
+        q_nope, q_rope = q.split((self.nope, self.rope_dim), dim=-1)
+        q_rope = rotate(q_rope, cos, sin, self.layout)
+        latent, k_rope = self.latents(x, cos, sin)
+        out = (self.attend_absorbed if self.absorb else self.attend_decompressed)(q_nope, q_rope, latent, k_rope)
+        out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.v_head_dim)
+        return self.o_proj(apply_gate(out, self.gate_proj(x) if self.gate != "none" else None, self.n_heads))
+
+    def attend_decompressed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor
+                            ) -> torch.Tensor:
+        """Training form: every head's keys [k_nope | shared k_rope] and values from kv_b_proj; (B, H, T, v_head_dim)."""
+        batch, _, length, _ = latent.shape
+        kv = self.kv_b_proj(latent.squeeze(1)).view(batch, length, self.n_heads, self.nope + self.v_head_dim).transpose(1, 2)
+        k_nope, v = kv.split((self.nope, self.v_head_dim), dim=-1)
+        k = torch.cat((k_nope, k_rope.expand(-1, self.n_heads, -1, -1)), dim=-1)
+        return attend(torch.cat((q_nope, q_rope), dim=-1), k, v, scale=self.scale)
+
+    def attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
+        """Absorbed form: q_nope W_UK scores the latent itself, and W_UV maps the latent-weighted sum out; (B, H, T, v_head_dim)."""
+        up = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_head_dim, self.kv_lora_rank)
+        key_up, value_up = up.split((self.nope, self.v_head_dim), dim=1)  # (H, nope, r), (H, v, r)
+        q = torch.cat((q_nope @ key_up, q_rope), dim=-1)  # (B, H, T, r + rope)
+        out = attend(q, torch.cat((latent, k_rope), dim=-1), latent, scale=self.scale)  # one key/value head for all
+        return out @ value_up.transpose(1, 2)
+
+    def cache_elements(self, seq_len: int) -> int:
+        return (self.kv_lora_rank + self.rope_dim) * seq_len
+
+    def flop_handles(self, seq_len: int) -> dict[str, Callable]:
+        return {"aten::scaled_dot_product_attention": sdpa_handle(seq_len * (seq_len + 1) // 2)}
+
+    def hf_weights(self) -> dict[str, str]:
+        return {name: name for name, _ in self.named_parameters()}  # transformers' DeepseekV3Attention names
+
+    def extra_repr(self) -> str:
+        return f"heads={self.n_heads}, kv_lora_rank={self.kv_lora_rank}, q_lora_rank={self.q_lora_rank}, absorb={self.absorb}"

@@ -1,0 +1,127 @@
+"""Multi-head latent attention against transformers' DeepseekV3Attention (with and without query compression,
+interleaved and half-split RoPE, DeepSeek's YaRN with its scale correction), the absorbed form against the training
+form, and its accounting against closed forms and FlopCounterMode."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_components import CONFIG, build, close, hf_attention, mix
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+
+import nanollm
+from nanollm.budget import solve
+from nanollm.components import complete
+from nanollm.hf import rope_call
+from nanollm.ir import Call
+
+SIZES = dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12)  # v wider than nope: no mix-up passes
+YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 40.0, "original_max_position_embeddings": 8, "mscale": 0.8,
+        "mscale_all_dim": 1.0, "beta_fast": 4.0, "beta_slow": 1.0}
+DEFAULT = {"rope_type": "default", "rope_theta": 1e4}
+TINY = "vocab_size = 256\nd_model = 64\nn_heads = 4\nn_kv_heads = 4\nhead_dim = 16\nd_ff = 128\n"
+
+
+def mla_pair(q_lora_rank: int, interleave: bool, rope_parameters: dict, **args) -> tuple[torch.nn.Module, DeepseekV3Config]:
+    """Our `mla` (built as the component tests build) and the transformers config of the same attention."""
+    hf = DeepseekV3Config(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=q_lora_rank or None,
+                          rope_interleave=interleave, rope_parameters=dict(rope_parameters), attn_implementation="eager", **SIZES)
+    rope = rope_call(dict(rope_parameters), CONFIG)
+    rope = complete(Call(rope.name, tuple((k, v) for k, v in rope.args if k != "interleaved") + (("interleaved", interleave),)),
+                    "position", CONFIG)
+    return build("mla", CONFIG, q_lora_rank=q_lora_rank, rope=rope, **SIZES, **args), hf
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 24], ids=["q-direct", "q-latent"])
+@pytest.mark.parametrize("interleave, rope_parameters", [(True, DEFAULT), (False, DEFAULT), (True, YARN)],
+                         ids=["interleaved", "half-split", "yarn-mscale"])
+def test_mla_matches_deepseek_v3_attention(q_lora_rank, interleave, rope_parameters):
+    ours, hf = mla_pair(q_lora_rank, interleave, rope_parameters)
+    theirs = DeepseekV3Attention(hf, 0)
+    theirs.load_state_dict(ours.state_dict())  # strict: the names are transformers'
+    x = torch.randn(2, 13, 64)
+    expected = hf_attention(theirs, DeepseekV3RotaryEmbedding(hf), x)
+    close(mix(ours, x), expected)
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 24])
+@pytest.mark.parametrize("gate", ["none", "elementwise", "head"])
+def test_mla_absorbed_form_equals_training_form(q_lora_rank, gate):
+    """Attending over the latent with kv_b_proj folded into query and output is the same function."""
+    ours, _ = mla_pair(q_lora_rank, True, YARN, gate=gate)
+    absorbed, _ = mla_pair(q_lora_rank, True, YARN, gate=gate, absorb=True)
+    absorbed.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 13, 64)
+    close(mix(absorbed, x), mix(ours, x), atol=2e-5)
+
+
+def test_mla_gate_follows_its_equation():
+    gated, _ = mla_pair(0, True, DEFAULT, gate="head")
+    plain, _ = mla_pair(0, True, DEFAULT)
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate_proj.weight"})
+    with torch.no_grad():
+        plain.o_proj.weight.copy_(torch.eye(64, 48))  # passes the heads' concatenated outputs (4 x 12) through
+    x = torch.randn(2, 9, 64)
+    heads = mix(plain, x)[..., :48].unflatten(-1, (4, 12))
+    close(mix(gated, x), gated.o_proj((heads * torch.sigmoid(x @ gated.gate_proj.weight.T)[..., None]).flatten(-2)))
+
+
+def mla_macs(seq_len: int, d: int, heads: int, kv: int, q: int, nope: int, rope: int, v: int, absorb: bool) -> int:
+    """Closed-form multiply-accumulates of one mla layer over one causal sequence."""
+    query = d * q + q * heads * (nope + rope) if q else d * heads * (nope + rope)
+    projections = query + d * (kv + rope) + heads * v * d
+    pairs = seq_len * (seq_len + 1) // 2
+    if absorb:  # q_nope -> latent, latent -> value per head; scores over (kv + rope), values of width kv
+        return seq_len * (projections + heads * (nope * kv + kv * v)) + heads * pairs * (2 * kv + rope)
+    return seq_len * (projections + kv * heads * (nope + v)) + heads * pairs * (nope + rope + v)
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+@pytest.mark.parametrize("q_lora_rank", [0, 32])
+def test_mla_flops_and_cache_match_closed_forms(absorb, q_lora_rank):
+    seq_len = 96
+    call = f"mla(kv_lora_rank=32, q_lora_rank={q_lora_rank}, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, absorb={str(absorb).lower()})"
+    compiled = nanollm.compile(TINY + f"{call} ffn=none")
+    analysis = compiled.analyze(seq_len)
+    head = 64 * 256  # the vocabulary projection (tied)
+    expected = mla_macs(seq_len, 64, 4, 32, q_lora_rank, 16, 8, 24, absorb) + seq_len * head
+    assert analysis.flops_per_token_fwd * seq_len == 2 * expected
+    assert analysis.cache_bytes_per_token == (32 + 8) * 2  # the latent and the RoPE key, bf16
+    # FlopCounterMode sees SDPA on meta as its math decomposition over the full T x T square; ours counts the triangle.
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        compiled.graph(ids)
+    width = (2 * 32 + 8) if absorb else (16 + 8 + 24)
+    square, triangle = 4 * seq_len * seq_len * width, 4 * seq_len * (seq_len + 1) // 2 * width
+    assert counter.get_total_flops() - 2 * square == 2 * (expected - triangle)
+
+
+def test_mla_cache_at_deepseek_v3_sizes_is_576_per_token_and_layer():
+    arch = nanollm.compile("d_model = 7168\nn_heads = 128\n" + "mla(kv_lora_rank=512, q_lora_rank=1536, rope=rope(interleaved=true))")
+    assert arch.graph.get_submodule("layers.0.mixer").cache_elements(1) == 576
+
+
+@pytest.mark.parametrize("text, message", [
+    ("mla(kv_lora_rank=128)", "kv_lora_rank = 128 is larger than the width"),
+    ("mla(kv_lora_rank=32, q_lora_rank=100)", "q_lora_rank = 100 is larger than the width"),
+    ("mla(kv_lora_rank=32, qk_rope_head_dim=7)", "even"),
+    ("mla(kv_lora_rank=32, rope=nope)", "nope"),
+])
+def test_mla_bad_arguments_are_positioned_errors(text, message):
+    with pytest.raises(nanollm.ArchError, match=message) as error:
+        nanollm.compile(TINY + text)
+    assert ":7:" in str(error.value)
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 128])
+def test_mla_ranks_scale_with_the_width_under_a_budget(q_lora_rank):
+    """Budget sizing keeps each latent rank at its ratio to d_model; a rank of 0 (no query latent) stays 0."""
+    text = (f"d_model = 256\nn_heads = 4\nn_kv_heads = 4\nhead_dim = 64\nd_ff = 768\nvocab_size = 4096\n"
+            f"repeat 2 < mla(kv_lora_rank=64, q_lora_rank={q_lora_rank}, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32) >")
+    solution = solve(text, 1e19)
+    d_model = solution.arch.config.d_model
+    assert d_model > 256
+    args = solution.arch.layers[0].mixer.kwargs()
+    assert args["kv_lora_rank"] == round(d_model / 4 / 64) * 64
+    assert args["q_lora_rank"] == (round(d_model / 2 / 64) * 64 if q_lora_rank else 0)
