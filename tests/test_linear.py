@@ -107,9 +107,9 @@ def test_mixer_forms_and_token_by_token_decoding_agree(args: dict) -> None:
     torch.testing.assert_close(module.mix(x, "recurrent"), naive, atol=1e-5, rtol=0)
     state, steps = module.initial_state(2), []
     for t in range(x.shape[1]):
-        out, state = module.step(x[:, t : t + 1], state)
+        out, state = module.step(x[:, t], state)
         steps.append(out)
-    torch.testing.assert_close(torch.cat(steps, dim=1), naive, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.stack(steps, dim=1), naive, atol=1e-5, rtol=0)
     assert state[0].numel() + state[1].numel() == 2 * module.cache_elements(13) == 2 * module.cache_elements(10_000)
 
 

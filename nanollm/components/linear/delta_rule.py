@@ -221,11 +221,11 @@ class DeltaRuleMixer(Component):
         return conv, torch.zeros(batch, self.n_heads, self.head_dim, self.value_dim, device=device)
 
     def step(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Decode one token: x (B, 1, d_model) and the state -> output (B, 1, d_model) and the next state."""
-        qkv, gates = self.project(x)
+        """Decode one token: x (B, d_model) and the state -> output (B, d_model) and the next state."""
+        qkv, gates = self.project(x[:, None])
         mixed, conv = self.conv1d.step(qkv[:, 0], state[0].to(x.dtype))
         out, S = self.recur(F.silu(mixed)[:, None], gates, recurrent_delta_rule, state[1])
-        return out, (conv, S)
+        return out[:, 0], (conv, S)
 
     def recur(self, mixed: torch.Tensor, gates: Gates, rule: Callable, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The convolved [q | k | v] through the delta rule, the gated norm and the output projection; with the final state."""
