@@ -1,4 +1,4 @@
-"""from_hf reproduces transformers' Qwen3-Next, Qwen3.5 (text) and OLMo-hybrid logits (gated DeltaNet hybrids), one
+"""from_hf reproduces transformers' Qwen3-Next, Qwen3.5 (text), OLMo-hybrid and Kimi-Linear logits (delta-rule hybrids), one
 property varied per case, on 70 tokens (past transformers' chunk of 64); the published Qwen3-Next-80B-A3B config
 imports to a file whose parameter count is transformers' own."""
 from __future__ import annotations
@@ -10,6 +10,8 @@ import pytest
 import torch
 import transformers
 from transformers import (
+    KimiLinearConfig,
+    KimiLinearForCausalLM,
     OlmoHybridConfig,
     OlmoHybridForCausalLM,
     Qwen3_5ForCausalLM,
@@ -82,6 +84,22 @@ OLMO_HYBRID = {
 @pytest.mark.parametrize("overrides", OLMO_HYBRID.values(), ids=OLMO_HYBRID.keys())
 def test_olmo_hybrid_matches_hf(overrides: dict[str, Any]) -> None:
     assert_same_logits(OlmoHybridForCausalLM, OlmoHybridConfig, {**TINY, "eos_token_id": None, "pad_token_id": None, **overrides})
+
+
+KIMI = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+        "v_head_dim": 12, "num_local_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1, "n_shared_experts": 1,
+        "rms_norm_eps": 1e-5, "first_k_dense_replace": 1, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+        "linear_attn_config": {"num_heads": 4, "head_dim": 8, "short_conv_kernel_size": 4, "kda_layers": [1, 2, 4], "full_attn_layers": [3]}}
+KIMI_CASES = {
+    "base": {},  # KDA, NoPE MLA with latent norms at 1e-6 beside rms_norm_eps 1e-5, group-limited sigmoid MoE after a dense layer
+    "query_latent_two_shared": {"q_lora_rank": 24, "n_shared_experts": 2, "first_k_dense_replace": 2},
+}
+
+
+@pytest.mark.parametrize("overrides", KIMI_CASES.values(), ids=KIMI_CASES.keys())
+def test_kimi_linear_matches_hf(overrides: dict[str, Any]) -> None:
+    assert_same_logits(KimiLinearForCausalLM, KimiLinearConfig, {**KIMI, **overrides})
 
 
 def test_qwen3_next_80b_imports_to_a_file_with_transformers_parameter_count(tmp_path: Path) -> None:

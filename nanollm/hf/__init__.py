@@ -181,7 +181,7 @@ def from_hf(model: transformers.PreTrainedModel | str | os.PathLike) -> fx.Graph
     return ours
 
 
-from . import deepseek, gemma3, mixtral, olmo, olmo_hybrid, qwen3, qwen3_5, qwen3_next  # noqa: E402,F401  the family adapters register themselves
+from . import deepseek, gemma3, kimi_linear, mixtral, olmo, olmo_hybrid, qwen3, qwen3_5, qwen3_next  # noqa: E402,F401  the family adapters register themselves
 
 
 def moe_call(hf: Any, config: ModelConfig) -> Call:
