@@ -244,7 +244,7 @@ class StackDrawing:
             "data_params_active": str(report.params_active),
             "data_flops_per_token_fwd": repr(report.flops_per_token_fwd),
             "data_cache_bytes_per_token": repr(report.cache_bytes_per_token),
-            "data_state_bytes": repr(report.state_bytes),
+            **({"data_state_bytes": repr(report.state_bytes)} if report.state_bytes else {}),
         }
         calls = "\n".join(str(call) for call in layer.calls())
         tooltip = (f"{layer_span(block.indices)}\n{calls}\nparams {report.params:,} (active {report.params_active:,})\n"
