@@ -72,7 +72,7 @@ def qwen3_next_config() -> Qwen3NextConfig:
 
 
 def kimi_config() -> KimiLinearConfig:
-    # 4 heads of 64: transformers' KDA materialises (chunk x chunk x head_dim) decays per chunk and head
+    # 4 heads of 64: transformers' KDA materialises (chunk x chunk x head_dim) decays per chunk and head; its rms_norm_eps is 1e-5
     return KimiLinearConfig(hidden_size=D_MODEL, num_hidden_layers=2, linear_attn_config={"num_heads": 4, "head_dim": 64})
 
 
@@ -101,7 +101,7 @@ CASES = [
     Case("shortconv", lambda: Called(Lfm2ShortConv(lfm2_config(), layer_idx=0)), {"shortconv": call("shortconv", kernel=3)}),
     Case("gated_deltanet", lambda: Called(Qwen3NextGatedDeltaNet(qwen3_next_config(), layer_idx=0)),
          {"gdn (chunk 64)": call("gdn", heads=8, key_heads=4, head_dim=64, value_dim=64, layout="qwen3_next")}),
-    Case("kda", lambda: Called(KimiLinearDeltaAttention(kimi_config(), layer_idx=0)), {"kda (chunk 64)": call("kda", heads=4, head_dim=64)}),
+    Case("kda", lambda: Called(KimiLinearDeltaAttention(kimi_config(), layer_idx=0)), {"kda (chunk 64)": call("kda", heads=4, head_dim=64, gate_eps=1e-5)}),
 ]
 
 
