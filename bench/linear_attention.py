@@ -8,7 +8,9 @@ layer on one sequence in fp32, input gradient included:
 - lightning: MiniMax's `MiniMaxLightningAttention` (a Python loop over blocks of 256) against `lightning`, at the
   same block size and at a chunk of 64;
 - mamba2: Nemotron-H's `NemotronHMamba2Mixer` on its torch chunk scan (`mamba2_chunk_scan`) against `mamba2`;
-- shortconv: LFM2's `Lfm2ShortConv` on its slow path (`causal_conv1d_fn`) against `shortconv`.
+- shortconv: LFM2's `Lfm2ShortConv` on its slow path (`causal_conv1d_fn`) against `shortconv`;
+- gated_deltanet: Qwen3-Next's `Qwen3NextGatedDeltaNet` on `torch_chunk_gated_delta_rule` against `gdn` (chunk 64);
+- kda: Kimi-Linear's `KimiLinearDeltaAttention` on `chunk_kimi_delta_attention` against `kda` (chunk 64).
 
 Then, per nanollm case, the cost per token at the longest length over the shortest (flat in T: within 1.2x), and the
 recurrent form: the time of one decoding `step` at the end of each length, every token before it stepped through
@@ -27,10 +29,12 @@ from typing import Any, Callable
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import Lfm2Config, MiniMaxConfig, NemotronHConfig
+from transformers import KimiLinearConfig, Lfm2Config, MiniMaxConfig, NemotronHConfig, Qwen3NextConfig
+from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention
 from transformers.models.lfm2.modeling_lfm2 import Lfm2ShortConv
 from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
+from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
 
 import nanollm
 from nanollm.compiler import make_component
@@ -63,6 +67,16 @@ def lfm2_config() -> Lfm2Config:
     return Lfm2Config(hidden_size=D_MODEL, num_hidden_layers=1, layer_types=["conv"])
 
 
+def qwen3_next_config() -> Qwen3NextConfig:
+    return Qwen3NextConfig(hidden_size=D_MODEL, linear_num_value_heads=8, linear_num_key_heads=4, linear_key_head_dim=64,
+                           linear_value_head_dim=64, num_hidden_layers=1, layer_types=["linear_attention"])
+
+
+def kimi_config() -> KimiLinearConfig:
+    # 4 heads of 64: transformers' KDA materialises (chunk x chunk x head_dim) decays per chunk and head; its rms_norm_eps is 1e-5
+    return KimiLinearConfig(hidden_size=D_MODEL, num_hidden_layers=2, linear_attn_config={"num_heads": 4, "head_dim": 64})
+
+
 class Called(torch.nn.Module):
     """A transformers layer called on the hidden states alone (position embeddings and masks None)."""
 
@@ -86,6 +100,9 @@ CASES = [
     Case("mamba2", lambda: Called(NemotronHMamba2Mixer(nemotron_config(), layer_idx=0)),
          {"mamba2 (chunk 128)": call("mamba2", heads=16, head_dim=64, state=64, groups=2, conv=4, chunk=128)}),
     Case("shortconv", lambda: Called(Lfm2ShortConv(lfm2_config(), layer_idx=0)), {"shortconv": call("shortconv", kernel=3)}),
+    Case("gated_deltanet", lambda: Called(Qwen3NextGatedDeltaNet(qwen3_next_config(), layer_idx=0)),
+         {"gdn (chunk 64)": call("gdn", heads=8, key_heads=4, head_dim=64, value_dim=64, layout="qwen3_next")}),
+    Case("kda", lambda: Called(KimiLinearDeltaAttention(kimi_config(), layer_idx=0)), {"kda (chunk 64)": call("kda", heads=4, head_dim=64, gate_eps=1e-5)}),
 ]
 
 

@@ -62,7 +62,8 @@ def token_count(text: str) -> int:
 
 BUDGET_OPTIONS = ("law", "tokens", "params", "devices")
 BUDGET_ONLY = (*BUDGET_OPTIONS, "output")
-FIGURE_COLUMNS = ("params", "active", "FLOPs/token", "cache bytes/token", "state bytes")
+FIGURE_COLUMNS = ("params", "active", "FLOPs/token", "cache bytes/token")
+STATE_COLUMN = "state bytes"  # shown only for models with a recurrent state
 
 
 def require_budget(args: argparse.Namespace, names: tuple[str, ...]) -> None:
@@ -72,22 +73,24 @@ def require_budget(args: argparse.Namespace, names: tuple[str, ...]) -> None:
         raise NanollmError(f"{', '.join(given)} needs --budget")
 
 
-def layer_columns(arch: Arch) -> tuple[str, ...]:
-    """The per-layer table's columns: the slots the model uses, its residual schemes if they vary, the figures."""
+def layer_columns(arch: Arch, analysis: Analysis) -> tuple[str, ...]:
+    """The per-layer table's columns: the slots the model uses, its residual schemes if they vary, the figures (the
+    recurrent state per sequence if any layer keeps one)."""
     slots = [slot for slot in SLOTS if any(layer.get(slot) for layer in arch.layers)]
     varied = len({layer.residual for layer in arch.layers}) > 1
-    return ("layer", *slots, *(("residual",) if varied else ()), *FIGURE_COLUMNS)
+    return ("layer", *slots, *(("residual",) if varied else ()), *FIGURE_COLUMNS, *((STATE_COLUMN,) if analysis.state_bytes else ()))
 
 
 def layer_rows(arch: Arch, analysis: Analysis) -> list[tuple[str, ...]]:
     """A row per layer, under `layer_columns`."""
-    columns, config = layer_columns(arch), arch.config
+    columns, config = layer_columns(arch, analysis), arch.config
     rows = []
     for r, layer in zip(analysis.layers, arch.layers):
         calls = [brief(layer.get(slot), config) if layer.get(slot) else "-" for slot in SLOTS if slot in columns]
         residual = [brief(layer.residual, config)] if "residual" in columns else []
+        state = [human(r.state_bytes)] if STATE_COLUMN in columns else []
         rows.append((str(r.index), *calls, *residual, human(r.params), human(r.params_active), human(r.flops_per_token_fwd),
-                     human(r.cache_bytes_per_token), human(r.state_bytes)))
+                     human(r.cache_bytes_per_token), *state))
     return rows
 
 
@@ -102,7 +105,7 @@ def total_rows(arch: Arch, analysis: Analysis) -> list[tuple[str, str]]:
         ("forward FLOPs/token", human(analysis.flops_per_token_fwd)),
         ("training FLOPs/token (3x)", human(analysis.flops_per_token_train)),
         ("inference cache/token", human(analysis.cache_bytes_per_token, "B")),
-        ("recurrent state/sequence", human(analysis.state_bytes, "B")),
+        *([("recurrent state/sequence", human(analysis.state_bytes, "B"))] if analysis.state_bytes else []),
         ("activations saved (batch 1)", human(analysis.activation_bytes, "B")),
     ]
 
@@ -118,8 +121,8 @@ def cmd_compile(args: argparse.Namespace) -> None:
         print(json.dumps({**analysis.to_json(), **({"inference": inference.to_json()} if inference else {})}, indent=2))
         return
     table = Table(title=f"{args.file}  (seq_len {analysis.seq_len}, batch 1)", title_justify="left")
-    for name in layer_columns(compiled.arch):
-        table.add_column(name, justify="right" if name in FIGURE_COLUMNS or name == "layer" else "left")
+    for name in layer_columns(compiled.arch, analysis):
+        table.add_column(name, justify="right" if name in (*FIGURE_COLUMNS, STATE_COLUMN, "layer") else "left")
     for row in layer_rows(compiled.arch, analysis):
         table.add_row(*row)
     totals = Table(show_header=False, box=None)
@@ -231,7 +234,7 @@ def cmd_render(args: argparse.Namespace) -> None:
         arch, graph, analysis = solution.arch, solution.graph, solution.analysis
         notes = (f"sized to {args.budget:.3g} training FLOPs ({solution.law}): {human(solution.tokens)} tokens",)
         tables = (("budget", ("figure", "value"), [(label, show(value, unit)) for label, value, unit in budget_rows(solution, args.devices or 1)]),)
-    tables = (("layers", layer_columns(arch), layer_rows(arch, analysis)), ("totals", ("figure", "value"), total_rows(arch, analysis)), *tables)
+    tables = (("layers", layer_columns(arch, analysis), layer_rows(arch, analysis)), ("totals", ("figure", "value"), total_rows(arch, analysis)), *tables)
     write(Path(args.output), Subject(Path(args.file).name, arch, graph, analysis, notes, tables), args.view)
 
 

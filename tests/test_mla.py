@@ -106,7 +106,6 @@ def test_mla_cache_at_deepseek_v3_sizes_is_576_per_token_and_layer():
     ("mla(kv_lora_rank=128)", "kv_lora_rank = 128 is larger than the width"),
     ("mla(kv_lora_rank=32, q_lora_rank=100)", "q_lora_rank = 100 is larger than the width"),
     ("mla(kv_lora_rank=32, qk_rope_head_dim=7)", "even"),
-    ("mla(kv_lora_rank=32, rope=nope)", "nope"),
 ])
 def test_mla_bad_arguments_are_positioned_errors(text, message):
     with pytest.raises(nanollm.ArchError, match=message) as error:

@@ -235,7 +235,9 @@ def from_hf(model: transformers.PreTrainedModel | str | os.PathLike) -> fx.Graph
     return ours
 
 
-from . import deepseek, gemma3, gpt_oss, lfm2, minimax, mixtral, nemotron_h, olmo, qwen3  # noqa: E402,F401  the family adapters register themselves
+from . import (  # noqa: E402,F401  the family adapters register themselves
+    deepseek, gemma3, gpt_oss, kimi_linear, lfm2, minimax, mixtral, nemotron_h, olmo, olmo_hybrid, qwen3, qwen3_5, qwen3_next,
+)
 
 
 def moe_call(hf: Any, config: ModelConfig) -> Call:

@@ -16,6 +16,7 @@ correction mscale(factor, mscale_all_dim)^2 when the encoding is YaRN with mscal
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import torch
@@ -46,6 +47,8 @@ MLA_PARAMS = (
           positional=False),
     Param("absorb", bool, "attend over the latents, the up-projections folded into query and output (as decoding does)",
           default=False, positional=False),
+    Param("latent_eps", float, "epsilon of the latents' norms (Kimi-Linear keeps 1e-6 whatever its rms_norm_eps)", setting="norm_eps",
+          minimum=0, positional=False),
 )
 
 
@@ -80,7 +83,8 @@ class LatentAttention(Component):
     hf_module = "self_attn"
 
     def __init__(self, config: ModelConfig, heads: int, kv_lora_rank: int, q_lora_rank: int, qk_nope_head_dim: int,
-                 qk_rope_head_dim: int, v_head_dim: int, rope: Call, scale: float, gate: str, absorb: bool) -> None:
+                 qk_rope_head_dim: int, v_head_dim: int, rope: Call, scale: float, gate: str, absorb: bool,
+                 latent_eps: float) -> None:
         super().__init__()
         self.n_heads, self.kv_lora_rank, self.q_lora_rank = heads, kv_lora_rank, q_lora_rank
         self.nope, self.rope_dim, self.v_head_dim, self.gate, self.absorb = qk_nope_head_dim, qk_rope_head_dim, v_head_dim, gate, absorb
@@ -88,18 +92,18 @@ class LatentAttention(Component):
         d, q_width = config.d_model, heads * (qk_nope_head_dim + qk_rope_head_dim)
         if q_lora_rank:
             self.q_a_proj = nn.Linear(d, q_lora_rank, bias=False)
-            self.q_a_layernorm = make_norm(config, q_lora_rank)
+            self.q_a_layernorm = make_norm(dataclasses.replace(config, norm_eps=latent_eps), q_lora_rank)
             self.q_b_proj = nn.Linear(q_lora_rank, q_width, bias=False)
         else:
             self.q_proj = nn.Linear(d, q_width, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(d, kv_lora_rank + qk_rope_head_dim, bias=False)
-        self.kv_a_layernorm = make_norm(config, kv_lora_rank)
+        self.kv_a_layernorm = make_norm(dataclasses.replace(config, norm_eps=latent_eps), kv_lora_rank)
         self.kv_b_proj = nn.Linear(kv_lora_rank, heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * v_head_dim, d, bias=False)
         if gate != "none":
             self.gate_proj = nn.Linear(d, heads * v_head_dim if gate == "elementwise" else heads, bias=False)
         self.layout = REGISTRY[rope.name].module.layout(qk_rope_head_dim, **rope.kwargs())
-        self.rotary = Rotary(rope, qk_rope_head_dim)
+        self.rotary = Rotary(rope, qk_rope_head_dim) if self.layout else None  # nope: the shared key dims stay unrotated (Kimi-Linear)
 
     @classmethod
     def check(cls, config: ModelConfig, **args: Any) -> str | None:
@@ -107,8 +111,6 @@ class LatentAttention(Component):
             if args[rank] > config.d_model:
                 return f"{rank} = {args[rank]} is larger than the width d_model = {config.d_model}: a latent compresses"
         rope = args["rope"]
-        if rope.name == "nope":
-            return "the RoPE dimensions need a rotary encoding (rope or yarn), not nope"
         return REGISTRY[rope.name].module.problem(args["qk_rope_head_dim"], **rope.kwargs())
 
     @classmethod
@@ -118,22 +120,22 @@ class LatentAttention(Component):
         return ([shown] if shown else []) + [f"{args['heads']} heads, kv latent {args['kv_lora_rank']} + RoPE key {args['qk_rope_head_dim']}, {query}"]
 
     def inputs(self) -> tuple[Input, ...]:
-        return (BRANCH, self.rotary)
+        return (BRANCH, self.rotary) if self.rotary else (BRANCH,)
 
-    def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def queries(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Each head's query without and with RoPE (B, H, T, nope), (B, H, T, rope), and the normed query latent (None without one)."""
         batch, length, _ = x.shape
         latent = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else None
         q = self.q_b_proj(latent) if self.q_lora_rank else self.q_proj(x)
         q_nope, q_rope = q.view(batch, length, self.n_heads, self.nope + self.rope_dim).transpose(1, 2).split((self.nope, self.rope_dim), -1)
-        return q_nope, rotate(q_rope, cos, sin, self.layout), latent
+        return q_nope, rotate(q_rope, cos, sin, self.layout) if self.layout else q_rope, latent
 
-    def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def latents(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """What the cache holds: the normed latent (B, 1, T, kv_lora_rank) and the rotated shared key (B, 1, T, rope)."""
         latent, k_rope = self.kv_a_proj_with_mqa(x).unsqueeze(1).split((self.kv_lora_rank, self.rope_dim), dim=-1)
-        return self.kv_a_layernorm(latent), rotate(k_rope, cos, sin, self.layout)
+        return self.kv_a_layernorm(latent), rotate(k_rope, cos, sin, self.layout) if self.layout else k_rope
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
         q_nope, q_rope, _ = self.queries(x, cos, sin)
         latent, k_rope = self.latents(x, cos, sin)
         return self.output(x, (self.attend_absorbed if self.absorb else self.attend_decompressed)(q_nope, q_rope, latent, k_rope))

@@ -11,7 +11,8 @@ selection bias towards balance (DeepSeek-V3).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from fvcore.nn.jit_handles import get_shape
@@ -36,6 +37,17 @@ def grouped_mm_handle(inputs: list, outputs: list) -> int:
     return rows * inner * get_shape(inputs[1])[-1]
 
 
+class GatedSharedExperts(SwiGLU):
+    """Shared experts whose output a learned gate scales per token: sigmoid(w . x) SwiGLU(x) (Qwen3-Next)."""
+
+    def __init__(self, config: ModelConfig, d_ff: int) -> None:
+        super().__init__(config, d_ff)
+        self.token_gate = nn.Linear(config.d_model, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.token_gate(x)) * super().forward(x)
+
+
 def load_metrics(load: torch.Tensor) -> dict[str, torch.Tensor]:
     """Balance of a vector of expert loads: max/mean, coefficient of variation, entropy / log E (all 0 if empty)."""
     load = load.double()
@@ -56,6 +68,8 @@ def load_metrics(load: torch.Tensor) -> dict[str, torch.Tensor]:
     Param("experts", int, "routed experts (E)", default=8, minimum=1, maximum=1 << 16),
     Param("d_ff", int, "hidden width of each expert", setting="d_ff", minimum=1, width=True),
     Param("shared", int, "always-on shared experts, each of width d_ff", default=0, minimum=0),
+    Param("shared_gate", bool, "scale the shared experts' output by sigmoid(w . x), a learned gate per token (Qwen3-Next)",
+          default=False),
     Param("router", str, "scoring: softmax over experts, or sigmoid per expert", default="softmax", choices=ROUTERS),
     Param("norm_topk", bool, "renormalise the k routing weights to sum to 1", default=True),
     Param("scale", float, "factor on the routing weights (DeepSeek-V3's routed_scaling_factor)", default=1.0, minimum=0),
@@ -89,6 +103,7 @@ class MoE(Component):
         experts: int,
         d_ff: int,
         shared: int,
+        shared_gate: bool,
         balance: str,
         bias_rate: float,
         capacity: float,
@@ -114,7 +129,7 @@ class MoE(Component):
             self.down = nn.Parameter(torch.empty(experts, d_ff, d))
         self.gate_up_bias = nn.Parameter(torch.zeros(experts, 2 * d_ff)) if expert_bias else None
         self.down_bias = nn.Parameter(torch.zeros(experts, d)) if expert_bias else None
-        self.shared_experts = SwiGLU(config, shared * d_ff) if shared else None
+        self.shared_experts = (GatedSharedExperts if shared_gate else SwiGLU)(config, shared * d_ff) if shared else None
         if balance == "bias":
             # Persistent (checkpointed) and kept fp32 by _apply: its updates are ~1e-3 steps that bf16 would round away.
             self.register_buffer("selection_bias", torch.zeros(experts, dtype=torch.float32))
@@ -131,6 +146,8 @@ class MoE(Component):
             return f"top_groups={top_groups} is more than groups={groups}"
         if top > top_groups * (experts // groups):
             return f"top={top} is more than the {top_groups * (experts // groups)} experts in top_groups={top_groups} of groups={groups}"
+        if args["shared_gate"] and not args["shared"]:
+            return "shared_gate needs shared experts (shared is 0)"
         if args["jitter"] >= 1:
             return f"jitter={args['jitter']} must be below 1 (the router input would change sign)"
         for name, width in (("d_ff", args["d_ff"]), ("d_model", config.d_model)):
@@ -232,7 +249,12 @@ class MoE(Component):
         if self.balance == "bias":
             names["selection_bias"] = "gate.e_score_correction_bias"
         if self.shared_experts is not None:
-            names.update({f"shared_experts.{ours}": f"shared_experts.{theirs}" for ours, theirs in self.shared_experts.hf_weights().items()})
+            # transformers' gated shared expert (Qwen2-MoE, Qwen3-Next) is `shared_expert`, its gate a sibling; DeepSeek's `shared_experts`
+            gated = isinstance(self.shared_experts, GatedSharedExperts)
+            names.update({f"shared_experts.{ours}": f"{'shared_expert' if gated else 'shared_experts'}.{theirs}"
+                          for ours, theirs in self.shared_experts.hf_weights().items()})
+            if gated:
+                names["shared_experts.token_gate.weight"] = "shared_expert_gate.weight"
         return names
 
     def extra_repr(self) -> str:

@@ -149,6 +149,8 @@ def canonical_ids(tokenizer: Any) -> torch.Tensor:
 class Engram(Component):
     """Hashed n-gram memory gated by the hidden state, with a short causal convolution (DeepSeek's Engram)."""
 
+    fixed_state = True  # the convolution's last inputs
+
     def __init__(self, config: ModelConfig, orders: int, heads: int, rows: int, dim: int, kernel: int, dilation: int,
                  primes: bool, seed: int) -> None:
         super().__init__()

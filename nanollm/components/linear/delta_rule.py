@@ -1,0 +1,252 @@
+"""The gated delta rule in its three forms, shared by gated DeltaNet (a scalar decay per head) and KDA (a decay per key
+channel): a naive reference written from the papers' equation, the recurrent form (one token at a time, as decoding
+runs), and the chunked parallel form training uses. Layout as fla's naive.py but heads first: q, k (B, H, T, d_k),
+v (B, H, T, d_v), the log decay g (B, H, T) or (B, H, T, d_k), beta (B, H, T), the state (B, H, d_k, d_v); all fp32.
+
+Recurrence (Yang et al. 2412.06464; Kimi Linear 2510.26692), with a = exp(g): S_t = (I - beta_t k_t k_t^T) diag(a_t) S_{t-1}
++ beta_t k_t v_t^T, o_t = S_t^T q_t.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from fvcore.nn.jit_handles import get_shape
+from torch import nn
+
+from .. import Component
+
+SUB_BLOCK = 16  # KDA's in-chunk products run in blocks of this many rows, each decayed from its own first row
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(|x|^2 + 1e-6) over the last dimension, as fla normalises queries and keys."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+def channelwise(g: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the decay is per key channel (KDA) rather than one scalar per head (gated DeltaNet)."""
+    return g.dim() == k.dim()
+
+
+def starting_state(k: torch.Tensor, v: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+    """The given state, or zeros of shape (B, H, d_k, d_v)."""
+    return state if state is not None else k.new_zeros(*k.shape[:2], k.shape[-1], v.shape[-1])
+
+
+def naive_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's equation token by token with explicit d_k x d_k transitions: (outputs (B, H, T, d_v), final state)."""
+    eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device)
+    S = starting_state(k, v, state)
+    outputs = []
+    for t in range(k.shape[2]):
+        a = g[:, :, t].exp()
+        decay = torch.diag_embed(a) if channelwise(g, k) else a[..., None, None] * eye
+        k_t, b_t = k[:, :, t], beta[:, :, t, None, None]
+        transition = (eye - b_t * k_t[..., :, None] * k_t[..., None, :]) @ decay
+        S = transition @ S + b_t * k_t[..., :, None] * v[:, :, t, None, :]
+        outputs.append((S.transpose(-1, -2) @ q[:, :, t, :, None])[..., 0])
+    return torch.stack(outputs, dim=2), S
+
+
+def delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token (q, k (B, H, d_k), v (B, H, d_v), g (B, H) or (B, H, d_k), beta (B, H)) -> (output (B, H, d_v), next state)."""
+    state = state * (g.exp()[..., None] if channelwise(g, k) else g.exp()[..., None, None])
+    remembered = torch.einsum("bhk,bhkv->bhv", k, state)  # what the state already predicts for this key
+    state = state + k[..., :, None] * (beta[..., None] * (v - remembered))[..., None, :]
+    return torch.einsum("bhk,bhkv->bhv", q, state), state
+
+
+def recurrent_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                         state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoding form over a whole sequence: `delta_rule_step` per token, carrying the state."""
+    S = starting_state(k, v, state)
+    outputs = []
+    for t in range(k.shape[2]):
+        out, S = delta_rule_step(q[:, :, t], k[:, :, t], v[:, :, t], g[:, :, t], beta[:, :, t], S)
+        outputs.append(out)
+    return torch.stack(outputs, dim=2), S
+
+
+def decayed_scores(x: torch.Tensor, k: torch.Tensor, G: torch.Tensor, strict: bool) -> torch.Tensor:
+    """(..., C, C): sum_c x_ic k_jc exp(G_ic - G_jc) for j <= i (j < i if strict), zeros above, for a cumulative log decay
+    G (..., C, d_k) per channel; every exponent taken is <= 0, so nothing overflows however strong the decay.
+
+    Rows go in sub-blocks: the columns before a block are decayed to the block's first row by one matmul; within the
+    block, the products are formed pair by pair.
+    """
+    size = x.shape[-2]
+    block = math.gcd(size, SUB_BLOCK)
+    inside = torch.ones(block, block, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
+    rows = []
+    for start in range(0, size, block):
+        end = start + block
+        x_b, k_b, G_b = x[..., start:end, :], k[..., start:end, :], G[..., start:end, :]
+        pair_decay = (G_b[..., :, None, :] - G_b[..., None, :, :]).masked_fill(~inside[..., None], float("-inf")).exp()
+        # sum over channels as a matmul per (i, j) pair, which fvcore counts exactly (its einsum count is rounded)
+        parts = [((x_b[..., :, None, :] * pair_decay)[..., None, :] @ k_b[..., None, :, :, None]).flatten(-3)]
+        if start:
+            first = G_b[..., :1, :]
+            parts.insert(0, (x_b * (G_b - first).exp()) @ (k[..., :start, :] * (first - G[..., :start, :]).exp()).transpose(-1, -2))
+        if end < size:
+            parts.append(x.new_zeros(*x.shape[:-2], block, size - end))
+        rows.append(torch.cat(parts, dim=-1))
+    return torch.cat(rows, dim=-2)
+
+
+def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                       state: torch.Tensor | None = None, chunk: int = 64, final_state: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The training form: within each chunk of `chunk` tokens as matrices (the WY/UT transform of the delta updates,
+    one triangular solve), between chunks through the state. Any length: the last chunk is padded with tokens that
+    neither decay nor write the state. Without `final_state` (training), the last chunk's write is skipped: None."""
+    batch, heads, length, _ = k.shape
+    per_channel = channelwise(g, k)
+    pad = -length % chunk
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g = F.pad(g, (0, 0, 0, pad) if per_channel else (0, pad))
+        beta = F.pad(beta, (0, pad))
+    chunks = (length + pad) // chunk
+    q, k, v = (x.reshape(batch, heads, chunks, chunk, x.shape[-1]) for x in (q, k, v))
+    beta = beta.reshape(batch, heads, chunks, chunk, 1)
+    G = g.reshape(batch, heads, chunks, chunk, *g.shape[3:]).cumsum(3)  # log decay from the chunk's start, inclusive
+    k_beta = k * beta
+    if per_channel:
+        keys_keys = decayed_scores(k_beta, k, G, strict=True)
+        queries_keys = decayed_scores(q, k, G, strict=False)
+        last = G[..., -1:, :]
+        to_end = (last - G).exp()  # decay from each token to the chunk's end, per channel
+        chunk_decay = last.exp().transpose(-1, -2)  # (..., d_k, 1)
+        from_start = G.exp()
+    else:
+        upper = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).triu(1)
+        pair_decay = (G[..., :, None] - G[..., None, :]).masked_fill(upper, float("-inf")).exp()
+        keys_keys = (k_beta @ k.transpose(-1, -2)) * pair_decay
+        queries_keys = (q @ k.transpose(-1, -2)) * pair_decay
+        to_end = (G[..., -1:] - G).exp()[..., None]
+        chunk_decay = G[..., -1:].exp()[..., None]  # (..., 1, 1)
+        from_start = G.exp()[..., None]
+    # (I + strictly lower keys_keys) [u | w] = [beta v | beta k decayed from the chunk's start]
+    solved = torch.linalg.solve_triangular(keys_keys, torch.cat([v * beta, k_beta * from_start], dim=-1), upper=False, unitriangular=True)
+    u, w = solved.split([v.shape[-1], k.shape[-1]], dim=-1)
+    reads = torch.cat([w, q * from_start], dim=-2)  # both read the state carried into the chunk: one matmul per chunk
+    written = (k * to_end).transpose(-1, -2)
+    S = starting_state(k, v, state)
+    outputs = []
+    # unbind, not indexing: its backward stacks the chunks' gradients instead of adding each into a zero-filled whole
+    for n, (reads_n, u_n, scores_n, decay_n, written_n) in enumerate(zip(*(x.unbind(2) for x in (reads, u, queries_keys, chunk_decay, written)))):
+        read = reads_n @ S
+        fresh = u_n - read[..., :chunk, :]  # the values the delta rule writes, past what the state predicts
+        outputs.append(read[..., chunk:, :] + scores_n @ fresh)
+        S = S * decay_n + written_n @ fresh if final_state or n < chunks - 1 else None
+    return torch.stack(outputs, dim=2).reshape(batch, heads, chunks * chunk, -1)[:, :, :length], S
+
+
+FORMS = {"chunked": chunked_delta_rule, "recurrent": recurrent_delta_rule, "naive": naive_delta_rule}
+
+
+def solve_triangular_handle(inputs: list, outputs: list) -> int:
+    """fvcore handle for a unit-triangular solve of (..., C, C) against (..., C, R): C (C - 1) / 2 R multiply-accumulates."""
+    matrix, right = get_shape(inputs[0]), get_shape(inputs[1])
+    size = matrix[-1]
+    return math.prod(right[:-2]) * size * (size - 1) // 2 * right[-1]
+
+
+def init_decay(A_log: torch.Tensor, dt_bias: torch.Tensor) -> None:
+    """Mamba-style decay init, as fla's layers: A ~ U(1, 16) as log A; dt ~ logU(1e-3, 0.1) floored at 1e-4, as softplus^-1(dt)."""
+    A_log.copy_(torch.empty_like(A_log).uniform_(1, 16).log())
+    dt = torch.empty_like(dt_bias).uniform_(math.log(1e-3), math.log(0.1)).exp().clamp_min(1e-4)
+    dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+class Gates(NamedTuple):
+    """A delta-rule mixer's per-token gates."""
+
+    decay: torch.Tensor  # log decay, <= 0: (B, T, H), or (B, T, H, d_k) per channel
+    beta: torch.Tensor  # write strength (B, T, H)
+    output: torch.Tensor  # the output norm's gate (B, T, H, d_v)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of each head's output (in fp32), then times act(gate): the output norm of gated DeltaNet and KDA."""
+
+    def __init__(self, dim: int, eps: float, activation: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.eps, self.activation = eps, activation
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (self.weight * normed.to(x.dtype) * self.activation(gate.float())).to(x.dtype)
+
+
+class DeltaRuleMixer(Component):
+    """What gated DeltaNet and KDA share: the short convolution (SiLU) over [q | k | v], L2-normalised q and k (q scaled
+    by d_k^-1/2), key heads shared by groups of value heads, the delta rule in any form, the gated output norm.
+
+    A subclass builds `conv1d`, `o_norm` and `o_proj` and says how the input becomes [q | k | v] and the gates (`project`).
+    """
+
+    fixed_state = True
+
+    def setup(self, heads: int, key_heads: int, head_dim: int, value_dim: int, chunk: int) -> None:
+        """Record the head layout and chunk size."""
+        self.n_heads, self.key_heads, self.head_dim, self.value_dim, self.chunk = heads, key_heads, head_dim, value_dim, chunk
+        self.key_width, self.value_width = key_heads * head_dim, heads * value_dim
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, Gates]:
+        """[q | k | v] before the convolution (B, T, 2 key_width + value_width), and the gates."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(x, "chunked")
+
+    def mix(self, x: torch.Tensor, form: str = "chunked") -> torch.Tensor:
+        """The mixer over a whole sequence with the delta rule in one of its `FORMS`."""
+        rule = functools.partial(chunked_delta_rule, chunk=self.chunk, final_state=False) if form == "chunked" else FORMS[form]
+        qkv, gates = self.project(x)
+        return self.recur(F.silu(self.conv1d(qkv)), gates, rule, None)[0]
+
+    def initial_state(self, batch: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoding state before the first token: the convolution's past inputs and the delta-rule state, zeros."""
+        conv = torch.zeros(batch, self.conv1d.in_channels, self.conv1d.span - 1, device=device)
+        return conv, torch.zeros(batch, self.n_heads, self.head_dim, self.value_dim, device=device)
+
+    def step(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Decode one token: x (B, d_model) and the state -> output (B, d_model) and the next state."""
+        qkv, gates = self.project(x[:, None])
+        mixed, conv = self.conv1d.step(qkv[:, 0], state[0].to(x.dtype))
+        out, S = self.recur(F.silu(mixed)[:, None], gates, recurrent_delta_rule, state[1])
+        return out[:, 0], (conv, S)
+
+    def recur(self, mixed: torch.Tensor, gates: Gates, rule: Callable, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The convolved [q | k | v] through the delta rule, the gated norm and the output projection; with the final state."""
+        batch, length, _ = mixed.shape
+        q, k, v = mixed.float().split([self.key_width, self.key_width, self.value_width], dim=-1)
+        group = self.n_heads // self.key_heads
+        q, k = (l2_normalize(t.view(batch, length, self.key_heads, self.head_dim)).repeat_interleave(group, dim=2) for t in (q, k))
+        v = v.view(batch, length, self.n_heads, self.value_dim)
+        out, state = rule(*(t.transpose(1, 2) for t in (q * self.head_dim ** -0.5, k, v, gates.decay.float(), gates.beta.float())),
+                          state=state)
+        out = self.o_norm(out.transpose(1, 2).to(mixed.dtype), gates.output)
+        return self.o_proj(out.reshape(batch, length, self.value_width)), state
+
+    def cache_elements(self, seq_len: int) -> int:
+        """The delta-rule state and the convolution's past inputs: the same after any number of tokens."""
+        return self.n_heads * self.head_dim * self.value_dim + self.conv1d.in_channels * (self.conv1d.span - 1)
+
+    def flop_handles(self, seq_len: int) -> dict[str, Callable]:
+        return {"aten::linalg_solve_triangular": solve_triangular_handle}
+
+    def extra_repr(self) -> str:
+        return f"heads={self.n_heads}, key_heads={self.key_heads}, head_dim={self.head_dim}, value_dim={self.value_dim}, chunk={self.chunk}"
