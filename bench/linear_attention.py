@@ -39,7 +39,8 @@ from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDel
 import nanollm
 from nanollm.compiler import make_component
 from nanollm.components import complete
-from train_throughput import matmul_rate  # this folder's script: the same measure of the machine
+from attention import measure  # this folder's scripts: the same interleaved timing
+from train_throughput import matmul_rate  # and the same measure of the machine
 
 D_MODEL = 512
 
@@ -135,19 +136,6 @@ def pair(case: Case) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
     return theirs, ours
 
 
-def median_seconds(ways: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
-    """Each way's time per round, the ways run round-robin after one warm-up each."""
-    for run in ways.values():
-        run()
-    seconds: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(rounds):
-        for name, run in ways.items():
-            start = time.perf_counter()
-            run()
-            seconds[name].append(time.perf_counter() - start)
-    return seconds
-
-
 @torch.no_grad()
 def step_seconds(module: torch.nn.Module, x: torch.Tensor, timed: int = 64) -> float:
     """Median time of one decoding step over the last `timed` tokens of x, every token before them stepped through."""
@@ -186,7 +174,7 @@ def main() -> None:
                 for module in ours.values():
                     torch.testing.assert_close(module(x[:, :600]), expected, atol=1e-4, rtol=1e-4)
             ways = {"transformers": train_step(theirs, x, probe), **{name: train_step(m, x, probe) for name, m in ours.items()}}
-            seconds = median_seconds(ways, args.rounds)
+            seconds = measure(ways, args.rounds)
             for name in ours:
                 ratio = statistics.median(t / o for t, o in zip(seconds["transformers"], seconds[name]))
                 ours_time = statistics.median(seconds[name])

@@ -443,6 +443,8 @@ def add_recipe_flags(parser: argparse.ArgumentParser, leave_out: tuple[str, ...]
 
 def add_train_commands(commands: argparse._SubParsersAction) -> None:
     """`nanollm train` (every recipe key is also a flag), `eval`, `consolidate`, `tokenize` and `sweep`."""
+    from .train.recipe import KEYS
+
     train_cmd = commands.add_parser("train", help="train a model: embedded CPU default, or a recipe with overrides")
     train_cmd.add_argument("file", help="the .arch file of the model")
     train_cmd.add_argument("--recipe", help="a training recipe (YAML), e.g. runtime/train/pretrain_muon.yaml")

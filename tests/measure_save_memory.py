@@ -59,7 +59,6 @@ def measured_save(folder: Path, model, optimizers, sharded: bool) -> dict[str, i
 
 
 def main(out: Path) -> None:
-    dist.init_process_group("gloo")
     torch.manual_seed(0)
     model = copy.deepcopy(nanollm.compile(MICRO).graph)
     shard(model, torch.device("cpu"), mixed_precision=False)
@@ -77,8 +76,11 @@ def main(out: Path) -> None:
         "full": measured_save(out / "full", model, optimizers, sharded=False),
     }
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    dist.init_process_group("gloo")
+    try:
+        main(Path(sys.argv[1]))
+    finally:  # only once main's frame (the sharded model) is gone: destroying gloo under live FSDP state can abort a rank
+        dist.destroy_process_group()

@@ -16,7 +16,7 @@ from transformers.models.gpt_oss.modeling_gpt_oss import GptOssAttention, GptOss
 
 import nanollm
 from nanollm.components import VECTOR, param_roles
-from nanollm.components.attention.causal import attend_eager, attend_flex, attend_with_sink
+from nanollm.components.attention.causal import attend_eager, attend_flex, attend_with_sink, causal_mask
 
 
 @pytest.fixture(autouse=True)
@@ -62,7 +62,7 @@ def test_sink_on_sdpa_equals_the_written_out_softmax_with_gradients(window):
     k, v = (torch.randn(2, 2, 37, 16, requires_grad=True) for _ in range(2))
     sinks = torch.randn(4, requires_grad=True)
     fast = attend_with_sink(q, k, v, window, None, sinks)
-    slow = attend_eager(q, k, v, window, None, 0.0, sinks)
+    slow = attend_eager(q, k, v, causal_mask(q.shape[-2], window, q.device), None, 0.0, sinks)
     close(fast, slow)
     upstream = torch.randn_like(slow)
     expected = torch.autograd.grad(slow, (q, k, v, sinks), upstream)
@@ -76,7 +76,7 @@ def test_sinks_on_flex_attention_equal_the_written_out_softmax():
     sinks = torch.randn(4) * 3
     with torch.no_grad():
         for window, softcap in ((None, 0.0), (7, 0.0), (130, 20.0)):
-            close(attend_flex(q, k, v, window, None, softcap, sinks), attend_eager(q, k, v, window, None, softcap, sinks))
+            close(attend_flex(q, k, v, window, None, softcap, sinks), attend_eager(q, k, v, causal_mask(q.shape[-2], window, q.device), None, softcap, sinks))
 
 
 def test_a_very_negative_sink_is_plain_attention_and_a_large_one_silences_the_head():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
-from .. import Component
+from .. import VECTOR, Component
 
 SUB_BLOCK = 16  # KDA's in-chunk products run in blocks of this many rows, each decayed from its own first row
 
@@ -198,6 +198,12 @@ class DeltaRuleMixer(Component):
     """
 
     fixed_state = True
+
+    def reset_parameters(self) -> None:
+        init_decay(self.A_log, self.dt_bias)
+
+    def param_roles(self) -> dict[str, str]:
+        return {"A_log": VECTOR, "dt_bias": VECTOR}
 
     def setup(self, heads: int, key_heads: int, head_dim: int, value_dim: int, chunk: int) -> None:
         """Record the head layout and chunk size."""

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...ir import MAX_WIDTH, Call, ModelConfig
-from .. import VECTOR, Param, register, telling
+from .. import Param, register, telling
 from ..conv import CausalConv1d
-from .delta_rule import DeltaRuleMixer, GatedRMSNorm, Gates, init_decay
+from .delta_rule import DeltaRuleMixer, GatedRMSNorm, Gates
 
 LAYOUTS = ("separate", "qwen3_5", "qwen3_next")
 
@@ -82,12 +82,6 @@ class GatedDeltaNet(DeltaRuleMixer):
         args, shown = call.kwargs(), telling(call, config)
         key_heads, value_dim = args["key_heads"] or args["heads"], args["value_dim"] or args["head_dim"]
         return ([shown] if shown else []) + [f"{args['heads']} heads, {key_heads} key heads, state {args['head_dim']}x{value_dim}"]
-
-    def reset_parameters(self) -> None:
-        init_decay(self.A_log, self.dt_bias)
-
-    def param_roles(self) -> dict[str, str]:
-        return {"A_log": VECTOR, "dt_bias": VECTOR}
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, Gates]:
         batch, length, _ = x.shape

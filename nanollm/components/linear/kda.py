@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...ir import MAX_WIDTH, Call, ModelConfig
-from .. import VECTOR, Param, register, telling
+from .. import Param, register, telling
 from ..conv import CausalConv1d
-from .delta_rule import DeltaRuleMixer, GatedRMSNorm, Gates, init_decay
+from .delta_rule import DeltaRuleMixer, GatedRMSNorm, Gates
 from .gdn import DELTA_PARAMS
 
 
@@ -52,12 +52,6 @@ class KimiDeltaAttention(DeltaRuleMixer):
     def describe(cls, call: Call, config: ModelConfig) -> list[str]:
         args, shown = call.kwargs(), telling(call, config)
         return ([shown] if shown else []) + [f"{args['heads']} heads, state {args['head_dim']}x{args['head_dim']}, decay per channel"]
-
-    def reset_parameters(self) -> None:
-        init_decay(self.A_log, self.dt_bias)
-
-    def param_roles(self) -> dict[str, str]:
-        return {"A_log": VECTOR, "dt_bias": VECTOR}
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, Gates]:
         batch, length, _ = x.shape
