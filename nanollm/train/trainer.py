@@ -348,7 +348,10 @@ def train(arch_path: Path, recipe_path: str | None = None, overrides: dict[str, 
         finally:
             # Only once run_training's frame, and DDP's reducer in it, is gone: a reducer holding the process group's
             # last reference destroys it with the GIL held while a gloo thread waits for the GIL (a deadlock at exit).
-            gc.collect()
+            # Without a process group there is nothing to wait for, and a full collection of a large heap (a test
+            # process, a notebook) costs seconds.
+            if dist.is_initialized():
+                gc.collect()
             PartialState().destroy_process_group()
 
 
@@ -593,7 +596,8 @@ def run_training(arch_path: Path, recipe_path: str | None, overrides: dict[str, 
             out_console.print(f"done: {step} steps, {tokens:,} tokens, {flops:.3e} FLOPs; loss {final['loss']:.4f}, held-out loss "
                               f"{final['eval/loss']:.4f} ± {final['eval/loss_stderr']:.4f} (perplexity {final['eval/perplexity']:.2f}, "
                               f"{final['eval/bits_per_byte']:.4f} bits/byte; set {held_out.fingerprint}) -> {run_dir}")
-    accelerator.free_memory()  # Accelerate's references to the wrapped model; train() destroys the process group
+    if dist.is_initialized():  # Accelerate's references to the wrapped model; train() destroys the process group
+        accelerator.free_memory()
     if stopped:
         raise Preempted(f"{run_dir} stopped at step {step}")
     return run_dir
