@@ -20,6 +20,7 @@ import nanollm
 from nanollm.cli import main
 from nanollm.sweep.report import fit_isoflop, fit_power_law
 from nanollm.train import tasks
+from nanollm.train.health import SPIKE_WARMUP, Health
 from nanollm.train.recipe import Recipe
 from nanollm.train.scaling import scaled_recipe
 from nanollm.train.tokenizer import load_tokenizer
@@ -274,3 +275,16 @@ def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
     assert json.loads((run / "manifest.json").read_text())["tracker"] == entry
     folders = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
     assert len(folders) == 2 and all(name.endswith("-" + entry["run_id"]) for name in folders)
+
+
+def test_a_loss_far_above_its_running_statistics_is_reported_as_a_spike_and_the_statistics_resume_from_a_checkpoint() -> None:
+    steady = [5.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(30)]  # a flat loss with noise of +-0.02
+    health = Health(max_bad_steps=3, spike_sigmas=6.0)
+    assert all(health.spike(step, loss) is None for step, loss in enumerate(steady))
+    resumed = Health(3, 6.0, health.state_dict())  # as a resumed run rebuilds it from the checkpoint's state
+    line = resumed.spike(30, 6.0)
+    assert line is not None and line.startswith("step 30: loss spike 6.0000") and resumed.spikes == 1
+    assert Health(3, 6.0, health.state_dict()).spike(30, 5.02) is None  # within the noise
+    assert Health(3, 0.0, health.state_dict()).spike(30, 6.0) is None  # spike_sigmas 0: spikes are not judged
+    warming = Health(3, 6.0)
+    assert all(warming.spike(step, 100.0 * (step % 2)) is None for step in range(SPIKE_WARMUP))  # no verdict before the warm-up
