@@ -1,6 +1,6 @@
 """The sweep's own time against its runs' training time: sizing, scheduling, task evaluation and the report.
 
-Run: python bench/sweep_overhead.py [--budgets 5e11,1e12] [--tasks mqar,copy,induction]. It runs `nanollm sweep` as a
+Run: python bench/sweep_overhead.py [--budgets 4e12,8e12] [--tasks mqar,copy,induction]. It runs `nanollm sweep` as a
 user would (its own process) on `archs/qwen3_tiny.arch` and its MoE variant at the given budgets, one seed, with the
 README sweep's settings (sequences of 128 tokens, batches of 4, 8,192 held-out tokens), into a temporary folder, and splits the command's wall time into the training processes' wall time (each a `nanollm train`,
 startup included, as a hand-run would pay it) and everything else: the sweep's start, sizing, starting and waiting
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", default="5e11,1e12")
+    parser.add_argument("--budgets", default="4e12,8e12")  # runs of one to two minutes on an idle 2-core host
     parser.add_argument("--tasks", default="mqar,copy,induction")
     args = parser.parse_args()
     rate_before = matmul_rate()
