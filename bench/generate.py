@@ -1,16 +1,19 @@
-"""How fast nanollm decodes: tokens per second beside transformers' `generate`, and the sliding hybrid's per-token time
-at a long context against a short one.
+"""How fast nanollm decodes: tokens per second beside transformers' `generate`, and the hybrids' per-token time at a long
+context against a short one.
 
-Run: python bench/generate.py [--rounds R] [--new-tokens N] [--threads K]. Two tiny models, fp32 on the CPU, the same
+Run: python bench/generate.py [--rounds R] [--new-tokens N] [--threads K]. Three tiny models, fp32 on the CPU, the same
 weights on both sides (nanollm imports the transformers model with from_hf):
 
 - dense: Qwen3-shaped (d_model 256, 4 layers, 8 heads of 32, 4 KV heads, SwiGLU 768), every layer global;
-- hybrid: the same with layers 1-5 of each 6 sliding (window 128) and every sixth global (Gemma 3's 5:1), 6 layers.
+- hybrid: the same with layers 1-5 of each 6 sliding (window 128) and every sixth global (Gemma 3's 5:1), 6 layers;
+- recurrent: Qwen3.5-shaped, the same widths, three gated DeltaNet layers (8 value heads, 4 key heads of 32) to one
+  global (3:1), 8 layers; transformers runs its torch path (no fla kernels on a CPU), nanollm decodes the recurrent
+  layers from their fixed-size states, a prompt prefilled in the chunked form.
 
 Per model and batch (1 and 8): a 32-token prompt, N new tokens greedy, the prefill included on both sides;
-nanollm's `Decoder.generate` against `model.generate(do_sample=False)` with its default DynamicCache. Then the
+nanollm's `Decoder.generate` against `model.generate(do_sample=False)` with its default DynamicCache. Then each
 hybrid's per-token decode time after a 4,096-token context against a 256-token one (nanollm only; the ring buffers
-bound the sliding layers' work, the one global layer's keys grow). The ways run round-robin, so machine load falls
+and recurrent states bound the sliding and DeltaNet layers' work, the global layers' keys grow). The ways run round-robin, so machine load falls
 on them alike; ratios are medians over rounds of ratios measured within a round. The fp32 matmul rate of the
 machine is printed beside them. Targets: nanollm >= 1.5x transformers at batch 1; 4k within 1.3x of 256.
 """
@@ -19,30 +22,44 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from train_throughput import (
+    matmul_rate,  # bench/ is on the path of a script run from it
+)
+from transformers import (
+    PreTrainedModel,
+    Qwen3_5ForCausalLM,
+    Qwen3_5TextConfig,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import nanollm
 from nanollm.decode import Decoder, generated
 from nanollm.hf import arch_from_config
-from train_throughput import matmul_rate  # bench/ is on the path of a script run from it
 
 SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
              max_position_embeddings=8192, eos_token_id=None, bos_token_id=None, pad_token_id=0)
 PROMPT = 32
 
 
-def model_pair(layer_types: list[str]) -> tuple[Qwen3ForCausalLM, Decoder]:
-    """A random transformers Qwen3 of these layer types (SDPA attention) and nanollm's decoder of the same weights."""
+def model_pair(layer_types: list[str]) -> tuple[PreTrainedModel, Decoder]:
+    """A random transformers model of these layer types (SDPA attention): Qwen3, or Qwen3.5 with linear_attention layers;
+    and nanollm's decoder of the same weights."""
     torch.manual_seed(0)
     sliding = "sliding_attention" in layer_types
-    config = Qwen3Config(**SHAPE, num_hidden_layers=len(layer_types), layer_types=layer_types, use_sliding_window=sliding,
-                         sliding_window=128 if sliding else None, attn_implementation="sdpa")
-    hf = Qwen3ForCausalLM(config).eval()
+    if "linear_attention" in layer_types:
+        config = Qwen3_5TextConfig(**SHAPE, num_hidden_layers=len(layer_types), layer_types=layer_types, linear_num_value_heads=8,
+                                   linear_num_key_heads=4, linear_key_head_dim=32, linear_value_head_dim=32, attn_implementation="sdpa")
+        hf = Qwen3_5ForCausalLM(config).eval()
+    else:
+        config = Qwen3Config(**SHAPE, num_hidden_layers=len(layer_types), layer_types=layer_types, use_sliding_window=sliding,
+                             sliding_window=128 if sliding else None, attn_implementation="sdpa")
+        hf = Qwen3ForCausalLM(config).eval()
     hf.generation_config.eos_token_id = None
     return hf, Decoder(nanollm.from_hf(hf).eval(), arch_from_config(config), context=SHAPE["max_position_embeddings"])
 
@@ -82,20 +99,22 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     models = {"dense": model_pair(["full_attention"] * 4),
-              "hybrid": model_pair((["sliding_attention"] * 5 + ["full_attention"]))}
+              "hybrid": model_pair(["sliding_attention"] * 5 + ["full_attention"]),
+              "recurrent": model_pair((["linear_attention"] * 3 + ["full_attention"]) * 2)}
     rates, ratios, speeds = [matmul_rate()], {}, {}
-    long_short = []
+    long_short: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for name, (hf, decoder) in models.items():
             for batch in (1, 8):
                 prompt = torch.randint(0, SHAPE["vocab_size"], (batch, PROMPT))
-                theirs = seconds(lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
-                                                     min_new_tokens=args.new_tokens, do_sample=False))
-                ours = seconds(lambda: generated(decoder, prompt, args.new_tokens))
+                theirs = seconds(lambda hf=hf, prompt=prompt: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                                                          max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens))
+                ours = seconds(lambda decoder=decoder, prompt=prompt: generated(decoder, prompt, args.new_tokens))
                 ratios.setdefault((name, batch), []).append(theirs / ours)
                 speeds.setdefault((name, batch), []).append((batch * args.new_tokens / ours, batch * args.new_tokens / theirs))
-        hybrid = models["hybrid"][1]
-        long_short.append(step_time(hybrid, 4096)() / step_time(hybrid, 256)())
+        for name in ("hybrid", "recurrent"):
+            decoder = models[name][1]
+            long_short.setdefault(name, []).append(step_time(decoder, 4096)() / step_time(decoder, 256)())
         rates.append(matmul_rate(repeats=5))
 
     table = Table(title=f"decoding, fp32 CPU, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds", title_justify="left")
@@ -106,7 +125,8 @@ def main() -> None:
         table.add_row(name, str(batch), f"{ours:,.0f}", f"{theirs:,.0f}", f"{statistics.median(values):.2f}x")
     console = Console()
     console.print(table)
-    console.print(f"hybrid per-token decode time, 4,096-token context / 256: {statistics.median(long_short):.2f}x (target <= 1.3x)")
+    for name, ratios_of_name in long_short.items():
+        console.print(f"{name} per-token decode time, 4,096-token context / 256: {statistics.median(ratios_of_name):.2f}x (target <= 1.3x)")
     console.print(f"fp32 matmul 1024^3: {statistics.median(rates) / 1e9:.1f} GFLOP/s")
 
 

@@ -22,16 +22,17 @@ def by_definition(conv: CausalConv1d, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kernel, dilation, bias", [(4, 1, False), (3, 2, True), (1, 1, True)])
-def test_causal_conv_equals_its_definition_and_its_step_form(kernel: int, dilation: int, bias: bool) -> None:
+def test_causal_conv_equals_its_definition_and_its_decoding_form(kernel: int, dilation: int, bias: bool) -> None:
     torch.manual_seed(0)
     conv = CausalConv1d(6, kernel, bias=bias, dilation=dilation)
     x = torch.randn(2, 11, 6)
     full = conv(x)
     torch.testing.assert_close(full, by_definition(conv, x), atol=1e-6, rtol=0)
-    state = torch.zeros(2, 6, conv.span - 1)
-    for t in range(x.shape[1]):
-        out, state = conv.step(x[:, t], state)
-        torch.testing.assert_close(out, full[:, t], atol=1e-6, rtol=0)
+    past = conv.state(2, "cpu", torch.float32)
+    # a chunk shorter than the span, one longer, then token by token
+    steps = [conv.decode(x[:, :1], past), conv.decode(x[:, 1:7], past)] + [conv.decode(x[:, t:t + 1], past) for t in range(7, 11)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-6, rtol=0)
+    assert past.shape == (2, conv.span - 1, 6)
 
 
 def test_causal_conv_equals_transformers_padded_and_truncated_convolution() -> None:

@@ -1,5 +1,6 @@
 """Incremental decoding: every family from_hf imports generates transformers' greedy tokens, and each decoding step's
-logits equal the full forward pass's at that position (global, sliding ring buffers, MoE), prompts past every window."""
+logits equal the full forward pass's at that position (global, sliding ring buffers, MoE, and every recurrent mixer:
+gated DeltaNet, KDA, lightning, Mamba-2, the short convolution, Engram), prompts past every window and chunk."""
 from __future__ import annotations
 
 import json
@@ -14,20 +15,33 @@ from transformers import (
     AutoTokenizer,
     Gemma3TextConfig,
     Gemma3ForCausalLM,
+    Lfm2Config,
+    Lfm2ForCausalLM,
+    MiniMaxConfig,
+    MiniMaxForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    NemotronHConfig,
+    NemotronHForCausalLM,
     Olmo2Config,
     Olmo2ForCausalLM,
     Olmo3Config,
     Olmo3ForCausalLM,
+    OlmoHybridConfig,
+    OlmoHybridForCausalLM,
+    Qwen3_5ForCausalLM,
+    Qwen3_5TextConfig,
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    Qwen3NextConfig,
+    Qwen3NextForCausalLM,
 )
 
 import nanollm
 from nanollm.cli import main
+from nanollm.components.linear.delta_rule import DeltaRuleMixer
 from nanollm.compiled import Compiled
 from nanollm.decode import Decoder, Sampling, generated
 from nanollm.hf import arch_from_config
@@ -51,14 +65,29 @@ FAMILIES = {
     "olmo2": (Olmo2ForCausalLM, Olmo2Config, {}),
     "olmo3": (Olmo3ForCausalLM, Olmo3Config, dict(layer_types=MIXED, sliding_window=WINDOW)),
 }
+CHUNK = 5  # every chunked form's block, so that the prompt spans several and ends inside one
+LINEAR = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=6, linear_conv_kernel_dim=4)
+HYBRID_LAYERS = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
+RECURRENT_FAMILIES = {  # the hybrids of recurrent mixers; they export as nanollm's remote code (no native config_from_arch yet)
+    "qwen3_next": (Qwen3NextForCausalLM, Qwen3NextConfig, dict(LINEAR, layer_types=HYBRID_LAYERS, num_experts=4, num_experts_per_tok=2,
+                                                               moe_intermediate_size=32, shared_expert_intermediate_size=32)),
+    "qwen3_5": (Qwen3_5ForCausalLM, Qwen3_5TextConfig, dict(LINEAR, layer_types=HYBRID_LAYERS)),
+    "olmo_hybrid": (OlmoHybridForCausalLM, OlmoHybridConfig, dict(LINEAR, layer_types=HYBRID_LAYERS)),
+    "minimax": (MiniMaxForCausalLM, MiniMaxConfig, dict(layer_types=HYBRID_LAYERS, block_size=CHUNK, num_local_experts=4,
+                                                        num_experts_per_tok=2, full_attn_alpha_factor=1.5, linear_attn_beta_factor=1.2)),
+    "nemotron_h": (NemotronHForCausalLM, NemotronHConfig, dict(num_hidden_layers=5, mamba_num_heads=4, mamba_head_dim=8, ssm_state_size=8,
+                                                               n_groups=2, chunk_size=CHUNK, use_conv_bias=True, layers_block_type=[
+                                                                   "linear_attention", "mlp", "full_attention", "linear_attention", "mlp"])),
+    "lfm2": (Lfm2ForCausalLM, Lfm2Config, dict(layer_types=["conv", "full_attention", "conv", "conv"], block_multiple_of=32, conv_bias=True)),
+}
 
 
 def tiny(family: str, std: float = 0.2) -> Any:
     """A tiny random transformers model of a family, eager, fp32; weights drawn N(0, std), by default wide enough that
     greedy choices are decisive (no near-ties for rounding to flip)."""
-    model_class, config_class, overrides = FAMILIES[family]
+    model_class, config_class, overrides = {**FAMILIES, **RECURRENT_FAMILIES}[family]
     torch.manual_seed(0)
-    model = model_class(config_class(**TINY, **overrides, attn_implementation="eager", experts_implementation="eager")).eval()
+    model = model_class(config_class(**{**TINY, **overrides}, attn_implementation="eager", experts_implementation="eager")).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -71,11 +100,15 @@ def tiny(family: str, std: float = 0.2) -> Any:
 
 
 def decoder_of(hf: Any) -> Decoder:
-    """nanollm's decoder of the same weights."""
-    return Decoder(nanollm.from_hf(hf).eval(), arch_from_config(hf.config), context=hf.config.max_position_embeddings)
+    """nanollm's decoder of the same weights; delta-rule chunks of `CHUNK` tokens (transformers' own are fixed at 64)."""
+    model = nanollm.from_hf(hf).eval()
+    for module in model.modules():
+        if isinstance(module, DeltaRuleMixer):
+            module.chunk = CHUNK  # a chunk's size changes only the order of the sums
+    return Decoder(model, arch_from_config(hf.config), context=hf.config.max_position_embeddings)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, *RECURRENT_FAMILIES])
 def test_greedy_tokens_equal_transformers_generate(family: str) -> None:
     hf = tiny(family)
     torch.manual_seed(1)
@@ -123,6 +156,46 @@ def test_each_decoding_step_of_sinks_and_block_patterns_gives_the_full_forward_l
         steps = [decoder.step(sequence[:, :PROMPT], 0, states), decoder.step(sequence[:, PROMPT:PROMPT + 3], PROMPT, states)]
         steps += [decoder.step(sequence[:, t:t + 1], t, states) for t in range(PROMPT + 3, sequence.shape[1])]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+RECURRENT_PATTERNS = {  # every recurrent mixer and memory between attention layers; (settings, layers)
+    "delta_rule": ("", "gdn(chunk=5, key_heads=2, value_dim=6); sliding(5); kda(chunk=4); global"),
+    "state_space": ("", "mamba2(heads=4, head_dim=8, state=6, groups=2, chunk=5); lightning(chunk=5, decay=0.5); shortconv(3); global"),
+    "engram_twice_mhc": ("residual = mhc(4)\n", ("global memory=engram(rows=101)\ngdn(chunk=5)\nsliding(5) memory=engram(2, 2, 97, seed=3)\n"
+                                                "mamba2(heads=4, head_dim=8, state=6, groups=2, chunk=5)")),
+    "hc": ("residual = hc(2)\n", "gdn(chunk=5); lightning(chunk=5); shortconv(4); global"),
+}
+
+
+def recurrent_decoder(settings: str, layers: str) -> Decoder:
+    """The decoder of a tiny random model of HYBRID's settings with these `layers`."""
+    compiled = nanollm.compile(HYBRID.split("repeat")[0] + settings + layers)
+    torch.manual_seed(3)
+    return Decoder(compiled.build().eval(), compiled.arch, context=64)
+
+
+@pytest.mark.parametrize("settings, layers", RECURRENT_PATTERNS.values(), ids=list(RECURRENT_PATTERNS))
+def test_each_decoding_step_of_recurrent_mixers_gives_the_full_forward_logits(settings: str, layers: str) -> None:
+    decoder = recurrent_decoder(settings, layers)
+    sequence = torch.randint(0, 96, (2, PROMPT + 10))
+    with torch.no_grad():
+        full, _ = decoder.model(sequence)
+        states = decoder.states(2, sequence.shape[1])
+        # a prefill of chunks and a part, a second chunk from the carried states, then tokens one by one
+        steps = [decoder.step(sequence[:, :PROMPT], 0, states), decoder.step(sequence[:, PROMPT:PROMPT + 3], PROMPT, states)]
+        steps += [decoder.step(sequence[:, t:t + 1], t, states) for t in range(PROMPT + 3, sequence.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_a_recurrent_state_has_one_size_at_any_capacity_the_one_the_analysis_counts() -> None:
+    decoder = recurrent_decoder(*RECURRENT_PATTERNS["engram_twice_mhc"])
+    short, long = decoder.states(1, 16), decoder.states(1, 100_000)
+    recurrent = {path: component for path, component in decoder.stateful.items() if component.fixed_state}
+    assert len(recurrent) == 4  # the two Engrams, gdn and mamba2
+    for path, component in recurrent.items():
+        assert {name: t.shape for name, t in short[path].items()} == {name: t.shape for name, t in long[path].items()}
+        values = sum(t.numel() for t in long[path].values() if t.is_floating_point())  # Engram's last ids are ids, not cache
+        assert values == component.cache_elements(100_000)
 
 
 def test_a_sliding_cache_holds_only_its_window() -> None:

@@ -1,5 +1,5 @@
 """Gated DeltaNet and KDA: the delta rule's chunked, recurrent and naive forms agree (values and gradients, any length),
-the mixers equal transformers' layers weight for weight, decode token by token, run on meta, and count exact FLOPs."""
+the mixers equal transformers' layers weight for weight, decode (a chunked prefill, then token by token), run on meta, and count exact FLOPs."""
 from __future__ import annotations
 
 import math
@@ -99,18 +99,17 @@ MIXERS = {
 
 
 @pytest.mark.parametrize("args", MIXERS.values(), ids=MIXERS.keys())
-def test_mixer_forms_and_token_by_token_decoding_agree(args: dict) -> None:
+def test_mixer_forms_and_chunked_prefill_then_token_by_token_decoding_agree(args: dict) -> None:
     module = mixer("kda" if "gate_rank" in args else "gdn", **args)
     x = torch.randn(2, 13, CONFIG.d_model)
     naive = module.mix(x, "naive")
     torch.testing.assert_close(module(x), naive, atol=1e-5, rtol=0)
     torch.testing.assert_close(module.mix(x, "recurrent"), naive, atol=1e-5, rtol=0)
-    state, steps = module.initial_state(2), []
-    for t in range(x.shape[1]):
-        out, state = module.step(x[:, t], state)
-        steps.append(out)
-    torch.testing.assert_close(torch.stack(steps, dim=1), naive, atol=1e-5, rtol=0)
-    assert state[0].numel() + state[1].numel() == 2 * module.cache_elements(13) == 2 * module.cache_elements(10_000)
+    state = module.state(2, 10_000, "cpu", torch.float32)
+    # a prefill of a chunk and a part in the chunked form, then one token at a time by the recurrence
+    steps = [module.decode(state, 0, x[:, :8])] + [module.decode(state, t, x[:, t:t + 1]) for t in range(8, x.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), naive, atol=1e-5, rtol=0)
+    assert sum(tensor.numel() for tensor in state.values()) == 2 * module.cache_elements(13) == 2 * module.cache_elements(10_000)
 
 
 def load_from(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:

@@ -9,12 +9,12 @@ import torch
 
 import nanollm
 from nanollm.cli import main
+from nanollm.compiler import initialize
 from nanollm.components.linear import scalar_decay
 from nanollm.components.linear.lightning import LightningAttention
 from nanollm.components.ssm import shortconv
 from nanollm.components.ssm.mamba2 import Mamba2
 from nanollm.components.ssm.shortconv import ShortConv
-from nanollm.compiler import initialize
 from nanollm.errors import ArchError
 from nanollm.human import human
 from nanollm.ir import ModelConfig
@@ -92,10 +92,11 @@ def test_mixer_forms_agree_and_decoding_steps_reproduce_training(name: str) -> N
     chunked = mixer(x)
     for form in (scalar_decay.recurrent, scalar_decay.naive):
         torch.testing.assert_close(mixer(x, form=form), chunked, atol=1e-5, rtol=0)
-    state = mixer.initial_state(2)
-    for t in range(x.shape[1]):
-        out, state = mixer.step(x[:, t], state)
-        torch.testing.assert_close(out, chunked[:, t], atol=1e-5, rtol=0)
+    state = mixer.state(2, 10_000, "cpu", torch.float32)
+    # a prefill of two chunks and a part, then one token at a time
+    steps = [mixer.decode(state, 0, x[:, :11])] + [mixer.decode(state, t, x[:, t:t + 1]) for t in range(11, x.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), chunked, atol=1e-5, rtol=0)
+    assert sum(tensor.numel() for tensor in state.values()) == 2 * mixer.cache_elements(10_000)
 
 
 @pytest.mark.parametrize("name", MIXERS)
@@ -110,16 +111,15 @@ def test_mixer_parameter_gradients_of_the_chunked_form_equal_the_naive_forms(nam
 
 
 @pytest.mark.parametrize("kernel, bias", [(3, False), (4, True), (1, True)])
-def test_short_conv_equals_its_naive_sum_and_its_step_form(kernel: int, bias: bool) -> None:
+def test_short_conv_equals_its_naive_sum_and_its_decoding_form(kernel: int, bias: bool) -> None:
     mixer = built(ShortConv(CONFIG, kernel=kernel, bias=bias))
     x = torch.randn(2, 13, CONFIG.d_model, generator=torch.Generator().manual_seed(5))
     out = mixer(x)
     b, c, u = mixer.in_proj(x).chunk(3, dim=-1)
     torch.testing.assert_close(out, mixer.out_proj(c * shortconv.naive(b * u, mixer.conv.weight, mixer.conv.bias)), atol=1e-5, rtol=0)
-    state = mixer.initial_state(2)
-    for t in range(x.shape[1]):
-        step, state = mixer.step(x[:, t], state)
-        torch.testing.assert_close(step, out[:, t], atol=1e-5, rtol=0)
+    state = mixer.state(2, 10_000, "cpu", torch.float32)
+    steps = [mixer.decode(state, 0, x[:, :5])] + [mixer.decode(state, t, x[:, t:t + 1]) for t in range(5, x.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), out, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", [*MIXERS, "shortconv"])

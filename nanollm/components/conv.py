@@ -35,15 +35,23 @@ class CausalConv1d(nn.Conv1d):
     def by_windows(self, x: torch.Tensor) -> torch.Tensor:
         """The same products as a matmul of each output's window of taps (fvcore counts channels x kernel per token exactly;
         its einsum count is rounded)."""
-        windows = F.pad(x, (0, 0, self.span - 1, 0)).unfold(1, self.span, 1)[..., :: self.dilation[0]]  # (B, T, C, kernel)
+        return self.over_windows(F.pad(x, (0, 0, self.span - 1, 0)))
+
+    def over_windows(self, extended: torch.Tensor) -> torch.Tensor:
+        """The outputs of the last T of (B, span - 1 + T, C) inputs: each output's window of taps times the weight."""
+        windows = extended.unfold(1, self.span, 1)[..., :: self.dilation[0]]  # (B, T, C, kernel)
         out = (windows[..., None, :] @ self.weight[:, 0, :, None]).flatten(-3)
         return out + self.bias if self.bias is not None else out
 
-    def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token: x (B, C) and the previous span-1 inputs (B, C, span-1) -> output (B, C) and the next state."""
-        window = torch.cat([state, x[..., None]], dim=-1)
-        out = (window[..., :: self.dilation[0]] * self.weight[:, 0]).sum(-1)
-        return (out + self.bias if self.bias is not None else out), window[..., 1:]
+    def state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """The decoding state before the first token: the last span - 1 inputs (B, span - 1, C), zeros (the padding)."""
+        return torch.zeros(batch, self.span - 1, self.in_channels, device=device, dtype=dtype)
+
+    def decode(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+        """The outputs of T >= 1 new inputs (B, T, C) continuing from `past` (`state`), which then holds the last span - 1 inputs."""
+        extended = torch.cat([past, x.to(past.dtype)], dim=1)
+        past.copy_(extended[:, extended.shape[1] - past.shape[1]:])
+        return self.over_windows(extended).to(x.dtype)
 
     def param_roles(self) -> dict[str, str]:
         """A few taps per channel: AdamW without decay, never Muon (it is no matrix)."""

@@ -223,17 +223,18 @@ class DeltaRuleMixer(Component):
         qkv, gates = self.project(x)
         return self.recur(F.silu(self.conv1d(qkv)), gates, rule, None)[0]
 
-    def initial_state(self, batch: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoding state before the first token: the convolution's past inputs and the delta-rule state, zeros."""
-        conv = torch.zeros(batch, self.conv1d.in_channels, self.conv1d.span - 1, device=device)
-        return conv, torch.zeros(batch, self.n_heads, self.head_dim, self.value_dim, device=device)
+    def state(self, batch: int, capacity: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The convolution's last inputs and the delta-rule state (fp32, as the rule runs), whatever the capacity."""
+        return {"conv": self.conv1d.state(batch, device, dtype),
+                "recurrent": torch.zeros(batch, self.n_heads, self.head_dim, self.value_dim, device=device, dtype=torch.float32)}
 
-    def step(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Decode one token: x (B, d_model) and the state -> output (B, d_model) and the next state."""
-        qkv, gates = self.project(x[:, None])
-        mixed, conv = self.conv1d.step(qkv[:, 0], state[0].to(x.dtype))
-        out, S = self.recur(F.silu(mixed)[:, None], gates, recurrent_delta_rule, state[1])
-        return out[:, 0], (conv, S)
+    def decode(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor) -> torch.Tensor:
+        # a prefill chunk in the chunked form from the carried state, a single token by the recurrence
+        rule = functools.partial(chunked_delta_rule, chunk=self.chunk) if x.shape[1] > 1 else recurrent_delta_rule
+        qkv, gates = self.project(x)
+        out, recurrent = self.recur(F.silu(self.conv1d.decode(qkv, state["conv"])), gates, rule, state["recurrent"])
+        state["recurrent"].copy_(recurrent)
+        return out
 
     def recur(self, mixed: torch.Tensor, gates: Gates, rule: Callable, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The convolved [q | k | v] through the delta rule, the gated norm and the output projection; with the final state."""

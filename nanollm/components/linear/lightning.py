@@ -4,7 +4,7 @@ q, k, v = SiLU(qkv_proj(x)) split per head ([q | k | v] within each head, as Min
 1/sqrt(d), no position encoding. Each head h decays its state by exp(-s_h) per token, s_h = 2^(-8(h+1)/H) times
 the layer's `decay` factor (MiniMax: 1 - l/(L-1), so the first layer forgets fastest and the last barely).
 The attention output is RMS-normed over all heads, gated by sigmoid(output_gate(x)) and projected back.
-The core is `scalar_decay`'s recurrence with g = -s_h: chunked for training, `step` for decoding.
+The core is `scalar_decay`'s recurrence with g = -s_h: chunked for training and prefill, one `step` per decoded token.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import Component, Param, register, telling
 from ...ir import MAX_WIDTH, Call, ModelConfig
+from .. import Component, Param, register, telling
 from ..norm.rmsnorm import RMSNorm
 from . import scalar_decay
 
@@ -66,21 +66,24 @@ class LightningAttention(Component):
         return self.out_proj(self.norm(attended) * torch.sigmoid(self.output_gate(x)))
 
     def forward(self, x: torch.Tensor, form: Any = scalar_decay.chunked) -> torch.Tensor:
+        return self.attend(x, form, None)[0]
+
+    def attend(self, x: torch.Tensor, form: Any, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixer's output over x (B, T, d_model) with the recurrence in `form`, from `state` (None: zeros), and the final state."""
         q, k, v = self.features(x)
         g = (-self.slopes(x.device))[None, :, None].expand(x.shape[0], -1, x.shape[1])
-        attended, _ = form(q, k, v, g, self.chunk)
-        return self.output(x, attended.transpose(1, 2).reshape(*x.shape[:-1], -1))
+        attended, final = form(q, k, v, g, self.chunk, state)
+        return self.output(x, attended.transpose(1, 2).reshape(*x.shape[:-1], -1)), final
 
-    def initial_state(self, batch: int) -> torch.Tensor:
-        """The decoding state before the first token: S = 0, (B, H, d, d)."""
-        return self.out_proj.weight.new_zeros(batch, self.heads, self.head_dim, self.head_dim)
+    def state(self, batch: int, capacity: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """One (d, d) state per head, whatever the capacity."""
+        return {"recurrent": torch.zeros(batch, self.heads, self.head_dim, self.head_dim, device=device, dtype=dtype)}
 
-    def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token (B, d_model) and the state -> its output (B, d_model) and the next state: the decoding form."""
-        q, k, v = (t[:, :, 0] for t in self.features(x[:, None]))
-        g = (-self.slopes(x.device))[None].expand(x.shape[0], -1)
-        attended, state = scalar_decay.step(q, k, v, g, state)
-        return self.output(x, attended.reshape(x.shape[0], -1)), state
+    def decode(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor) -> torch.Tensor:
+        # a prefill chunk in the chunked form from the carried state, a single token by the recurrence
+        out, final = self.attend(x, scalar_decay.chunked if x.shape[1] > 1 else scalar_decay.recurrent, state["recurrent"])
+        state["recurrent"].copy_(final)
+        return out
 
     def cache_elements(self, seq_len: int) -> int:
         return self.heads * self.head_dim * self.head_dim  # one (d, d) state per head, whatever the length

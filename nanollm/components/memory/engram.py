@@ -12,11 +12,13 @@ rows: the tables are memory, not compute, and the accounting says so.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import re
 import unicodedata
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -200,14 +202,30 @@ class Engram(Component):
         """The table rows each token looks up, (B, T, (N-1) heads)."""
         return ngram_rows(self.canonical[token_ids], self.factors, self.moduli, self.offsets, self.heads, pad=self.vocab_size)
 
-    def memory(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def memory(self, rows: torch.Tensor) -> torch.Tensor:
         """e: the looked-up rows concatenated, (B, T, (N-1) dim)."""
-        return F.embedding(self.rows(token_ids), self.table).flatten(-2)
+        return F.embedding(rows, self.table).flatten(-2)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        e = self.memory(token_ids).to(x.dtype)
+        return self.read(x, self.rows(token_ids), self.conv)
+
+    def read(self, x: torch.Tensor, rows: torch.Tensor, convolve: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The output at x (B, T, d_model) of the table rows its tokens look up, the gated value through `convolve`."""
+        e = self.memory(rows).to(x.dtype)
         gated = engram_gate(self.key_norm(self.key_proj(e)), self.query_norm(x)) * self.value_proj(e)
-        return gated + F.silu(self.conv(self.conv_norm(gated)))
+        return gated + F.silu(convolve(self.conv_norm(gated)))
+
+    def state(self, batch: int, capacity: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The convolution's last inputs and the canonical ids of the last N-1 tokens (the padding id before the first)."""
+        return {"conv": self.conv.state(batch, device, dtype),
+                "ids": torch.full((batch, self.orders - 1), self.vocab_size, dtype=torch.int64, device=device)}
+
+    def decode(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        # the n-grams of the new tokens reach back into the earlier ones: hash them after the last N-1 ids, keep the new rows
+        ids = torch.cat([state["ids"], self.canonical[token_ids]], dim=1)
+        rows = ngram_rows(ids, self.factors, self.moduli, self.offsets, self.heads, pad=self.vocab_size)[:, self.orders - 1:]
+        state["ids"].copy_(ids[:, ids.shape[1] - state["ids"].shape[1]:])
+        return self.read(x, rows, functools.partial(self.conv.decode, past=state["conv"]))
 
     def active_params(self) -> int:
         """Everything but the tables, and the rows one token touches ((N-1) heads rows)."""
@@ -218,7 +236,7 @@ class Engram(Component):
         return self.table.numel()
 
     def cache_elements(self, seq_len: int) -> int:
-        """The convolution's window of past values (the last N-1 token ids are ids, not cache)."""
+        """The convolution's window of past values (the last N-1 token ids of its decoding state are ids, not cache)."""
         return (self.conv.span - 1) * self.conv.weight.shape[0]
 
     def param_roles(self) -> dict[str, str]:

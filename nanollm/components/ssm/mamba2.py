@@ -3,11 +3,12 @@
 in_proj(x) -> [z | xBC | dt]; xBC through a depthwise causal convolution and SiLU -> [x | B | C], B and C one
 per group of heads. Per head h: dt = max(softplus(dt + dt_bias), dt_min), A = -exp(A_log), and the state
 h_t = exp(dt_t A) h_{t-1} + dt_t B_t^T x_t, y_t = C_t h_t + D x_t: `scalar_decay`'s recurrence with q = C, k = B,
-v = dt x and log-decay dt A, chunked for training, `step` for decoding. The output is RMS-normed per group after
+v = dt x and log-decay dt A, chunked for training and prefill, one `step` per decoded token. The output is RMS-normed per group after
 the SiLU gate z (norm(y * SiLU(z)), as Nemotron-H) and projected back.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -15,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import Component, Param, register, telling
 from ...ir import MAX_WIDTH, Call, ModelConfig
+from .. import Component, Param, register, telling
 from ..conv import CausalConv1d
 from ..linear import scalar_decay
 
@@ -64,7 +65,7 @@ class Mamba2(Component):
     def __init__(self, config: ModelConfig, heads: int, head_dim: int, state: int, groups: int, conv: int, chunk: int, dt_min: float,
                  conv_bias: bool, bias: bool) -> None:
         super().__init__()
-        self.heads, self.head_dim, self.state, self.groups, self.chunk, self.dt_min = heads, head_dim, state, groups, chunk, dt_min
+        self.heads, self.head_dim, self.state_size, self.groups, self.chunk, self.dt_min = heads, head_dim, state, groups, chunk, dt_min
         self.inner = heads * head_dim
         self.conv_width = self.inner + 2 * groups * state
         self.in_proj = nn.Linear(config.d_model, self.inner + self.conv_width + heads, bias=bias)
@@ -102,11 +103,11 @@ class Mamba2(Component):
     def scan_inputs(self, xbc: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q = C, k = B (each group's repeated over its heads), v = dt x, g = dt A and x, heads last but one (..., H, .),
         of xBC after the convolution (..., conv_width) and the raw dt (..., H)."""
-        x, b, c = xbc.split([self.inner, self.groups * self.state, self.groups * self.state], dim=-1)
+        x, b, c = xbc.split([self.inner, self.groups * self.state_size, self.groups * self.state_size], dim=-1)
         lead = x.shape[:-1]
         dt = F.softplus((dt + self.dt_bias).float()).clamp_min(self.dt_min)
         x = x.reshape(*lead, self.heads, self.head_dim)
-        b, c = (t.reshape(*lead, self.groups, self.state).repeat_interleave(self.heads // self.groups, dim=-2) for t in (b, c))
+        b, c = (t.reshape(*lead, self.groups, self.state_size).repeat_interleave(self.heads // self.groups, dim=-2) for t in (b, c))
         g = dt * -self.A_log.float().exp()
         v = x * dt[..., None].to(x.dtype)
         return c, b, v, g, x
@@ -117,31 +118,33 @@ class Mamba2(Component):
         return self.out_proj(self.norm(y.flatten(-2), z))
 
     def forward(self, x: torch.Tensor, form: Any = scalar_decay.chunked) -> torch.Tensor:
-        z, xbc, dt = self.split(self.in_proj(x))
-        q, k, v, g, inputs = self.scan_inputs(F.silu(self.conv1d(xbc)), dt)
-        y, _ = form(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), g.transpose(1, 2), self.chunk)
-        return self.output(y.transpose(1, 2), inputs, z)
+        return self.scan(x, self.conv1d, form, None)[0]
 
-    def initial_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decoding state before the first token: the convolution's past inputs and the SSM state, zeros."""
-        weight = self.out_proj.weight
-        return (weight.new_zeros(batch, self.conv_width, self.conv1d.span - 1),
-                weight.new_zeros(batch, self.heads, self.state, self.head_dim))
-
-    def step(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """One token (B, d_model) and the state -> its output (B, d_model) and the next state: the decoding form."""
-        conv_state, ssm_state = state
+    def scan(self, x: torch.Tensor, convolve: Any, form: Any, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixer's output over x (B, T, d_model), xBC through `convolve`, the scan in `form` from `state` (None: zeros);
+        with the final SSM state."""
         z, xbc, dt = self.split(self.in_proj(x))
-        xbc, conv_state = self.conv1d.step(xbc, conv_state)
-        q, k, v, g, inputs = self.scan_inputs(F.silu(xbc), dt)
-        y, ssm_state = scalar_decay.step(q, k, v, g, ssm_state)
-        return self.output(y, inputs, z), (conv_state, ssm_state)
+        q, k, v, g, inputs = self.scan_inputs(F.silu(convolve(xbc)), dt)
+        y, final = form(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), g.transpose(1, 2), self.chunk, state)
+        return self.output(y.transpose(1, 2), inputs, z), final
+
+    def state(self, batch: int, capacity: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The convolution's last inputs and the SSM state (H, N, P), whatever the capacity."""
+        return {"conv": self.conv1d.state(batch, device, dtype),
+                "recurrent": torch.zeros(batch, self.heads, self.state_size, self.head_dim, device=device, dtype=dtype)}
+
+    def decode(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor) -> torch.Tensor:
+        # a prefill chunk in the chunked form from the carried state, a single token by the recurrence
+        form = scalar_decay.chunked if x.shape[1] > 1 else scalar_decay.recurrent
+        out, final = self.scan(x, functools.partial(self.conv1d.decode, past=state["conv"]), form, state["recurrent"])
+        state["recurrent"].copy_(final)
+        return out
 
     def cache_elements(self, seq_len: int) -> int:
-        return self.heads * self.head_dim * self.state + self.conv_width * (self.conv1d.span - 1)
+        return self.heads * self.head_dim * self.state_size + self.conv_width * (self.conv1d.span - 1)
 
     def hf_weights(self) -> dict[str, str]:
         return {name: name for name, _ in self.named_parameters()}  # in_proj, conv1d, dt_bias, A_log, D, norm, out_proj
 
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, head_dim={self.head_dim}, state={self.state}, groups={self.groups}, chunk={self.chunk}"
+        return f"heads={self.heads}, head_dim={self.head_dim}, state={self.state_size}, groups={self.groups}, chunk={self.chunk}"

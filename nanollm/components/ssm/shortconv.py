@@ -2,15 +2,15 @@
 
 A depthwise causal convolution of a few taps between two multiplicative gates, no activation: its state is the
 last kernel-1 gated inputs per channel. Its "chunked" form is the convolution over the whole sequence, its
-recurrent form `CausalConv1d.step`, its reference `naive` below.
+decoding form `CausalConv1d.decode`, its reference `naive` below.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .. import Component, Param, register
 from ...ir import ModelConfig
+from .. import Component, Param, register
 from ..conv import CausalConv1d
 
 
@@ -47,15 +47,13 @@ class ShortConv(Component):
         b, c, x = self.in_proj(x).chunk(3, dim=-1)
         return self.out_proj(c * self.conv(b * x))
 
-    def initial_state(self, batch: int) -> torch.Tensor:
-        """The decoding state before the first token: the convolution's past gated inputs, zeros."""
-        return self.out_proj.weight.new_zeros(batch, self.conv.in_channels, self.conv.span - 1)
+    def state(self, batch: int, capacity: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The convolution's last kernel - 1 gated inputs, whatever the capacity."""
+        return {"conv": self.conv.state(batch, device, dtype)}
 
-    def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token (B, d_model) and the state -> its output (B, d_model) and the next state: the decoding form."""
+    def decode(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor) -> torch.Tensor:
         b, c, x = self.in_proj(x).chunk(3, dim=-1)
-        mixed, state = self.conv.step(b * x, state)
-        return self.out_proj(c * mixed), state
+        return self.out_proj(c * self.conv.decode(b * x, state["conv"]))
 
     def cache_elements(self, seq_len: int) -> int:
         return self.conv.in_channels * (self.conv.span - 1)
