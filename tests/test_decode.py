@@ -187,6 +187,17 @@ def test_each_decoding_step_of_recurrent_mixers_gives_the_full_forward_logits(se
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
 
 
+def test_recurrent_decoding_runs_on_the_meta_device() -> None:
+    every_recurrent = ("gdn(chunk=5) memory=engram(rows=101)\nkda(chunk=4)\nmamba2(heads=4, head_dim=8, state=6, groups=2, chunk=5)\n"
+                       "lightning(chunk=5)\nshortconv(3)")
+    compiled = nanollm.compile(HYBRID.split("repeat")[0] + every_recurrent)
+    decoder = Decoder(compiled.graph, compiled.arch, context=4096)
+    states = decoder.states(3, 4096)
+    for length, start in ((20, 0), (1, 4000)):  # a prefill in the chunked form, then a step
+        logits = decoder.step(torch.zeros(3, length, dtype=torch.long, device="meta"), start, states)
+        assert logits.is_meta and logits.shape == (3, length, 96)
+
+
 def test_a_recurrent_state_has_one_size_at_any_capacity_the_one_the_analysis_counts() -> None:
     decoder = recurrent_decoder(*RECURRENT_PATTERNS["engram_twice_mhc"])
     short, long = decoder.states(1, 16), decoder.states(1, 100_000)
