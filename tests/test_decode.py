@@ -13,8 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    Gemma3TextConfig,
     Gemma3ForCausalLM,
+    Gemma3TextConfig,
     Lfm2Config,
     Lfm2ForCausalLM,
     MiniMaxConfig,
@@ -41,8 +41,8 @@ from transformers import (
 
 import nanollm
 from nanollm.cli import main
-from nanollm.components.linear.delta_rule import DeltaRuleMixer
 from nanollm.compiled import Compiled
+from nanollm.components.linear.delta_rule import DeltaRuleMixer
 from nanollm.decode import Decoder, Sampling, generated
 from nanollm.hf import arch_from_config
 from nanollm.hf.export import export
