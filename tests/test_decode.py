@@ -1,7 +1,9 @@
 """Incremental decoding: every family from_hf imports generates transformers' greedy tokens, and each decoding step's
-logits equal the full forward pass's at that position (global, sliding ring buffers, MoE), prompts past every window."""
+logits equal the full forward pass's at that position (global, sliding ring buffers, sinks, block patterns, MLA's
+latent cache, DSA's selection, MoE), prompts past every window and past DSA's top-k."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    DeepseekV32Config,
+    DeepseekV32ForCausalLM,
     Gemma3TextConfig,
     Gemma3ForCausalLM,
+    GptOssConfig,
+    GptOssForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     Olmo2Config,
@@ -41,6 +49,10 @@ NEW = 40
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             head_dim=8, eos_token_id=None, bos_token_id=None, pad_token_id=None, max_position_embeddings=128)
 MIXED = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+LATENT = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, moe_intermediate_size=16,
+              n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1)
+YARN = {"rope_type": "yarn", "rope_theta": 1e3, "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 8.0, "beta_slow": 1.0,
+        "truncate": False}
 FAMILIES = {
     "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(layer_types=MIXED, use_sliding_window=True, sliding_window=WINDOW)),
     "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -50,6 +62,13 @@ FAMILIES = {
                                                               final_logit_softcapping=5.0)),
     "olmo2": (Olmo2ForCausalLM, Olmo2Config, {}),
     "olmo3": (Olmo3ForCausalLM, Olmo3Config, dict(layer_types=MIXED, sliding_window=WINDOW)),
+    # MLA: a query latent, one dense layer then the MoE; queries from the input, half-split RoPE, two dense layers
+    "deepseek_v3": (DeepseekV3ForCausalLM, DeepseekV3Config, LATENT),
+    "deepseek_v3_q_direct": (DeepseekV3ForCausalLM, DeepseekV3Config, dict(LATENT, q_lora_rank=None, rope_interleave=False,
+                                                                          first_k_dense_replace=2)),
+    "deepseek_v32": (DeepseekV32ForCausalLM, DeepseekV32Config, dict(LATENT, index_topk=7, index_n_heads=8, index_head_dim=16)),  # 7 < PROMPT
+    "gpt_oss": (GptOssForCausalLM, GptOssConfig, dict(sliding_window=WINDOW, num_local_experts=8, num_experts_per_tok=3, swiglu_limit=1.5,
+                                                      rope_parameters=YARN)),  # sinks, biases, sliding and full layers, YaRN past 16
 }
 
 
@@ -58,13 +77,18 @@ def tiny(family: str, std: float = 0.2) -> Any:
     greedy choices are decisive (no near-ties for rounding to flip)."""
     model_class, config_class, overrides = FAMILIES[family]
     torch.manual_seed(0)
-    model = model_class(config_class(**TINY, **overrides, attn_implementation="eager", experts_implementation="eager")).eval()
+    model = model_class(config_class(**{**TINY, **copy.deepcopy(overrides)}, attn_implementation="eager", experts_implementation="eager")).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
             elif param.dim() >= 2:
                 param.normal_(0, std)
+            elif name.endswith(("sinks", "bias")):  # GPT-OSS's sinks and biases start at zero
+                param.normal_(0, 0.5)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's routing bias, zero at init, changes the choice
+                buffer.normal_(0, 0.3)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
@@ -100,9 +124,15 @@ def test_each_decoding_step_gives_the_full_forward_logits_at_its_position(family
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
 
 
+MLA = "qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12"
 PATTERNS = {  # attention patterns no family above has, each decoded against its own full forward
     "sinks": "repeat 1 < sliding(5, sinks=true); global(sinks=true) >",
     "blocksparse": "blocksparse(4, 2, global=1); blocksparse(3, 1, global=0, stride=2)",
+    "mla": f"mla(16, {MLA}); mla(16, 24, {MLA}, absorb=true, gate=head)",  # both forms decode over the latent cache
+    "mla_nope": f"mla(16, 24, {MLA}, rope=nope, gate=elementwise); mla(16, {MLA}, rope=nope, absorb=true)",  # Kimi-Linear's
+    # 4 indexer heads: exact ties (every head's ReLU 0) fall at the top-k boundary
+    "dsa": f"dsa(5, kv_lora_rank=16, q_lora_rank=24, {MLA}, index_heads=4, index_head_dim=16); "
+           f"dsa(3, kv_lora_rank=16, q_lora_rank=8, {MLA}, index_heads=2, index_head_dim=8, rope=rope(interleaved=false))",
 }
 
 
