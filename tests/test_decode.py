@@ -49,8 +49,9 @@ NEW = 40
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             head_dim=8, eos_token_id=None, bos_token_id=None, pad_token_id=None, max_position_embeddings=128)
 MIXED = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
-LATENT = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, moe_intermediate_size=16,
-              n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1)
+LATENT = {"num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": 24, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 12,
+          "moe_intermediate_size": 16, "n_routed_experts": 8, "num_experts_per_tok": 3, "n_group": 4, "topk_group": 2, "n_shared_experts": 1,
+          "first_k_dense_replace": 1}
 YARN = {"rope_type": "yarn", "rope_theta": 1e3, "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 8.0, "beta_slow": 1.0,
         "truncate": False}
 FAMILIES = {
@@ -67,8 +68,8 @@ FAMILIES = {
     "deepseek_v3_q_direct": (DeepseekV3ForCausalLM, DeepseekV3Config, dict(LATENT, q_lora_rank=None, rope_interleave=False,
                                                                           first_k_dense_replace=2)),
     "deepseek_v32": (DeepseekV32ForCausalLM, DeepseekV32Config, dict(LATENT, index_topk=7, index_n_heads=8, index_head_dim=16)),  # 7 < PROMPT
-    "gpt_oss": (GptOssForCausalLM, GptOssConfig, dict(sliding_window=WINDOW, num_local_experts=8, num_experts_per_tok=3, swiglu_limit=1.5,
-                                                      rope_parameters=YARN)),  # sinks, biases, sliding and full layers, YaRN past 16
+    "gpt_oss": (GptOssForCausalLM, GptOssConfig, {"sliding_window": WINDOW, "num_local_experts": 8, "num_experts_per_tok": 3, "swiglu_limit": 1.5,
+                                                  "rope_parameters": YARN}),  # sinks, biases, sliding and full layers, YaRN past 16
 }
 
 
@@ -109,7 +110,7 @@ def test_greedy_tokens_equal_transformers_generate(family: str) -> None:
     assert torch.equal(ours, theirs[:, PROMPT:])
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "gemma3_text"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "gemma3_text", "deepseek_v32"])
 def test_each_decoding_step_gives_the_full_forward_logits_at_its_position(family: str) -> None:
     hf = tiny(family, std=0.05)  # logits of order 1, where 1e-5 is a tolerance of rounding only
     decoder = decoder_of(hf)
@@ -160,6 +161,20 @@ def test_a_sliding_cache_holds_only_its_window() -> None:
     states = decoder.states(1, 100)
     sizes = {path: state["keys"].shape[2] for path, state in states.items()}
     assert sizes == {"layers.0.mixer": WINDOW, "layers.1.mixer": 100, "layers.2.mixer": WINDOW, "layers.3.mixer": WINDOW}
+
+
+def test_mla_and_dsa_caches_hold_the_latent_at_deepseek_sizes_as_the_analysis_counts() -> None:
+    """At DeepSeek-V3's sizes a token costs an MLA layer 512 + 64 = 576 cached elements, and a DSA layer 128 more (the
+    indexer's key): what `cache_elements` reports; the decoding step runs on the meta device."""
+    header = (Path(__file__).parent.parent / "archs/deepseek_v3.arch").read_text().split("repeat")[0]
+    compiled = nanollm.compile(header + "mla(q_lora_rank=1536); dsa(q_lora_rank=1536)\n")
+    decoder = Decoder(compiled.graph, compiled.arch, context=4096)
+    states = decoder.states(1, 4096)
+    held = {path: sum(tensor.numel() for tensor in state.values()) // 4096 for path, state in states.items()}
+    assert held == {"layers.0.mixer": 576, "layers.1.mixer": 576 + 128}
+    assert all(decoder.stateful[path].cache_elements(4096) == per_token * 4096 for path, per_token in held.items())
+    logits = decoder.step(torch.zeros(1, 1, dtype=torch.long, device="meta"), 4000, states)
+    assert logits.is_meta and logits.shape == (1, 1, compiled.arch.config.vocab_size)
 
 
 def test_the_decoding_graph_runs_on_the_meta_device() -> None:

@@ -73,8 +73,9 @@ def deepseek_fields(arch: Arch, mixer: str) -> dict[str, Any] | None:
     dense = [layer.ffn.kwargs()["d_ff"] for layer in arch.layers if layer.ffn.name == "swiglu"]
     sparse = [layer.ffn.kwargs() for layer in arch.layers if layer.ffn.name == "moe"] or [{}]
     moe = sparse[0]
-    experts = dict(moe_intermediate_size=moe["d_ff"], n_routed_experts=moe["experts"], num_experts_per_tok=moe["top"], n_shared_experts=moe["shared"],
-                   norm_topk_prob=moe["norm_topk"], routed_scaling_factor=moe["scale"], n_group=moe["groups"], topk_group=moe["top_groups"]) if moe else {}
+    experts = {"moe_intermediate_size": moe["d_ff"], "n_routed_experts": moe["experts"], "num_experts_per_tok": moe["top"],
+               "n_shared_experts": moe["shared"], "norm_topk_prob": moe["norm_topk"], "routed_scaling_factor": moe["scale"], "n_group": moe["groups"],
+               "topk_group": moe["top_groups"]} if moe else {}
     return dict(vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=len(arch.layers), num_attention_heads=args["heads"],
                 num_key_value_heads=args["heads"], intermediate_size=dense[0] if dense else moe["d_ff"], rms_norm_eps=config.norm_eps,
                 tie_word_embeddings=config.tie_embeddings, max_position_embeddings=config.seq_len, kv_lora_rank=args["kv_lora_rank"],

@@ -6,7 +6,18 @@ import dataclasses
 from typing import Any
 
 from ..ir import Arch, Call, ModelConfig
-from . import Family, attention_only, call, common_fields, common_settings, family, layer_types, refuse, rope_call, rope_parameters
+from . import (
+    Family,
+    attention_only,
+    call,
+    common_fields,
+    common_settings,
+    family,
+    layer_types,
+    refuse,
+    rope_call,
+    rope_parameters,
+)
 from .qwen3 import layers
 
 
