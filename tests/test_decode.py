@@ -63,10 +63,11 @@ FAMILIES = {
                                                               final_logit_softcapping=5.0)),
     "olmo2": (Olmo2ForCausalLM, Olmo2Config, {}),
     "olmo3": (Olmo3ForCausalLM, Olmo3Config, dict(layer_types=MIXED, sliding_window=WINDOW)),
-    # MLA: a query latent, one dense layer then the MoE; queries from the input, half-split RoPE, two dense layers
+    # MLA: a query latent, one dense layer then the MoE; queries from the input, half-split RoPE, YaRN with its logit-scale
+    # correction (mscale_all_dim), two dense layers
     "deepseek_v3": (DeepseekV3ForCausalLM, DeepseekV3Config, LATENT),
-    "deepseek_v3_q_direct": (DeepseekV3ForCausalLM, DeepseekV3Config, dict(LATENT, q_lora_rank=None, rope_interleave=False,
-                                                                          first_k_dense_replace=2)),
+    "deepseek_v3_q_direct": (DeepseekV3ForCausalLM, DeepseekV3Config, dict(LATENT, q_lora_rank=None, rope_interleave=False, first_k_dense_replace=2,
+                                                                          rope_parameters=dict(YARN, mscale=0.8, mscale_all_dim=1.0))),
     "deepseek_v32": (DeepseekV32ForCausalLM, DeepseekV32Config, dict(LATENT, index_topk=7, index_n_heads=8, index_head_dim=16)),  # 7 < PROMPT
     "gpt_oss": (GptOssForCausalLM, GptOssConfig, {"sliding_window": WINDOW, "num_local_experts": 8, "num_experts_per_tok": 3, "swiglu_limit": 1.5,
                                                   "rope_parameters": YARN}),  # sinks, biases, sliding and full layers, YaRN past 16
