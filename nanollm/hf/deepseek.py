@@ -66,18 +66,17 @@ def deepseek_fields(arch: Arch, mixer: str) -> dict[str, Any] | None:
     """The config fields of a DeepSeek decoder of `mixer` layers (one call) with SwiGLUs and the DeepSeek MoE, for export; None
     if the model is not one."""
     attention = arch.layers[0].mixer
-    if any(layer.mixer != attention or layer.ffn is None or layer.ffn.name not in ("swiglu", "moe") for layer in arch.layers) or \
-            attention.name != mixer:
+    if attention is None or attention.name != mixer or any(layer.mixer != attention or layer.ffn is None or layer.ffn.name not in ("swiglu", "moe")
+                                                            for layer in arch.layers):
         return None
     args, config = attention.kwargs(), arch.config
-    dense = [layer.ffn.kwargs()["d_ff"] for layer in arch.layers if layer.ffn.name == "swiglu"]
-    sparse = [layer.ffn.kwargs() for layer in arch.layers if layer.ffn.name == "moe"] or [{}]
-    moe = sparse[0]
-    experts = {"moe_intermediate_size": moe["d_ff"], "n_routed_experts": moe["experts"], "num_experts_per_tok": moe["top"],
-               "n_shared_experts": moe["shared"], "norm_topk_prob": moe["norm_topk"], "routed_scaling_factor": moe["scale"], "n_group": moe["groups"],
-               "topk_group": moe["top_groups"]} if moe else {}
+    dense = next((layer.ffn.kwargs()["d_ff"] for layer in arch.layers if layer.ffn.name == "swiglu"), None)
+    moe = next((layer.ffn.kwargs() for layer in arch.layers if layer.ffn.name == "moe"), None)
+    experts = {} if moe is None else {
+        "moe_intermediate_size": moe["d_ff"], "n_routed_experts": moe["experts"], "num_experts_per_tok": moe["top"], "n_shared_experts": moe["shared"],
+        "norm_topk_prob": moe["norm_topk"], "routed_scaling_factor": moe["scale"], "n_group": moe["groups"], "topk_group": moe["top_groups"]}
     return dict(vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=len(arch.layers), num_attention_heads=args["heads"],
-                num_key_value_heads=args["heads"], intermediate_size=dense[0] if dense else moe["d_ff"], rms_norm_eps=config.norm_eps,
+                num_key_value_heads=args["heads"], intermediate_size=moe["d_ff"] if dense is None else dense, rms_norm_eps=config.norm_eps,
                 tie_word_embeddings=config.tie_embeddings, max_position_embeddings=config.seq_len, kv_lora_rank=args["kv_lora_rank"],
                 q_lora_rank=args["q_lora_rank"] or None, qk_nope_head_dim=args["qk_nope_head_dim"], qk_rope_head_dim=args["qk_rope_head_dim"],
                 v_head_dim=args["v_head_dim"], rope_parameters=rope_parameters(args["rope"]), rope_interleave=args["rope"].kwargs().get("interleaved", True),
