@@ -1,8 +1,10 @@
 """Incremental decoding: every family from_hf imports generates transformers' greedy tokens, and each decoding step's
-logits equal the full forward pass's at that position (global, sliding ring buffers, MoE, and every recurrent mixer:
-gated DeltaNet, KDA, lightning, Mamba-2, the short convolution, Engram), prompts past every window and chunk."""
+logits equal the full forward pass's at that position (global, sliding ring buffers, sinks, block patterns, MLA's
+latent cache, DSA's selection, MoE, and every recurrent mixer: gated DeltaNet, KDA, lightning, Mamba-2, the short
+convolution, Engram), prompts past every window, chunk and DSA's top-k."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    DeepseekV32Config,
+    DeepseekV32ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GptOssConfig,
+    GptOssForCausalLM,
+    KimiLinearConfig,
+    KimiLinearForCausalLM,
     Lfm2Config,
     Lfm2ForCausalLM,
     MiniMaxConfig,
@@ -55,6 +65,11 @@ NEW = 40
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             head_dim=8, eos_token_id=None, bos_token_id=None, pad_token_id=None, max_position_embeddings=128)
 MIXED = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+LATENT = {"num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": 24, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 12,
+          "moe_intermediate_size": 16, "n_routed_experts": 8, "num_experts_per_tok": 3, "n_group": 4, "topk_group": 2, "n_shared_experts": 1,
+          "first_k_dense_replace": 1}
+YARN = {"rope_type": "yarn", "rope_theta": 1e3, "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 8.0, "beta_slow": 1.0,
+        "truncate": False}
 FAMILIES = {
     "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(layer_types=MIXED, use_sliding_window=True, sliding_window=WINDOW)),
     "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -64,6 +79,14 @@ FAMILIES = {
                                                               final_logit_softcapping=5.0)),
     "olmo2": (Olmo2ForCausalLM, Olmo2Config, {}),
     "olmo3": (Olmo3ForCausalLM, Olmo3Config, dict(layer_types=MIXED, sliding_window=WINDOW)),
+    # MLA: a query latent, one dense layer then the MoE; queries from the input, half-split RoPE, YaRN with its logit-scale
+    # correction (mscale_all_dim), two dense layers
+    "deepseek_v3": (DeepseekV3ForCausalLM, DeepseekV3Config, LATENT),
+    "deepseek_v3_q_direct": (DeepseekV3ForCausalLM, DeepseekV3Config, dict(LATENT, q_lora_rank=None, rope_interleave=False, first_k_dense_replace=2,
+                                                                          rope_parameters=dict(YARN, mscale=0.8, mscale_all_dim=1.0))),
+    "deepseek_v32": (DeepseekV32ForCausalLM, DeepseekV32Config, dict(LATENT, index_topk=7, index_n_heads=8, index_head_dim=16)),  # 7 < PROMPT
+    "gpt_oss": (GptOssForCausalLM, GptOssConfig, {"sliding_window": WINDOW, "num_local_experts": 8, "num_experts_per_tok": 3, "swiglu_limit": 1.5,
+                                                  "rope_parameters": YARN}),  # sinks, biases, sliding and full layers, YaRN past 16
 }
 CHUNK = 5  # every chunked form's block, so that the prompt spans several and ends inside one
 LINEAR = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=6, linear_conv_kernel_dim=4)
@@ -79,6 +102,10 @@ RECURRENT_FAMILIES = {  # the hybrids of recurrent mixers; they export as nanoll
                                                                n_groups=2, chunk_size=CHUNK, use_conv_bias=True, layers_block_type=[
                                                                    "linear_attention", "mlp", "full_attention", "linear_attention", "mlp"])),
     "lfm2": (Lfm2ForCausalLM, Lfm2Config, dict(layer_types=["conv", "full_attention", "conv", "conv"], block_multiple_of=32, conv_bias=True)),
+    "kimi_linear": (KimiLinearForCausalLM, KimiLinearConfig, dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=12, moe_intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
+        first_k_dense_replace=1, linear_attn_config={"num_heads": 4, "head_dim": 8, "short_conv_kernel_size": 4, "kda_layers": [1, 3, 4],
+        "full_attn_layers": [2]})),
 }
 
 
@@ -87,13 +114,18 @@ def tiny(family: str, std: float = 0.2) -> Any:
     greedy choices are decisive (no near-ties for rounding to flip)."""
     model_class, config_class, overrides = {**FAMILIES, **RECURRENT_FAMILIES}[family]
     torch.manual_seed(0)
-    model = model_class(config_class(**{**TINY, **overrides}, attn_implementation="eager", experts_implementation="eager")).eval()
+    model = model_class(config_class(**{**TINY, **copy.deepcopy(overrides)}, attn_implementation="eager", experts_implementation="eager")).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
             elif param.dim() >= 2:
                 param.normal_(0, std)
+            elif name.endswith(("sinks", "bias")):  # GPT-OSS's sinks and biases start at zero
+                param.normal_(0, 0.5)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's routing bias, zero at init, changes the choice
+                buffer.normal_(0, 0.3)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
@@ -118,7 +150,7 @@ def test_greedy_tokens_equal_transformers_generate(family: str) -> None:
     assert torch.equal(ours, theirs[:, PROMPT:])
 
 
-@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "gemma3_text"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "gemma3_text", "deepseek_v32"])
 def test_each_decoding_step_gives_the_full_forward_logits_at_its_position(family: str) -> None:
     hf = tiny(family, std=0.05)  # logits of order 1, where 1e-5 is a tolerance of rounding only
     decoder = decoder_of(hf)
@@ -133,9 +165,15 @@ def test_each_decoding_step_gives_the_full_forward_logits_at_its_position(family
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
 
 
+MLA = "qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12"
 PATTERNS = {  # attention patterns no family above has, each decoded against its own full forward
     "sinks": "repeat 1 < sliding(5, sinks=true); global(sinks=true) >",
     "blocksparse": "blocksparse(4, 2, global=1); blocksparse(3, 1, global=0, stride=2)",
+    "mla": f"mla(16, {MLA}); mla(16, 24, {MLA}, absorb=true, gate=head)",  # both forms decode over the latent cache
+    "mla_nope": f"mla(16, 24, {MLA}, rope=nope, gate=elementwise); mla(16, {MLA}, rope=nope, absorb=true)",  # Kimi-Linear's
+    # 4 indexer heads: exact ties (every head's ReLU 0) fall at the top-k boundary
+    "dsa": f"dsa(5, kv_lora_rank=16, q_lora_rank=24, {MLA}, index_heads=4, index_head_dim=16); "
+           f"dsa(3, kv_lora_rank=16, q_lora_rank=8, {MLA}, index_heads=2, index_head_dim=8, rope=rope(interleaved=false))",
 }
 
 
@@ -214,6 +252,20 @@ def test_a_sliding_cache_holds_only_its_window() -> None:
     states = decoder.states(1, 100)
     sizes = {path: state["keys"].shape[2] for path, state in states.items()}
     assert sizes == {"layers.0.mixer": WINDOW, "layers.1.mixer": 100, "layers.2.mixer": WINDOW, "layers.3.mixer": WINDOW}
+
+
+def test_mla_and_dsa_caches_hold_the_latent_at_deepseek_sizes_as_the_analysis_counts() -> None:
+    """At DeepSeek-V3's sizes a token costs an MLA layer 512 + 64 = 576 cached elements, and a DSA layer 128 more (the
+    indexer's key): what `cache_elements` reports; the decoding step runs on the meta device."""
+    header = (Path(__file__).parent.parent / "archs/deepseek_v3.arch").read_text().split("repeat")[0]
+    compiled = nanollm.compile(header + "mla(q_lora_rank=1536); dsa(q_lora_rank=1536)\n")
+    decoder = Decoder(compiled.graph, compiled.arch, context=4096)
+    states = decoder.states(1, 4096)
+    held = {path: sum(tensor.numel() for tensor in state.values()) // 4096 for path, state in states.items()}
+    assert held == {"layers.0.mixer": 576, "layers.1.mixer": 576 + 128}
+    assert all(decoder.stateful[path].cache_elements(4096) == per_token * 4096 for path, per_token in held.items())
+    logits = decoder.step(torch.zeros(1, 1, dtype=torch.long, device="meta"), 4000, states)
+    assert logits.is_meta and logits.shape == (1, 1, compiled.arch.config.vocab_size)
 
 
 def test_the_decoding_graph_runs_on_the_meta_device() -> None:

@@ -128,7 +128,8 @@ def rope_parameters(rope: Call) -> dict[str, Any] | None:
         return None
     args = rope.kwargs()
     if rope.name == "yarn":
-        extra = {key: args[key] for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor") if key in args}
+        # a zero is unset (as `rope_call` reads it): transformers would take a written 0 as the value
+        extra = {key: args[key] for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor") if args.get(key)}
         return {"rope_type": "yarn", "rope_theta": args["theta"], "factor": args["factor"], "original_max_position_embeddings": args["original"],
                 "truncate": args["truncate"], **extra}
     if args["factor"] != 1.0:

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from ..ir import Arch, Call, Layer, ModelConfig
-from . import Family, call, common_settings, family, refuse, rope_call
+from . import Family, call, common_settings, family, refuse, rope_call, rope_parameters
 
 LATENT_NORM_EPS = 1e-6  # transformers norms DeepSeek's query and key/value latents at this eps, whatever rms_norm_eps says
 
@@ -62,5 +62,49 @@ def deepseek_v32(hf: Any) -> Arch:
     return Arch(config, deepseek_layers(hf, config, mixer))
 
 
-family("deepseek_v3", Family(("DeepseekV3ForCausalLM",), deepseek_v3))
-family("deepseek_v32", Family(("DeepseekV32ForCausalLM",), deepseek_v32))
+def deepseek_fields(arch: Arch, mixer: str) -> dict[str, Any] | None:
+    """The config fields of a DeepSeek decoder of `mixer` layers (one call) with SwiGLUs and the DeepSeek MoE, for export; None
+    if the model is not one."""
+    attention = arch.layers[0].mixer
+    if attention is None or attention.name != mixer or any(layer.mixer != attention or layer.ffn is None or layer.ffn.name not in ("swiglu", "moe")
+                                                            for layer in arch.layers):
+        return None
+    args, config = attention.kwargs(), arch.config
+    dense = next((layer.ffn.kwargs()["d_ff"] for layer in arch.layers if layer.ffn.name == "swiglu"), None)
+    moe = next((layer.ffn.kwargs() for layer in arch.layers if layer.ffn.name == "moe"), None)
+    experts = {} if moe is None else {
+        "moe_intermediate_size": moe["d_ff"], "n_routed_experts": moe["experts"], "num_experts_per_tok": moe["top"], "n_shared_experts": moe["shared"],
+        "norm_topk_prob": moe["norm_topk"], "routed_scaling_factor": moe["scale"], "n_group": moe["groups"], "topk_group": moe["top_groups"]}
+    return dict(vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=len(arch.layers), num_attention_heads=args["heads"],
+                num_key_value_heads=args["heads"], intermediate_size=moe["d_ff"] if dense is None else dense, rms_norm_eps=config.norm_eps,
+                tie_word_embeddings=config.tie_embeddings, max_position_embeddings=config.seq_len, kv_lora_rank=args["kv_lora_rank"],
+                q_lora_rank=args["q_lora_rank"] or None, qk_nope_head_dim=args["qk_nope_head_dim"], qk_rope_head_dim=args["qk_rope_head_dim"],
+                v_head_dim=args["v_head_dim"], rope_parameters=rope_parameters(args["rope"]), rope_interleave=args["rope"].kwargs().get("interleaved", True),
+                **experts)
+
+
+def deepseek_v3_config(arch: Arch) -> Any:
+    """A DeepseekV3Config of a model of `mla` layers whose dense SwiGLUs all come before its MoEs, or None."""
+    from transformers import DeepseekV3Config
+
+    fields = deepseek_fields(arch, "mla")
+    kinds = [layer.ffn.name for layer in arch.layers]
+    if fields is None or kinds != sorted(kinds, key=lambda kind: kind == "moe"):
+        return None
+    return DeepseekV3Config(**fields, first_k_dense_replace=kinds.count("swiglu"))
+
+
+def deepseek_v32_config(arch: Arch) -> Any:
+    """A DeepseekV32Config of a model of `dsa` layers with SwiGLUs and MoEs (in any order), or None."""
+    from transformers import DeepseekV32Config
+
+    fields = deepseek_fields(arch, "dsa")
+    if fields is None:
+        return None
+    args = arch.layers[0].mixer.kwargs()
+    return DeepseekV32Config(**fields, index_topk=args["topk"], index_n_heads=args["index_heads"], index_head_dim=args["index_head_dim"],
+                             mlp_layer_types=["dense" if layer.ffn.name == "swiglu" else "sparse" for layer in arch.layers])
+
+
+family("deepseek_v3", Family(("DeepseekV3ForCausalLM",), deepseek_v3, config_from_arch=deepseek_v3_config))
+family("deepseek_v32", Family(("DeepseekV32ForCausalLM",), deepseek_v32, config_from_arch=deepseek_v32_config))

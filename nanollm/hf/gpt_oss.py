@@ -6,7 +6,18 @@ import dataclasses
 from typing import Any
 
 from ..ir import Arch, Call, ModelConfig
-from . import Family, call, common_settings, family, refuse, rope_call
+from . import (
+    Family,
+    attention_only,
+    call,
+    common_fields,
+    common_settings,
+    family,
+    layer_types,
+    refuse,
+    rope_call,
+    rope_parameters,
+)
 from .qwen3 import layers
 
 
@@ -32,4 +43,17 @@ def gpt_oss(hf: Any) -> Arch:
     return Arch(config, layers([mixers[t] for t in hf.layer_types], [sparse] * hf.num_hidden_layers, config))
 
 
-family("gpt_oss", Family(("GptOssForCausalLM",), gpt_oss))
+def gpt_oss_config(arch: Arch) -> Any:
+    """A GptOssConfig of a model of global and sliding layers with MoEs, or None."""
+    from transformers import GptOssConfig
+
+    if not attention_only(arch, ("moe",)):
+        return None
+    attention, moe = arch.layers[0].mixer.kwargs(), arch.layers[0].ffn.kwargs()
+    types, window = layer_types(arch)
+    return GptOssConfig(**dict(common_fields(arch, moe["d_ff"]), attention_bias=attention["bias"]), layer_types=types, sliding_window=window,
+                        rope_parameters=rope_parameters(attention["rope"]), num_local_experts=moe["experts"], num_experts_per_tok=moe["top"],
+                        swiglu_alpha=moe["alpha"], swiglu_limit=moe["limit"], router_aux_loss_coef=moe["aux"])
+
+
+family("gpt_oss", Family(("GptOssForCausalLM",), gpt_oss, config_from_arch=gpt_oss_config))

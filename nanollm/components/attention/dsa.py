@@ -11,6 +11,10 @@ DeepSeek's separate KL loss for it is not implemented).
 Attention then runs in MLA's absorbed form over the chosen keys only: their latents and RoPE keys are gathered
 (B, T, topk, ...) and every head scores those, so attention costs T x topk, not T^2 (counted so: the products are
 matmuls over the gathered keys). A query with fewer than `topk` earlier keys sees all of them.
+
+Decoding keeps MLA's latent cache and the indexer's key of every position (`cache_elements` counts both): each new
+query scores every cached index key and attends the top-k positions, as forward chooses them (equal scores to the
+earlier position, in both).
 """
 from __future__ import annotations
 
@@ -31,6 +35,15 @@ def half_split(table: torch.Tensor, layout: Layout) -> torch.Tensor:
     return torch.cat((half, half), dim=-1)
 
 
+def highest(index: torch.Tensor, k: int) -> torch.Tensor:
+    """The positions of the k highest index scores of each row (all of a shorter row), equal scores to the earlier position.
+
+    The tie rule makes the choice a function of the scores alone: ReLU makes exact ties common (every head's term 0),
+    and topk breaks them by the row's length, which differs between a whole sequence and a decoding step's cache.
+    """
+    return index.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 class LightningIndexer(nn.Module):
     """DeepSeek-V3.2's indexer: ReLU-weighted scores of every earlier key for each query (transformers' weight names)."""
 
@@ -45,16 +58,27 @@ class LightningIndexer(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout) -> torch.Tensor:
         """Index scores (B, T, T): -inf on future keys."""
+        return self.score(x, q_latent, cos, sin, layout, self.keys(x, cos, sin, layout), torch.arange(x.shape[1], device=x.device))
+
+    @torch.no_grad()
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Each token's indexer key (B, T, d), LayerNorm'd and rotated: one key for all heads (what decoding caches)."""
+        cos, sin = half_split(cos, layout), half_split(sin, layout)
+        return rotate(self.k_norm(self.wk(x)), cos, sin, Layout(0, cos.shape[-1], False))
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout, keys: torch.Tensor,
+              positions: torch.Tensor) -> torch.Tensor:
+        """Index scores (B, T, S) of the T queries at `positions` over keys (B, S, d) of positions 0..S-1: -inf on later keys."""
         batch, length, _ = x.shape
         cos, sin = half_split(cos, layout), half_split(sin, layout)
-        rope = Layout(0, cos.shape[-1], False)
-        q = rotate(self.wq_b(q_latent).view(batch, length, self.heads, self.head_dim).transpose(1, 2), cos, sin, rope)
-        k = rotate(self.k_norm(self.wk(x)).unsqueeze(1), cos, sin, rope)  # (B, 1, T, d): one key for all heads
-        scores = torch.relu(q.transpose(1, 2) @ k.transpose(-1, -2) * self.head_dim ** -0.5)  # (B, T, heads, T)
+        q = rotate(self.wq_b(q_latent).view(batch, length, self.heads, self.head_dim), cos.unsqueeze(-2), sin.unsqueeze(-2),
+                   Layout(0, cos.shape[-1], False))  # (B, T, heads, d)
+        scores = torch.relu(q @ keys.unsqueeze(1).transpose(-1, -2) * self.head_dim ** -0.5)  # (B, T, heads, S)
         weights = self.weights_proj(x) * self.heads ** -0.5
-        index = (weights.unsqueeze(-2) @ scores).squeeze(-2)  # (B, T, T)
-        future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
-        return index.masked_fill(future, float("-inf"))
+        index = (weights.unsqueeze(-2) @ scores).squeeze(-2)  # (B, T, S)
+        later = torch.arange(keys.shape[1], device=x.device)[None, :] > positions[:, None]
+        return index.masked_fill(later, float("-inf"))
 
 
 @register(
@@ -92,21 +116,37 @@ class SparseLatentAttention(LatentAttention):
         q_nope, q_rope, q_latent = self.queries(x, cos, sin)
         latent, k_rope = self.latents(x, cos, sin)
         index = self.indexer(x, q_latent, cos, sin, self.layout)
-        chosen = index.topk(min(self.topk, x.shape[1]), dim=-1).indices  # (B, T, k)
-        return self.output(x, self.attend_chosen(q_nope, q_rope, latent, k_rope, chosen))
+        positions = torch.arange(x.shape[1], device=x.device)
+        return self.output(x, self.attend_chosen(q_nope, q_rope, torch.cat((latent, k_rope), dim=-1), index, positions))
 
-    def attend_chosen(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
-                      chosen: torch.Tensor) -> torch.Tensor:
-        """Absorbed-form attention of each query over its chosen keys only; (B, H, T, v_head_dim)."""
-        key_up, value_up = self.up_projections()
-        q = torch.cat((q_nope @ key_up, q_rope), dim=-1).transpose(1, 2)  # (B, T, H, r + rope)
-        keys = torch.cat((latent, k_rope), dim=-1).squeeze(1)  # (B, T, r + rope): one key/value head for all
+    def attend_chosen(self, q_nope: torch.Tensor, q_rope: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, positions: torch.Tensor
+                      ) -> torch.Tensor:
+        """Absorbed-form attention of each query (at `positions`) over the `topk` keys of [latent | RoPE key] (B, 1, S, r + rope) its
+        index scores (B, T, S) rank highest; (B, H, T, v_head_dim)."""
+        chosen = highest(index, self.topk)  # (B, T, k)
+        q = self.absorbed_queries(q_nope, q_rope).transpose(1, 2)  # (B, T, H, r + rope)
+        keys = keys.squeeze(1)  # (B, S, r + rope): one key/value head for all
         picked = keys[torch.arange(keys.shape[0], device=keys.device)[:, None, None], chosen]  # (B, T, k, r + rope)
         scores = q @ picked.transpose(-1, -2) * self.scale  # (B, T, H, k)
-        earlier = chosen <= torch.arange(chosen.shape[1], device=chosen.device)[:, None]  # a query short of k keys picks later ones too
+        earlier = chosen <= positions[:, None]  # a query short of k keys picks later ones too
         weights = scores.masked_fill(~earlier.unsqueeze(2), float("-inf")).softmax(dim=-1)
         out = weights @ picked[..., : self.kv_lora_rank]  # (B, T, H, r)
-        return out.transpose(1, 2) @ value_up.transpose(1, 2)
+        return out.transpose(1, 2) @ self.up_projections()[1].transpose(1, 2)
+
+    def state(self, batch: int, capacity: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """MLA's latent cache and the indexer's key of every position (B, capacity, index_head_dim)."""
+        return {**super().state(batch, capacity, device, dtype),
+                "index_keys": torch.zeros(batch, capacity, self.indexer.head_dim, device=device, dtype=dtype)}
+
+    def decode(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Each new query attends the top-k of every cached position by its index score, as forward chooses them."""
+        q_nope, q_rope, q_latent = self.queries(x, cos, sin)
+        cached = self.cache(state, start, x, cos, sin)
+        end = cached.shape[2]
+        state["index_keys"][:, start:end] = self.indexer.keys(x, cos, sin, self.layout)
+        positions = torch.arange(start, end, device=x.device)
+        index = self.indexer.score(x, q_latent, cos, sin, self.layout, state["index_keys"][:, :end], positions)
+        return self.output(x, self.attend_chosen(q_nope, q_rope, cached, index, positions))
 
     def cache_elements(self, seq_len: int) -> int:
         return super().cache_elements(seq_len) + self.indexer.head_dim * seq_len

@@ -11,6 +11,10 @@ query and its value half into the output, and attends over the latents directly,
 value (multi-query attention of width kv_lora_rank + qk_rope_head_dim): what decoding from the latent cache does.
 The analysis counts whichever form the call names.
 
+Decoding (`state`/`decode`) always runs the absorbed form over the latent cache, whichever form the call names: per
+token it stores [normed latent | rotated RoPE key] and never a decompressed key or value; the new queries score
+that cache as one shared key, and its first kv_lora_rank channels are the shared value.
+
 The logit scale is 1/sqrt(qk_nope_head_dim + qk_rope_head_dim) (or `scale`), times DeepSeek-V3's YaRN
 correction mscale(factor, mscale_all_dim)^2 when the encoding is YaRN with mscale_all_dim set, as transformers does.
 """
@@ -27,7 +31,7 @@ from .. import BRANCH, REGISTRY, Component, Input, Param, Rotary, make_norm, reg
 from ...ir import MAX_WIDTH, Call, ModelConfig
 from ..position.rope import rotate
 from ..position.yarn import mscale
-from .causal import GATES, apply_gate, attend, sdpa_handle
+from .causal import GATES, apply_gate, attend, attend_visible, sdpa_handle
 
 MLA_PARAMS = (
     Param("heads", int, "query heads", setting="n_heads", minimum=1, maximum=MAX_WIDTH, positional=False),
@@ -162,10 +166,37 @@ class LatentAttention(Component):
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
         """Absorbed form: q_nope W_UK scores the latent itself, and W_UV maps the latent-weighted sum out; (B, H, T, v_head_dim)."""
-        key_up, value_up = self.up_projections()
-        q = torch.cat((q_nope @ key_up, q_rope), dim=-1)  # (B, H, T, r + rope)
+        q = self.absorbed_queries(q_nope, q_rope)
         out = attend_widths(q, torch.cat((latent, k_rope), dim=-1), latent, self.scale)  # one key/value head for all
-        return out @ value_up.transpose(1, 2)
+        return out @ self.up_projections()[1].transpose(1, 2)
+
+    def absorbed_queries(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
+        """Each head's query of the latent cache: [q_nope W_UK | q_rope] (B, H, T, r + rope)."""
+        return torch.cat((q_nope @ self.up_projections()[0], q_rope), dim=-1)
+
+    def state(self, batch: int, capacity: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The latent cache: per position the normed latent and the rotated shared RoPE key, side by side (B, 1, capacity, r + rope)."""
+        return {"latents": torch.zeros(batch, 1, capacity, self.kv_lora_rank + self.rope_dim, device=device, dtype=dtype)}
+
+    def cache(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
+              ) -> torch.Tensor:
+        """Write the new tokens' latents and RoPE keys at start..; the cache up to the last of them (B, 1, end, r + rope)."""
+        latent, k_rope = self.latents(x, cos, sin)
+        end = start + x.shape[1]
+        state["latents"][:, :, start:end] = torch.cat((latent, k_rope), dim=-1)
+        return state["latents"][:, :, :end]
+
+    def decode(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor, cos: torch.Tensor | None = None,
+               sin: torch.Tensor | None = None) -> torch.Tensor:
+        """The absorbed form over the latent cache: each head's query scores [latent | RoPE key] of every position so far."""
+        q_nope, q_rope, _ = self.queries(x, cos, sin)
+        cached = self.cache(state, start, x, cos, sin)
+        length, end = x.shape[1], cached.shape[2]
+        positions = torch.arange(start, end, device=x.device)
+        visible = None if length == 1 else positions[:, None] >= torch.arange(end, device=x.device)[None, :]
+        # the cache as value too (equal widths keep SDPA fused): the output's first kv_lora_rank channels are the latents' mix
+        out = attend_visible(self.absorbed_queries(q_nope, q_rope), cached, cached, visible, self.scale, 0.0)[..., : self.kv_lora_rank]
+        return self.output(x, out @ self.up_projections()[1].transpose(1, 2))
 
     def cache_elements(self, seq_len: int) -> int:
         return (self.kv_lora_rank + self.rope_dim) * seq_len
