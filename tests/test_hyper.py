@@ -195,6 +195,8 @@ def test_mhc_site_and_head_equal_transformers_deepseek_v4():
     assert torch.allclose(ours_post, post, atol=1e-6) and torch.allclose(ours_res, comb, atol=1e-6)
     assert torch.allclose(ours_collapsed, collapsed, atol=1e-5)
     assert torch.allclose(head(streams), their_head(streams), atol=1e-5)
+    half = streams.bfloat16()  # bf16 streams, fp32 connections (transformers keeps them so): the sums in fp32, rounded once
+    assert torch.equal(ours(half)[0], theirs(half)[2]) and torch.equal(head(half), their_head(half))
     out = torch.randn(2, T, D)  # the write, as DeepseekV4DecoderLayer adds a sublayer's output back
     written = post.unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), streams)
     assert torch.allclose(ManifoldWrite()(out, streams, ours_post, ours_res), written, atol=1e-5)
