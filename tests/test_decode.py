@@ -327,7 +327,7 @@ def test_compile_shows_the_inference_view_at_a_context(capsys) -> None:
     assert "decode FLOPs/token at context 32,768" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, *RECURRENT_FAMILIES])
 def test_an_export_is_the_native_transformers_model_with_the_same_logits_and_imports_back_bit_for_bit(family: str, tmp_path) -> None:
     hf = tiny(family, std=0.05)
     arch, ours = arch_from_config(hf.config), nanollm.from_hf(hf).eval()
