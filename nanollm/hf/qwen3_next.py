@@ -55,6 +55,15 @@ def qwen3_next(hf: Any) -> Arch:
     return Arch(config, pre_norm_layers(hybrid_mixers(hf, config, "qwen3_next"), ffns, config))
 
 
+def delta_rule_fields(arch: Arch) -> dict[str, Any]:
+    """The linear_* config fields of the first gated DeltaNet among the layers (the inverse of `hybrid_mixers`); none if there is none."""
+    delta = next((layer.mixer.kwargs() for layer in arch.layers if layer.mixer is not None and layer.mixer.name == "gdn"), None)
+    if delta is None:
+        return {}
+    return dict(linear_num_value_heads=delta["heads"], linear_num_key_heads=delta["key_heads"] or delta["heads"], linear_key_head_dim=delta["head_dim"],
+                linear_value_head_dim=delta["value_dim"] or delta["head_dim"], linear_conv_kernel_dim=delta["conv"])
+
+
 def hybrid_fields(arch: Arch, layout: str, ffns: tuple[str, ...], d_ff: int) -> dict[str, Any] | None:
     """The config fields of a Qwen3-Next / Qwen3.5 decoder (gated DeltaNet in `layout` and attention layers, these FFNs),
     or None if the layers are others; the FFN's own fields are the caller's."""
@@ -68,11 +77,7 @@ def hybrid_fields(arch: Arch, layout: str, ffns: tuple[str, ...], d_ff: int) -> 
     types = [kind(layer) for layer in arch.layers]
     if None in types or "full_attention" not in types:
         return None
-    delta = next(layer.mixer.kwargs() for layer in arch.layers if layer.mixer.name == "gdn") if "linear_attention" in types else {}
-    linear = dict(linear_num_value_heads=delta["heads"], linear_num_key_heads=delta["key_heads"] or delta["heads"],
-                  linear_key_head_dim=delta["head_dim"], linear_value_head_dim=delta["value_dim"] or delta["head_dim"],
-                  linear_conv_kernel_dim=delta["conv"]) if delta else {}
-    return dict(common_fields(arch, d_ff), **linear, layer_types=types, rope_parameters=rope_parameters(first_attention(arch)["rope"]), hidden_act="silu")
+    return dict(common_fields(arch, d_ff), **delta_rule_fields(arch), layer_types=types, rope_parameters=rope_parameters(first_attention(arch)["rope"]), hidden_act="silu")
 
 
 def qwen3_next_config(arch: Arch) -> Any:
