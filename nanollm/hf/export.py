@@ -63,7 +63,7 @@ def export(model: fx.GraphModule, arch: Arch, tokenizer: Any, target: Path) -> A
     else:
         config, adapter = found
         config.architectures = [adapter.causal_lms[0]]
-        names = weight_names(model, arch, adapter.decoder)
+        names = {ours: adapter.rename(theirs) for ours, theirs in weight_names(model, arch, adapter.decoder).items()}  # in the family's spelling
     if tokenizer is not None:
         config.eos_token_id, config.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
         config.pad_token_id = tokenizer.pad_token_id
