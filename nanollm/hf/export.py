@@ -3,7 +3,8 @@
 Where a family `from_hf` imports expresses the architecture, the directory is that family's, loadable by
 `AutoModelForCausalLM.from_pretrained` with no custom code: each family adapter maps an Arch to its config
 (`Family.config_from_arch`), and a config counts only if importing it gives back the same model, so no
-mapping can export something else silently. The weights are renamed by the same `weight_names` import reads.
+mapping can export something else silently. The weights are renamed by the same `weight_names` and
+`Family.renames` import reads.
 Otherwise the directory holds nanollm's IR in its config and `modeling_nanollm.py`, loadable with
 trust_remote_code (nanollm installed), the weights under their nanollm names.
 """
