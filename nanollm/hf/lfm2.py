@@ -41,9 +41,9 @@ def lfm2_config(arch: Arch) -> Any:
     if not all(layer.mixer is not None and layer.mixer.name in kinds and layer.ffn is not None and layer.ffn.name == "swiglu" for layer in arch.layers):
         return None
     types = [kinds[layer.mixer.name] for layer in arch.layers]
-    if "full_attention" not in types:
+    if "full_attention" not in types or "conv" not in types:  # attention alone is Qwen3's to export
         return None
-    conv = next((layer.mixer.kwargs() for layer in arch.layers if layer.mixer.name == "shortconv"), {"kernel": 3, "bias": False})
+    conv = next(layer.mixer.kwargs() for layer in arch.layers if layer.mixer.name == "shortconv")
     fields = common_fields(arch, arch.layers[0].ffn.kwargs()["d_ff"])
     fields["norm_eps"] = fields.pop("rms_norm_eps")
     del fields["attention_bias"]  # LFM2's attention has none, and no such field

@@ -44,11 +44,11 @@ def olmo_hybrid_config(arch: Arch) -> Any:
         return "full_attention" if layer.mixer.name == "global" and layer.residual.name == "postnorm" else None
 
     types = [kind(layer) for layer in arch.layers]
-    if None in types or "full_attention" not in types:
+    if None in types or "full_attention" not in types or "linear_attention" not in types:  # attention alone is OLMo 2's to export
         return None
-    linear = delta_rule_fields(arch)
-    if linear:  # the DeltaNet layers' beta range (every layer's, checked by the import)
-        linear["linear_allow_neg_eigval"] = next(layer.mixer.kwargs()["negative_eigenvalues"] for layer in arch.layers if layer.mixer.name == "gdn")
+    # the DeltaNet layers' beta range (every layer's, checked by the import)
+    linear = dict(delta_rule_fields(arch), linear_allow_neg_eigval=next(layer.mixer.kwargs()["negative_eigenvalues"] for layer in arch.layers
+                                                                        if layer.mixer.name == "gdn"))
     # no rope_theta: attention without a position encoding (transformers fills in a default for rope_parameters=None)
     rope = rope_parameters(first_attention(arch)["rope"]) or {"rope_type": "default", "rope_theta": None}
     return OlmoHybridConfig(**common_fields(arch, arch.layers[0].ffn.kwargs()["d_ff"]), **linear, layer_types=types, rope_parameters=rope,
