@@ -38,7 +38,8 @@ def lfm2_config(arch: Arch) -> Any:
     from transformers import Lfm2Config
 
     kinds = {"shortconv": "conv", "global": "full_attention"}
-    if not all(layer.mixer is not None and layer.mixer.name in kinds and layer.ffn is not None and layer.ffn.name == "swiglu" for layer in arch.layers):
+    if not all(layer.mixer is not None and layer.mixer.name in kinds and layer.ffn is not None and layer.ffn.name == "swiglu"
+               for layer in arch.layers):
         return None
     types = [kinds[layer.mixer.name] for layer in arch.layers]
     if "full_attention" not in types or "conv" not in types:  # attention alone is Qwen3's to export

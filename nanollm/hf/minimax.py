@@ -62,4 +62,5 @@ def minimax_config(arch: Arch) -> Any:
                          mlp_alpha_factor=mlp["ffn_alpha"], mlp_beta_factor=mlp["ffn_beta"], eos_token_id=None, bos_token_id=None, pad_token_id=None)
 
 
-family("minimax", Family(("MiniMaxForCausalLM",), minimax, config_from_arch=minimax_config, derived=(".slope_rate", ".query_decay", ".key_decay", ".diagonal_decay")))
+family("minimax", Family(("MiniMaxForCausalLM",), minimax, config_from_arch=minimax_config,
+                         derived=(".slope_rate", ".query_decay", ".key_decay", ".diagonal_decay")))

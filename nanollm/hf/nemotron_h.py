@@ -44,7 +44,8 @@ def nemotron_h_config(arch: Arch) -> Any:
     if "mamba2" in first:
         ssm = first["mamba2"]
         mamba = dict(mamba_num_heads=ssm["heads"], mamba_head_dim=ssm["head_dim"], ssm_state_size=ssm["state"], n_groups=ssm["groups"],
-                     conv_kernel=ssm["conv"], chunk_size=ssm["chunk"], time_step_min=ssm["dt_min"], use_conv_bias=ssm["conv_bias"], use_bias=ssm["bias"])
+                     conv_kernel=ssm["conv"], chunk_size=ssm["chunk"], time_step_min=ssm["dt_min"], use_conv_bias=ssm["conv_bias"],
+                     use_bias=ssm["bias"])
     fields = common_fields(arch, mlp["d_ff"])
     fields["layer_norm_epsilon"] = fields.pop("rms_norm_eps")
     return NemotronHConfig(**fields, **mamba, layers_block_type=[kinds[call.name] for call in calls], mlp_bias=mlp["bias"], mlp_hidden_act="relu2",

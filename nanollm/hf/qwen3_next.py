@@ -60,8 +60,9 @@ def delta_rule_fields(arch: Arch) -> dict[str, Any]:
     delta = next((layer.mixer.kwargs() for layer in arch.layers if layer.mixer is not None and layer.mixer.name == "gdn"), None)
     if delta is None:
         return {}
-    return dict(linear_num_value_heads=delta["heads"], linear_num_key_heads=delta["key_heads"] or delta["heads"], linear_key_head_dim=delta["head_dim"],
-                linear_value_head_dim=delta["value_dim"] or delta["head_dim"], linear_conv_kernel_dim=delta["conv"])
+    return dict(linear_num_value_heads=delta["heads"], linear_num_key_heads=delta["key_heads"] or delta["heads"],
+                linear_key_head_dim=delta["head_dim"], linear_value_head_dim=delta["value_dim"] or delta["head_dim"],
+                linear_conv_kernel_dim=delta["conv"])
 
 
 def hybrid_fields(arch: Arch, layout: str, ffns: tuple[str, ...], d_ff: int) -> dict[str, Any] | None:
@@ -77,7 +78,8 @@ def hybrid_fields(arch: Arch, layout: str, ffns: tuple[str, ...], d_ff: int) -> 
     types = [kind(layer) for layer in arch.layers]
     if None in types or "full_attention" not in types:
         return None
-    return dict(common_fields(arch, d_ff), **delta_rule_fields(arch), layer_types=types, rope_parameters=rope_parameters(first_attention(arch)["rope"]), hidden_act="silu")
+    return dict(common_fields(arch, d_ff), **delta_rule_fields(arch), layer_types=types, rope_parameters=rope_parameters(first_attention(arch)["rope"]),
+                hidden_act="silu")
 
 
 def qwen3_next_config(arch: Arch) -> Any:
