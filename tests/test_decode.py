@@ -54,8 +54,9 @@ from nanollm.cli import main
 from nanollm.compiled import Compiled
 from nanollm.components.linear.delta_rule import DeltaRuleMixer
 from nanollm.decode import Decoder, Sampling, generated
+from nanollm.hf import FAMILIES as ADAPTERS
 from nanollm.hf import arch_from_config
-from nanollm.hf.export import export
+from nanollm.hf.export import export, native_config
 from nanollm.train.tokenizer import load_tokenizer
 from nanollm.trained import load_trained
 
@@ -70,7 +71,7 @@ LATENT = {"num_key_value_heads": 4, "kv_lora_rank": 16, "q_lora_rank": 24, "qk_n
           "first_k_dense_replace": 1}
 YARN = {"rope_type": "yarn", "rope_theta": 1e3, "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 8.0, "beta_slow": 1.0,
         "truncate": False}
-FAMILIES = {
+ATTENTION_FAMILIES = {
     "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(layer_types=MIXED, use_sliding_window=True, sliding_window=WINDOW)),
     "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                                             use_sliding_window=True, sliding_window=WINDOW)),
@@ -91,10 +92,10 @@ FAMILIES = {
 CHUNK = 5  # every chunked form's block, so that the prompt spans several and ends inside one
 LINEAR = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=6, linear_conv_kernel_dim=4)
 HYBRID_LAYERS = ["linear_attention", "full_attention", "linear_attention", "linear_attention"]
-RECURRENT_FAMILIES = {  # the hybrids of recurrent mixers; they export as nanollm's remote code (no native config_from_arch yet)
+RECURRENT_FAMILIES = {  # the hybrids of recurrent mixers
     "qwen3_next": (Qwen3NextForCausalLM, Qwen3NextConfig, dict(LINEAR, layer_types=HYBRID_LAYERS, num_experts=4, num_experts_per_tok=2,
                                                                moe_intermediate_size=32, shared_expert_intermediate_size=32)),
-    "qwen3_5": (Qwen3_5ForCausalLM, Qwen3_5TextConfig, dict(LINEAR, layer_types=HYBRID_LAYERS)),
+    "qwen3_5_text": (Qwen3_5ForCausalLM, Qwen3_5TextConfig, dict(LINEAR, layer_types=HYBRID_LAYERS)),
     "olmo_hybrid": (OlmoHybridForCausalLM, OlmoHybridConfig, dict(LINEAR, layer_types=HYBRID_LAYERS)),
     "minimax": (MiniMaxForCausalLM, MiniMaxConfig, dict(layer_types=HYBRID_LAYERS, block_size=CHUNK, num_local_experts=4,
                                                         num_experts_per_tok=2, full_attn_alpha_factor=1.5, linear_attn_beta_factor=1.2)),
@@ -102,6 +103,9 @@ RECURRENT_FAMILIES = {  # the hybrids of recurrent mixers; they export as nanoll
                                                                n_groups=2, chunk_size=CHUNK, use_conv_bias=True, layers_block_type=[
                                                                    "linear_attention", "mlp", "full_attention", "linear_attention", "mlp"])),
     "lfm2": (Lfm2ForCausalLM, Lfm2Config, dict(layer_types=["conv", "full_attention", "conv", "conv"], block_multiple_of=32, conv_bias=True)),
+}
+FAMILIES = {**ATTENTION_FAMILIES, **RECURRENT_FAMILIES}  # each decodes as transformers does and exports as its own transformers model
+NOT_EXPORTED = {  # decodes as transformers does; no native export yet, so it exports as nanollm's remote code
     "kimi_linear": (KimiLinearForCausalLM, KimiLinearConfig, dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
         v_head_dim=12, moe_intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
         first_k_dense_replace=1, linear_attn_config={"num_heads": 4, "head_dim": 8, "short_conv_kernel_size": 4, "kda_layers": [1, 3, 4],
@@ -112,7 +116,7 @@ RECURRENT_FAMILIES = {  # the hybrids of recurrent mixers; they export as nanoll
 def tiny(family: str, std: float = 0.2) -> Any:
     """A tiny random transformers model of a family, eager, fp32; weights drawn N(0, std), by default wide enough that
     greedy choices are decisive (no near-ties for rounding to flip)."""
-    model_class, config_class, overrides = {**FAMILIES, **RECURRENT_FAMILIES}[family]
+    model_class, config_class, overrides = {**FAMILIES, **NOT_EXPORTED}[family]
     torch.manual_seed(0)
     model = model_class(config_class(**{**TINY, **copy.deepcopy(overrides)}, attn_implementation="eager", experts_implementation="eager")).eval()
     with torch.no_grad():
@@ -140,7 +144,7 @@ def decoder_of(hf: Any) -> Decoder:
     return Decoder(model, arch_from_config(hf.config), context=hf.config.max_position_embeddings)
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, *RECURRENT_FAMILIES])
+@pytest.mark.parametrize("family", [*FAMILIES, *NOT_EXPORTED])
 def test_greedy_tokens_equal_transformers_generate(family: str) -> None:
     hf = tiny(family)
     torch.manual_seed(1)
@@ -392,6 +396,20 @@ def test_an_export_is_the_native_transformers_model_with_the_same_logits_and_imp
     back = nanollm.from_hf(tmp_path / "out").state_dict()
     assert back.keys() == ours.state_dict().keys()
     assert all(torch.equal(back[name], tensor) for name, tensor in ours.state_dict().items())
+
+
+def test_every_family_with_a_native_export_is_proven_by_the_export_test() -> None:
+    exported = {model_type for model_type, adapter in ADAPTERS.items() if adapter.config_from_arch}
+    assert exported == {FAMILIES[family][1].model_type for family in FAMILIES}
+
+
+def test_a_recurrent_architecture_exports_natively_exactly_where_a_family_expresses_it() -> None:
+    settings = HYBRID.split("repeat")[0]
+    for extra, layers in RECURRENT_PATTERNS.values():  # KDA, Engram, hyper-connections, mixers no one family has together
+        assert native_config(nanollm.compile(settings + extra + layers).arch) is None
+    # written by hand, not imported: LFM2's short convolutions and attention, with nanollm's defaults (no conv bias, SwiGLU)
+    config, adapter = native_config(nanollm.compile(settings + "shortconv(3); global; shortconv(3); shortconv(3)").arch)
+    assert adapter is ADAPTERS["lfm2"] and config.layer_types == ["conv", "full_attention", "conv", "conv"] and config.conv_L_cache == 3
 
 
 def test_export_writes_a_runs_model_and_tokenizer_and_refuses_an_existing_target(tmp_path, capsys) -> None:

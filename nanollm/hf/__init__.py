@@ -127,14 +127,16 @@ def rope_parameters(rope: Call) -> dict[str, Any] | None:
     if rope.name == "nope":
         return None
     args = rope.kwargs()
+    # partial RoPE (Qwen3-Next, Qwen3.5); a family rotating whole heads imports the factor as 1 or refuses it, so never exports it
+    shape = {"partial_rotary_factor": args["fraction"]} if args.get("fraction", 1.0) != 1.0 else {}
     if rope.name == "yarn":
         # a zero is unset (as `rope_call` reads it): transformers would take a written 0 as the value
         extra = {key: args[key] for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor") if args.get(key)}
         return {"rope_type": "yarn", "rope_theta": args["theta"], "factor": args["factor"], "original_max_position_embeddings": args["original"],
-                "truncate": args["truncate"], **extra}
+                "truncate": args["truncate"], **extra, **shape}
     if args["factor"] != 1.0:
-        return {"rope_type": "linear", "rope_theta": args["theta"], "factor": args["factor"]}
-    return {"rope_type": "default", "rope_theta": args["theta"]}
+        return {"rope_type": "linear", "rope_theta": args["theta"], "factor": args["factor"], **shape}
+    return {"rope_type": "default", "rope_theta": args["theta"], **shape}
 
 
 def attention_only(arch: Arch, ffns: tuple[str, ...]) -> bool:
@@ -143,10 +145,15 @@ def attention_only(arch: Arch, ffns: tuple[str, ...]) -> bool:
                for layer in arch.layers)
 
 
+def first_attention(arch: Arch) -> dict[str, Any] | None:
+    """The arguments of the first global or sliding attention among the layers (None if there is none)."""
+    return next((layer.mixer.kwargs() for layer in arch.layers if layer.mixer is not None and layer.mixer.name in ("global", "sliding")), None)
+
+
 def common_fields(arch: Arch, d_ff: int) -> dict[str, Any]:
     """The transformers config fields every decoder states the same way (the inverse of `common_settings`), the heads
-    read from the first layer's attention."""
-    config, attention = arch.config, arch.layers[0].mixer.kwargs()
+    read from the first attention layer (one there must be)."""
+    config, attention = arch.config, first_attention(arch)
     return dict(vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=len(arch.layers), num_attention_heads=attention["heads"],
                 num_key_value_heads=attention["kv_heads"], head_dim=attention["head_dim"], intermediate_size=d_ff, rms_norm_eps=config.norm_eps,
                 tie_word_embeddings=config.tie_embeddings, max_position_embeddings=config.seq_len, attention_bias=False)

@@ -3,7 +3,8 @@
 Where a family `from_hf` imports expresses the architecture, the directory is that family's, loadable by
 `AutoModelForCausalLM.from_pretrained` with no custom code: each family adapter maps an Arch to its config
 (`Family.config_from_arch`), and a config counts only if importing it gives back the same model, so no
-mapping can export something else silently. The weights are renamed by the same `weight_names` import reads.
+mapping can export something else silently. The weights are renamed by the same `weight_names` and
+`Family.renames` import reads.
 Otherwise the directory holds nanollm's IR in its config and `modeling_nanollm.py`, loadable with
 trust_remote_code (nanollm installed), the weights under their nanollm names.
 """
@@ -63,7 +64,7 @@ def export(model: fx.GraphModule, arch: Arch, tokenizer: Any, target: Path) -> A
     else:
         config, adapter = found
         config.architectures = [adapter.causal_lms[0]]
-        names = weight_names(model, arch, adapter.decoder)
+        names = {ours: adapter.rename(theirs) for ours, theirs in weight_names(model, arch, adapter.decoder).items()}  # in the family's spelling
     if tokenizer is not None:
         config.eos_token_id, config.bos_token_id = tokenizer.eos_token_id, tokenizer.bos_token_id
         config.pad_token_id = tokenizer.pad_token_id

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from ..ir import Arch, Layer, ModelConfig
-from . import Family, call, common_settings, family, refuse, rope_call
+from . import Family, call, common_fields, common_settings, family, first_attention, refuse, rope_call, rope_parameters
 
 
 def feed_forward_width(hf: Any) -> int:
@@ -33,7 +33,27 @@ def lfm2(hf: Any) -> Arch:
     return Arch(config, tuple(Layer((("mixer", mixers[t]), ("ffn", ffn)), config.residual) for t in hf.layer_types))
 
 
-family("lfm2", Family(("Lfm2ForCausalLM",), lfm2, renames=(
+def lfm2_config(arch: Arch) -> Any:
+    """An Lfm2Config of a model of short-convolution and attention layers with SwiGLUs, or None."""
+    from transformers import Lfm2Config
+
+    kinds = {"shortconv": "conv", "global": "full_attention"}
+    if not all(layer.mixer is not None and layer.mixer.name in kinds and layer.ffn is not None and layer.ffn.name == "swiglu"
+               for layer in arch.layers):
+        return None
+    types = [kinds[layer.mixer.name] for layer in arch.layers]
+    if "full_attention" not in types or "conv" not in types:  # attention alone is Qwen3's to export
+        return None
+    conv = next(layer.mixer.kwargs() for layer in arch.layers if layer.mixer.name == "shortconv")
+    fields = common_fields(arch, arch.layers[0].ffn.kwargs()["d_ff"])
+    fields["norm_eps"] = fields.pop("rms_norm_eps")
+    del fields["attention_bias"]  # LFM2's attention has none, and no such field
+    # the SwiGLU width as it is, not adjusted (block_auto_adjust_ff_dim)
+    return Lfm2Config(**fields, layer_types=types, conv_L_cache=conv["kernel"], conv_bias=conv["bias"], block_auto_adjust_ff_dim=False,
+                      rope_parameters=rope_parameters(first_attention(arch)["rope"]), eos_token_id=None, bos_token_id=None, pad_token_id=None)
+
+
+family("lfm2", Family(("Lfm2ForCausalLM",), lfm2, config_from_arch=lfm2_config, renames=(
     (r"^model\.norm\.", "model.embedding_norm."),
     (r"\.input_layernorm\.", ".operator_norm."),
     (r"\.post_attention_layernorm\.", ".ffn_norm."),

@@ -37,4 +37,30 @@ def minimax(hf: Any) -> Arch:
     return Arch(config, tuple(layers))
 
 
-family("minimax", Family(("MiniMaxForCausalLM",), minimax, derived=(".slope_rate", ".query_decay", ".key_decay", ".diagonal_decay")))
+def minimax_config(arch: Arch) -> Any:
+    """A MiniMaxConfig of a model of lightning and global attention layers with softmax MoEs and scaled residuals, or None."""
+    from transformers import MiniMaxConfig
+
+    from . import common_fields, first_attention, rope_parameters
+
+    kinds = {"global": "full_attention", "lightning": "linear_attention"}
+    if not all(layer.mixer is not None and layer.mixer.name in kinds and layer.ffn is not None and layer.ffn.name == "moe"
+               and layer.residual.name == "scaled" for layer in arch.layers) or first_attention(arch) is None:
+        return None
+    types = [kinds[layer.mixer.name] for layer in arch.layers]
+    # each kind's residual factors from its first layer (the import checks that every layer has its kind's), the MoE's from any
+    scaled = {kind: arch.layers[types.index(kind)].residual.kwargs() if kind in types else {"alpha": 1.0, "beta": 1.0} for kind in kinds.values()}
+    mlp, moe = arch.layers[0].residual.kwargs(), arch.layers[0].ffn.kwargs()
+    lightning = next((layer.mixer.kwargs() for layer in arch.layers if layer.mixer.name == "lightning"), {"chunk": 256})
+    fields = common_fields(arch, moe["d_ff"])
+    del fields["attention_bias"]  # MiniMax's attention has none, and no such field
+    return MiniMaxConfig(**fields, layer_types=types, block_size=lightning["chunk"], rope_parameters=rope_parameters(first_attention(arch)["rope"]),
+                         hidden_act="silu", sliding_window=None, num_local_experts=moe["experts"], num_experts_per_tok=moe["top"],
+                         router_aux_loss_coef=moe["aux"], router_jitter_noise=moe["jitter"],
+                         full_attn_alpha_factor=scaled["full_attention"]["alpha"], full_attn_beta_factor=scaled["full_attention"]["beta"],
+                         linear_attn_alpha_factor=scaled["linear_attention"]["alpha"], linear_attn_beta_factor=scaled["linear_attention"]["beta"],
+                         mlp_alpha_factor=mlp["ffn_alpha"], mlp_beta_factor=mlp["ffn_beta"], eos_token_id=None, bos_token_id=None, pad_token_id=None)
+
+
+family("minimax", Family(("MiniMaxForCausalLM",), minimax, config_from_arch=minimax_config,
+                         derived=(".slope_rate", ".query_decay", ".key_decay", ".diagonal_decay")))

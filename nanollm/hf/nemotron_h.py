@@ -27,7 +27,32 @@ def nemotron_h(hf: Any) -> Arch:
     return Arch(config, tuple(Layer((blocks[t],), config.residual) for t in hf.layers_block_type))
 
 
-family("nemotron_h", Family(("NemotronHForCausalLM",), nemotron_h, renames=(
+def nemotron_h_config(arch: Arch) -> Any:
+    """A NemotronHConfig of a model of single-sublayer pre-norm blocks (Mamba-2, attention, ReLU^2 MLP), or None."""
+    from transformers import NemotronHConfig
+
+    from . import common_fields, first_attention
+
+    kinds = {"mamba2": "linear_attention", "global": "full_attention", "relu2": "mlp"}
+    calls = [layer.sublayers[0][1] for layer in arch.layers]
+    if not all(len(layer.sublayers) == 1 and layer.residual.name == "prenorm" for layer in arch.layers) or \
+            not all(call.name in kinds for call in calls) or first_attention(arch) is None:
+        return None
+    first = {call.name: call.kwargs() for call in reversed(calls)}  # each kind's first call (the import checks the rest)
+    mlp = first.get("relu2", {"d_ff": arch.config.d_ff, "bias": False})
+    mamba = {}
+    if "mamba2" in first:
+        ssm = first["mamba2"]
+        mamba = dict(mamba_num_heads=ssm["heads"], mamba_head_dim=ssm["head_dim"], ssm_state_size=ssm["state"], n_groups=ssm["groups"],
+                     conv_kernel=ssm["conv"], chunk_size=ssm["chunk"], time_step_min=ssm["dt_min"], use_conv_bias=ssm["conv_bias"],
+                     use_bias=ssm["bias"])
+    fields = common_fields(arch, mlp["d_ff"])
+    fields["layer_norm_epsilon"] = fields.pop("rms_norm_eps")
+    return NemotronHConfig(**fields, **mamba, layers_block_type=[kinds[call.name] for call in calls], mlp_bias=mlp["bias"], mlp_hidden_act="relu2",
+                           mamba_hidden_act="silu", sliding_window=None, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+
+
+family("nemotron_h", Family(("NemotronHForCausalLM",), nemotron_h, config_from_arch=nemotron_h_config, renames=(
     (r"^model\.embed_tokens\.", "model.embeddings."),
     (r"^model\.norm\.", "model.norm_f."),
     (r"\.(input_layernorm|post_attention_layernorm)\.", ".norm."),

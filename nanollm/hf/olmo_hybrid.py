@@ -6,7 +6,8 @@ import dataclasses
 from typing import Any
 
 from ..ir import Arch, Layer, ModelConfig
-from . import Family, call, common_settings, family, refuse, rope_call
+from . import Family, call, common_fields, common_settings, family, first_attention, refuse, rope_call, rope_parameters
+from .qwen3_next import delta_rule_fields
 
 GATED_NORM_EPS = 1e-5  # transformers' OlmoHybridRMSNormGated keeps fla's epsilon whatever rms_norm_eps says
 
@@ -31,4 +32,27 @@ def olmo_hybrid(hf: Any) -> Arch:
     return Arch(config, tuple(Layer((("mixer", kinds[t][0]), ("ffn", ffn)), kinds[t][1]) for t in hf.layer_types))
 
 
-family("olmo_hybrid", Family(("OlmoHybridForCausalLM",), olmo_hybrid))
+def olmo_hybrid_config(arch: Arch) -> Any:
+    """An OlmoHybridConfig of a model of pre-norm gated DeltaNet and post-norm attention layers with SwiGLUs, or None."""
+    from transformers import OlmoHybridConfig
+
+    def kind(layer: Layer) -> str | None:
+        if layer.mixer is None or layer.ffn is None or layer.ffn.name != "swiglu":
+            return None
+        if layer.mixer.name == "gdn" and layer.residual.name == "prenorm":
+            return "linear_attention"
+        return "full_attention" if layer.mixer.name == "global" and layer.residual.name == "postnorm" else None
+
+    types = [kind(layer) for layer in arch.layers]
+    if None in types or "full_attention" not in types or "linear_attention" not in types:  # attention alone is OLMo 2's to export
+        return None
+    # the DeltaNet layers' beta range (every layer's, checked by the import)
+    linear = dict(delta_rule_fields(arch), linear_allow_neg_eigval=next(layer.mixer.kwargs()["negative_eigenvalues"] for layer in arch.layers
+                                                                        if layer.mixer.name == "gdn"))
+    # no rope_theta: attention without a position encoding (transformers fills in a default for rope_parameters=None)
+    rope = rope_parameters(first_attention(arch)["rope"]) or {"rope_type": "default", "rope_theta": None}
+    return OlmoHybridConfig(**common_fields(arch, arch.layers[0].ffn.kwargs()["d_ff"]), **linear, layer_types=types, rope_parameters=rope,
+                            hidden_act="silu", eos_token_id=None, pad_token_id=None)
+
+
+family("olmo_hybrid", Family(("OlmoHybridForCausalLM",), olmo_hybrid, config_from_arch=olmo_hybrid_config))

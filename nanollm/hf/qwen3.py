@@ -5,7 +5,9 @@ import dataclasses
 from typing import Any
 
 from ..ir import Arch, Call, Layer, ModelConfig
-from . import Family, attention_only, call, common_fields, common_settings, family, layer_types, refuse, rope_call, rope_parameters
+from . import (
+    Family, attention_only, call, common_fields, common_settings, family, first_attention, layer_types, refuse, rope_call, rope_parameters,
+)
 
 
 def attention_layers(hf: Any, config: ModelConfig) -> list[Call]:
@@ -65,7 +67,7 @@ def qwen3_moe(hf: Any) -> Arch:
 def attention_fields(arch: Arch, d_ff: int) -> dict[str, Any]:
     """The config fields of a Qwen3-style decoder (one RoPE, sliding layers or not), for export."""
     window = layer_types(arch)[1]
-    return dict(common_fields(arch, d_ff), rope_parameters=rope_parameters(arch.layers[0].mixer.kwargs()["rope"]), use_sliding_window=window is not None,
+    return dict(common_fields(arch, d_ff), rope_parameters=rope_parameters(first_attention(arch)["rope"]), use_sliding_window=window is not None,
                 sliding_window=window, hidden_act="silu")
 
 

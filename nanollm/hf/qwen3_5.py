@@ -7,7 +7,7 @@ from typing import Any
 
 from ..ir import Arch
 from . import Family, call, family
-from .qwen3_next import hybrid_config, hybrid_mixers, pre_norm_layers
+from .qwen3_next import hybrid_config, hybrid_fields, hybrid_mixers, pre_norm_layers
 
 
 def qwen3_5_text(hf: Any) -> Arch:
@@ -17,4 +17,13 @@ def qwen3_5_text(hf: Any) -> Arch:
     return Arch(config, pre_norm_layers(hybrid_mixers(hf, config, "qwen3_5"), [dense] * hf.num_hidden_layers, config))
 
 
-family("qwen3_5_text", Family(("Qwen3_5ForCausalLM",), qwen3_5_text))
+def qwen3_5_text_config(arch: Arch) -> Any:
+    """A Qwen3_5TextConfig of a model of gated DeltaNet (qwen3_5 layout) and attention layers with SwiGLUs, or None."""
+    from transformers import Qwen3_5TextConfig
+
+    dense = next((layer.ffn.kwargs()["d_ff"] for layer in arch.layers if layer.ffn is not None), None)
+    fields = hybrid_fields(arch, "qwen3_5", ("swiglu",), dense) if dense is not None else None
+    return Qwen3_5TextConfig(**fields) if fields else None
+
+
+family("qwen3_5_text", Family(("Qwen3_5ForCausalLM",), qwen3_5_text, config_from_arch=qwen3_5_text_config))

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from ..ir import Arch, Call, Layer, ModelConfig
-from . import Family, call, common_settings, family, refuse, rope_call
+from . import Family, call, common_fields, common_settings, family, first_attention, refuse, rope_call, rope_parameters
 
 ZERO_CENTERED = Call("rmsnorm", (("zero_centered", True),))
 
@@ -55,4 +55,50 @@ def qwen3_next(hf: Any) -> Arch:
     return Arch(config, pre_norm_layers(hybrid_mixers(hf, config, "qwen3_next"), ffns, config))
 
 
-family("qwen3_next", Family(("Qwen3NextForCausalLM",), qwen3_next))
+def delta_rule_fields(arch: Arch) -> dict[str, Any]:
+    """The linear_* config fields of the first gated DeltaNet among the layers (the inverse of `hybrid_mixers`); none if there is none."""
+    delta = next((layer.mixer.kwargs() for layer in arch.layers if layer.mixer is not None and layer.mixer.name == "gdn"), None)
+    if delta is None:
+        return {}
+    return dict(linear_num_value_heads=delta["heads"], linear_num_key_heads=delta["key_heads"] or delta["heads"],
+                linear_key_head_dim=delta["head_dim"], linear_value_head_dim=delta["value_dim"] or delta["head_dim"],
+                linear_conv_kernel_dim=delta["conv"])
+
+
+def hybrid_fields(arch: Arch, layout: str, ffns: tuple[str, ...], d_ff: int) -> dict[str, Any] | None:
+    """The config fields of a Qwen3-Next / Qwen3.5 decoder (gated DeltaNet in `layout` and attention layers, these FFNs),
+    or None if the layers are others; the FFN's own fields are the caller's."""
+    def kind(layer: Layer) -> str | None:
+        if layer.mixer is None or layer.ffn is None or layer.ffn.name not in ffns:
+            return None
+        if layer.mixer.name == "gdn" and layer.mixer.kwargs()["layout"] == layout:
+            return "linear_attention"
+        return "full_attention" if layer.mixer.name == "global" else None
+
+    types = [kind(layer) for layer in arch.layers]
+    if None in types or "full_attention" not in types:
+        return None
+    return dict(common_fields(arch, d_ff), **delta_rule_fields(arch), layer_types=types, rope_parameters=rope_parameters(first_attention(arch)["rope"]),
+                hidden_act="silu")
+
+
+def qwen3_next_config(arch: Arch) -> Any:
+    """A Qwen3NextConfig of a model of gated DeltaNet (qwen3_next layout) and attention layers with shared-expert MoEs
+    (and dense SwiGLUs), or None."""
+    from transformers import Qwen3NextConfig
+
+    sparse = [layer.ffn.kwargs() for layer in arch.layers if layer.ffn is not None and layer.ffn.name == "moe"]
+    dense = [layer.ffn.kwargs()["d_ff"] for layer in arch.layers if layer.ffn is not None and layer.ffn.name == "swiglu"]
+    if not sparse:
+        return None
+    moe = sparse[0]
+    fields = hybrid_fields(arch, "qwen3_next", ("moe", "swiglu"), dense[0] if dense else moe["d_ff"])
+    if fields is None:
+        return None
+    return Qwen3NextConfig(**fields, num_experts=moe["experts"], num_experts_per_tok=moe["top"], moe_intermediate_size=moe["d_ff"],
+                           shared_expert_intermediate_size=moe["shared"] * moe["d_ff"], norm_topk_prob=moe["norm_topk"],
+                           router_aux_loss_coef=moe["aux"], decoder_sparse_step=1,
+                           mlp_only_layers=[i for i, layer in enumerate(arch.layers) if layer.ffn.name == "swiglu"])
+
+
+family("qwen3_next", Family(("Qwen3NextForCausalLM",), qwen3_next, config_from_arch=qwen3_next_config))
