@@ -88,8 +88,10 @@ def deepseek_v3_config(arch: Arch) -> Any:
     from transformers import DeepseekV3Config
 
     fields = deepseek_fields(arch, "mla")
+    if fields is None:
+        return None
     kinds = [layer.ffn.name for layer in arch.layers]
-    if fields is None or kinds != sorted(kinds, key=lambda kind: kind == "moe"):
+    if kinds != sorted(kinds, key=lambda kind: kind == "moe"):
         return None
     return DeepseekV3Config(**fields, first_k_dense_replace=kinds.count("swiglu"))
 
