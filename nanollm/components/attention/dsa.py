@@ -31,6 +31,14 @@ def half_split(table: torch.Tensor, layout: Layout) -> torch.Tensor:
     return torch.cat((half, half), dim=-1)
 
 
+def lightning_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The indexer's score of each key for each query, sum_h w_h relu(q_h . k / sqrt(d)) with w = weights / sqrt(heads),
+    from queries (B, heads, T, d), keys shared by the heads (B, 1, S, d) and weights (B, T, heads); (B, T, S)."""
+    heads, width = q.shape[1], q.shape[-1]
+    scores = torch.relu(q.transpose(1, 2) @ k.transpose(-1, -2) * width ** -0.5)  # (B, T, heads, S)
+    return ((weights * heads ** -0.5).unsqueeze(-2) @ scores).squeeze(-2)
+
+
 class LightningIndexer(nn.Module):
     """DeepSeek-V3.2's indexer: ReLU-weighted scores of every earlier key for each query (transformers' weight names)."""
 
@@ -50,9 +58,7 @@ class LightningIndexer(nn.Module):
         rope = Layout(0, cos.shape[-1], False)
         q = rotate(self.wq_b(q_latent).view(batch, length, self.heads, self.head_dim).transpose(1, 2), cos, sin, rope)
         k = rotate(self.k_norm(self.wk(x)).unsqueeze(1), cos, sin, rope)  # (B, 1, T, d): one key for all heads
-        scores = torch.relu(q.transpose(1, 2) @ k.transpose(-1, -2) * self.head_dim ** -0.5)  # (B, T, heads, T)
-        weights = self.weights_proj(x) * self.heads ** -0.5
-        index = (weights.unsqueeze(-2) @ scores).squeeze(-2)  # (B, T, T)
+        index = lightning_scores(q, k, self.weights_proj(x))  # (B, T, T)
         future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
         return index.masked_fill(future, float("-inf"))
 
