@@ -1,13 +1,16 @@
-"""DeepSeek-V4: compressed attention on every layer (`compressed`: a sliding window of one K = V head with sinks, plus
-CSA's indexed overlapping entries or HCA's heavy ones, per `layer_types`)."""
+"""DeepSeek-V4: compressed attention on every layer (`compressed`: a sliding window of one K = V head with sinks, plus CSA's
+indexed overlapping entries or HCA's heavy ones, as `layer_types` says), the MoE with sqrt(softplus) scores (hash-routed by
+token id in the first `mlp_layer_types`), and mHC residual streams (`mhc`) with their final head."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from ..ir import Call, ModelConfig
-from . import call, refuse, rope_call
+from ..ir import Arch, Call, Layer, ModelConfig
+from . import Family, call, common_settings, family, refuse, rope_call
 
 LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
+ROUTERS = {"sqrtsoftplus": "sqrt_softplus", "sigmoid": "sigmoid", "softmax": "softmax"}  # transformers' scoring_func -> router
 
 
 def position_call(hf: Any, config: ModelConfig, label: str) -> Call:
@@ -27,3 +30,26 @@ def attention_call(hf: Any, config: ModelConfig, layer_type: str) -> Call:
                 index_heads=hf.index_n_heads, index_head_dim=hf.index_head_dim, heads=hf.num_attention_heads, head_dim=hf.head_dim,
                 q_lora_rank=hf.q_lora_rank, o_groups=hf.o_groups, o_lora_rank=hf.o_lora_rank, scale=hf.head_dim ** -0.5,
                 rope=position_call(hf, config, "main" if layer_type == "sliding_attention" else "compress"))
+
+
+def moe_call(hf: Any, config: ModelConfig, hashed: bool) -> Call:
+    """A V4 MoE layer: transformers always renormalises the k weights and has one shared expert of moe_intermediate_size
+    (whatever norm_topk_prob and n_shared_experts say); the clamp applies to routed and shared experts alike."""
+    refuse(hf.scoring_func not in ROUTERS, f"transformers scoring_func {hf.scoring_func!r} is not supported ({', '.join(ROUTERS)})")
+    return call("moe", "ffn", config, top=hf.num_experts_per_tok, experts=hf.n_routed_experts, d_ff=hf.moe_intermediate_size, shared=1,
+                router=ROUTERS[hf.scoring_func], norm_topk=True, scale=float(hf.routed_scaling_factor), balance="none" if hashed else "bias",
+                limit=float(hf.swiglu_limit), **({"hash": True} if hashed else {}))
+
+
+def deepseek_v4(hf: Any) -> Arch:
+    """DeepseekV4ForCausalLM: each layer's attention by layer_types, its MoE by mlp_layer_types, mHC streams around both."""
+    refuse(hf.hidden_act != "silu", f"transformers hidden_act {hf.hidden_act!r} is not supported here (only silu, as SwiGLU)")
+    config = ModelConfig(**common_settings(hf), qk_norm="none", rope_theta=float(hf.rope_theta))
+    residual = call("mhc", "residual", config, n=hf.hc_mult, sinkhorn=hf.hc_sinkhorn_iters, eps=float(hf.hc_eps))
+    config = dataclasses.replace(config, residual=residual, rope=position_call(hf, config, "main"))
+    layers = tuple(Layer((("mixer", attention_call(hf, config, kind)), ("ffn", moe_call(hf, config, mlp == "hash_moe"))), residual)
+                   for kind, mlp in zip(hf.layer_types, hf.mlp_layer_types))
+    return Arch(config, layers)
+
+
+family("deepseek_v4", Family(("DeepseekV4ForCausalLM",), deepseek_v4))

@@ -93,12 +93,14 @@ class CompressedIndexer(Compressor):
                ) -> torch.Tensor:
         """Which entries each query attends, (B, T, N) boolean: the `topk` highest scoring of those whose windows have ended."""
         batch, length, _ = x.shape
+        x, q_latent = x.detach(), q_latent.detach()  # views of them made here would otherwise claim a gradient they lack
         keys = self.forward(x, cos, sin, layout).unsqueeze(1)  # (B, 1, N, width)
         q = rotate(self.q_b_proj(q_latent).view(batch, length, self.heads, self.width).transpose(1, 2), cos, sin, layout)
         ended = entries_ended(length, self.rate, x.device)
         scores = lightning_scores(q, keys, self.weights_proj(x)).masked_fill(~ended, float("-inf"))
-        chosen = scores.topk(min(topk, keys.shape[2]), dim=-1).indices
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True) & ended  # a query short of topk picks some unended
+        chosen = scores.topk(min(topk, keys.shape[2]), dim=-1).indices.unsqueeze(-1)  # (B, T, k, 1)
+        picked = (chosen == torch.arange(keys.shape[2], device=x.device)).any(dim=-2)
+        return picked & ended  # a query short of topk ended entries picks some unended ones too
 
 
 def entries_ended(length: int, rate: int, device: torch.device) -> torch.Tensor:
@@ -180,8 +182,8 @@ class CompressedAttention(Component):
     @classmethod
     def describe(cls, call: Call, config: ModelConfig) -> list[str]:
         args, shown = call.kwargs(), telling(call, config, always=("window",))
-        lines = ([shown] if shown else []) + [f"{args['heads']} heads, 1 K = V head of {args['head_dim']}, sinks, "
-                                              f"out by {args['o_groups']} groups x {args['o_lora_rank']}"]
+        heads = f"{args['heads']} heads, 1 K = V head of {args['head_dim']}, sinks, out by {args['o_groups']} groups x {args['o_lora_rank']}"
+        lines = ([shown] if shown else []) + [heads]
         if args["rate"]:
             pooled = f"2 x {args['rate']} tokens, stride {args['rate']}" if args["overlap"] else f"every {args['rate']} tokens"
             chosen = (f"top {args['topk']} by {args['index_heads']} x {args['index_head_dim']} indexer" if args["topk"]
