@@ -16,6 +16,7 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Atten
 
 import nanollm
 from nanollm.cli import main
+from nanollm.decode import Decoder
 from nanollm.hf import arch_from_config, load_config
 from nanollm.hf.deepseek_v4 import LAYER_TYPES, attention_call
 from nanollm.ir import ModelConfig
@@ -171,6 +172,32 @@ def test_compressed_trains_every_weight_but_the_indexers():
     logits.logsumexp(-1).mean().backward()
     for name, param in model.named_parameters():
         assert (param.grad is None) == (".indexer." in name), name
+
+
+
+LAYERS = ("compressed(window=4, rate=0, {sizes}) ffn=none\ncompressed(window=4, rate=2, topk=3, {sizes}) ffn=none\n"
+          "compressed(window=4, rate=8, overlap=false, topk=0, {sizes}) ffn=none\n").format(
+    sizes="index_heads=8, index_head_dim=8, q_lora_rank=16, o_groups=2, o_lora_rank=8")  # 8 heads: no entries tied at a zero score
+
+
+def test_each_decoding_step_gives_the_full_forward_logits():
+    """A prompt, a chunk of 3 and then single tokens, each continuing from the window's ring, the entries and the pending
+    projections: the full forward's logits at every position, windows closing inside a chunk and across steps."""
+    compiled = nanollm.compile(TINY + LAYERS)
+    torch.manual_seed(3)
+    model = compiled.build().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("sinks", "position_bias")):
+                param.normal_(std=1.0)
+    decoder = Decoder(model, compiled.arch, context=64)
+    sequence = torch.randint(0, 256, (2, 20))  # the second HCA entry closes at position 15, among the single steps
+    with torch.no_grad():
+        full, _ = model(sequence)
+        states = decoder.states(2, sequence.shape[1])
+        steps = [decoder.step(sequence[:, :9], 0, states), decoder.step(sequence[:, 9:12], 9, states)]
+        steps += [decoder.step(sequence[:, t:t + 1], t, states) for t in range(12, sequence.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
 
 
 # --- whole models -----------------------------------------------------------------------------------------------

@@ -54,22 +54,67 @@ class Compressor(nn.Module):
     def param_roles(self) -> dict[str, str]:
         return {"position_bias": VECTOR}
 
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What tokens at these positions (B, T, d) give the pooling: kv (B, T, projected), and the gate with its bias per
+        position in the window."""
+        return self.kv_proj(x), self.gate_proj(x) + self.position_bias[positions % self.rate]
+
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Consecutive windows (B, n, rate, projected) pooled, (B, n, width); overlapping, entry w pools window w-1's first
+        halves (none for the first window given) and window w's second halves."""
+        if self.overlap:
+            previous = (0, 0, 0, 0, 1, 0)  # one window earlier, along the window axis
+            kv = torch.cat((F.pad(kv[:, :-1, :, : self.width], previous), kv[..., self.width:]), dim=2)
+            gate = torch.cat((F.pad(gate[:, :-1, :, : self.width], previous, value=float("-inf")), gate[..., self.width:]), dim=2)
+        return (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
+
+    def finish(self, pooled: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Pooled windows (B, n, width) normed and rotated by the tables of their first positions."""
+        return rotate(self.kv_norm(pooled).unsqueeze(1), cos, sin, layout).squeeze(1)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout) -> torch.Tensor:
         """The entries (B, N, width) of the N = T // rate complete windows of x (B, T, d); tables of positions 0..T-1."""
         batch, length, _ = x.shape
         entries = length // self.rate
         if not entries:
             return x.new_zeros(batch, 0, self.width)
-        used = x[:, : entries * self.rate]
+        used = entries * self.rate
         shape = (batch, entries, self.rate, self.kv_proj.out_features)
-        kv, gate = self.kv_proj(used).view(shape), self.gate_proj(used).view(shape) + self.position_bias
-        if self.overlap:  # entry w: window w-1's first halves (none before window 0), then window w's second halves
-            previous = (0, 0, 0, 0, 1, 0)  # one window earlier, along the window axis
-            kv = torch.cat((F.pad(kv[:, :-1, :, : self.width], previous), kv[..., self.width:]), dim=2)
-            gate = torch.cat((F.pad(gate[:, :-1, :, : self.width], previous, value=float("-inf")), gate[..., self.width:]), dim=2)
-        pooled = (kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2)
-        starts = slice(0, entries * self.rate, self.rate)  # entry w sits at its window's first position
-        return rotate(self.kv_norm(pooled).unsqueeze(1), cos[starts], sin[starts], layout).squeeze(1)
+        kv, gate = self.project(x[:, :used], torch.arange(used, device=x.device))
+        starts = slice(0, used, self.rate)  # entry w sits at its window's first position
+        return self.finish(self.pool(kv.view(shape), gate.view(shape)), cos[starts], sin[starts], layout)
+
+    def state(self, batch: int, capacity: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Every entry of a sequence of up to `capacity` tokens, and the projections of the last tokens the next entry pools."""
+        held = (2 if self.overlap else 1) * self.rate
+        projections = (batch, held, self.kv_proj.out_features)
+        return {"entries": torch.zeros(batch, capacity // self.rate, self.width, device=device, dtype=dtype),
+                "kv": torch.zeros(projections, device=device, dtype=dtype), "gate": torch.zeros(projections, device=device, dtype=dtype)}
+
+    def decode(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor, table: nn.Module, layout: Layout) -> torch.Tensor:
+        """The entries (B, N, width) of every window ended by the last of the tokens x (B, T, d) at positions start..; the
+        windows ending among them pooled from the projections `state` holds of the tokens before and theirs; `table` gives
+        the rotary tables of any positions."""
+        batch, length, _ = x.shape
+        slots = state["kv"].shape[1]
+        positions = torch.arange(start, start + length, device=x.device)
+        kv, gate = self.project(x, positions)
+        held = min(start, slots)
+        earlier = torch.arange(start - held, start, device=x.device) % slots
+        kv_all, gate_all = torch.cat((state["kv"][:, earlier], kv), dim=1), torch.cat((state["gate"][:, earlier], gate), dim=1)
+        first, end = start // self.rate, (start + length) // self.rate  # the windows ending among the new tokens
+        if end > first:
+            lowest = first - 1 if self.overlap and first else first  # overlapping, the window before lends its first halves
+            begin = lowest * self.rate - (start - held)
+            shape = (batch, end - lowest, self.rate, kv.shape[-1])
+            span = slice(begin, begin + (end - lowest) * self.rate)
+            pooled = self.pool(kv_all[:, span].reshape(shape), gate_all[:, span].reshape(shape))[:, first - lowest:]
+            cos, sin = table(torch.arange(first, end, device=x.device) * self.rate)
+            state["entries"][:, first:end] = self.finish(pooled, cos, sin, layout)
+        keep = min(length, slots)
+        state["kv"][:, positions[-keep:] % slots] = kv[:, -keep:]
+        state["gate"][:, positions[-keep:] % slots] = gate[:, -keep:]
+        return state["entries"][:, :end]
 
     def state_elements(self, seq_len: int) -> int:
         """What decoding on must keep besides the entries: the projections of the tokens of the open window, and, overlapping,
@@ -89,24 +134,27 @@ class CompressedIndexer(Compressor):
         self.weights_proj = nn.Linear(config.d_model, heads, bias=False)
 
     @torch.no_grad()
-    def choose(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout, topk: int
-               ) -> torch.Tensor:
-        """Which entries each query attends, (B, T, N) boolean: the `topk` highest scoring of those whose windows have ended."""
+    def choose(self, x: torch.Tensor, q_latent: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout,
+               topk: int, positions: torch.Tensor) -> torch.Tensor:
+        """Which of its entries keys (B, N, width) queries at these positions attend, (B, T, N) boolean: the `topk` highest
+        scoring of those whose windows have ended."""
         batch, length, _ = x.shape
-        x, q_latent = x.detach(), q_latent.detach()  # views of them made here would otherwise claim a gradient they lack
-        keys = self.forward(x, cos, sin, layout).unsqueeze(1)  # (B, 1, N, width)
         q = rotate(self.q_b_proj(q_latent).view(batch, length, self.heads, self.width).transpose(1, 2), cos, sin, layout)
-        ended = entries_ended(length, self.rate, x.device)
-        scores = lightning_scores(q, keys, self.weights_proj(x)).masked_fill(~ended, float("-inf"))
-        chosen = scores.topk(min(topk, keys.shape[2]), dim=-1).indices.unsqueeze(-1)  # (B, T, k, 1)
-        picked = (chosen == torch.arange(keys.shape[2], device=x.device)).any(dim=-2)
+        ended = entries_ended(positions, keys.shape[1], self.rate)
+        scores = lightning_scores(q, keys.unsqueeze(1), self.weights_proj(x)).masked_fill(~ended, float("-inf"))
+        chosen = scores.topk(min(topk, keys.shape[1]), dim=-1).indices.unsqueeze(-1)  # (B, T, k, 1)
+        picked = (chosen == torch.arange(keys.shape[1], device=x.device)).any(dim=-2)
         return picked & ended  # a query short of topk ended entries picks some unended ones too
 
 
-def entries_ended(length: int, rate: int, device: torch.device) -> torch.Tensor:
-    """(T, N) boolean: True where the window of entry w has ended by position t, (w + 1)·rate <= t + 1."""
-    positions = torch.arange(length, device=device)
-    return torch.arange(length // rate, device=device)[None, :] < (positions[:, None] + 1) // rate
+def entries_ended(positions: torch.Tensor, entries: int, rate: int) -> torch.Tensor:
+    """(T, N) boolean: True where the window of entry w has ended by the query's position t, (w + 1)·rate <= t + 1."""
+    return torch.arange(entries, device=positions.device)[None, :] < (positions[:, None] + 1) // rate
+
+
+def part(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The tensors of a state whose keys start with `name.`, by the rest of their keys (the same tensors, updated in place)."""
+    return {key[len(name) + 1:]: tensor for key, tensor in state.items() if key.startswith(f"{name}.")}
 
 
 def visible_entries(length: int, rate: int, topk: int) -> int:
@@ -158,6 +206,7 @@ class CompressedAttention(Component):
         self.indexer = CompressedIndexer(config, q_lora_rank, index_heads, index_head_dim, rate, overlap) if rate and topk else None
         self.layout = REGISTRY[rope.name].module.layout(head_dim, **rope.kwargs())
         self.rotary = Rotary(rope, head_dim)
+        self.table = REGISTRY[rope.name].module(head_dim, **rope.kwargs())  # decoding: the tables of the entries' positions
         if self.indexer:  # the indexer's heads rotate as many dimensions, at the same end of the head
             rotated = self.layout.stop - self.layout.start
             start = index_head_dim - rotated if self.layout.stop == head_dim else 0
@@ -200,26 +249,76 @@ class CompressedAttention(Component):
     def param_roles(self) -> dict[str, str]:
         return {"sinks": VECTOR}
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The query latent (B, T, q_lora_rank), the rotated queries (B, H, T, head_dim) and the one rotated key/value head
+        (B, 1, T, head_dim)."""
         batch, length, _ = x.shape
         q_latent = self.q_a_norm(self.q_a_proj(x))
         q = self.q_b_proj(q_latent).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         q = rotate(F.rms_norm(q, (self.head_dim,), eps=self.eps), cos, sin, self.layout)  # unweighted, per head
-        kv = rotate(self.kv_norm(self.kv_proj(x)).unsqueeze(1), cos, sin, self.layout)  # (B, 1, T, head_dim): key and value
+        return q_latent, q, rotate(self.kv_norm(self.kv_proj(x)).unsqueeze(1), cos, sin, self.layout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q_latent, q, kv = self.heads(x, cos, sin)
         visible = causal_mask(length, self.window, x.device).expand(batch, 1, length, length)
         if self.compressor:
-            kv = torch.cat((kv, self.compressor(x, cos, sin, self.layout).unsqueeze(1)), dim=2)
+            entries = self.compressor(x, cos, sin, self.layout)
+            positions = torch.arange(length, device=x.device)
             if self.indexer:
-                seen = self.indexer.choose(x, q_latent, cos, sin, self.index_layout, self.topk)
+                with torch.no_grad():  # detached: views made here would otherwise claim a gradient they lack
+                    index_keys = self.indexer(x.detach(), cos, sin, self.index_layout)
+                seen = self.indexer.choose(x.detach(), q_latent.detach(), index_keys, cos, sin, self.index_layout, self.topk, positions)
             else:
-                seen = entries_ended(length, self.rate, x.device).expand(batch, -1, -1)
-            visible = torch.cat((visible, seen.unsqueeze(1)), dim=-1)
-        if x.is_meta:  # the analysis: a sink is no product, and SDPA's handle counts the pairs really scored
-            out = F.scaled_dot_product_attention(q, kv, kv, attn_mask=visible, scale=self.scale, enable_gqa=True)
-        else:
-            out = attend_visible_with_sink(q, kv, kv, visible, self.scale, self.sinks)
-        out = rotate(out, cos, -sin, self.layout).transpose(1, 2)  # values carried RoPE: rotated back by the query's position
+                seen = entries_ended(positions, entries.shape[1], self.rate).expand(batch, -1, -1)
+            kv, visible = torch.cat((kv, entries.unsqueeze(1)), dim=2), torch.cat((visible, seen.unsqueeze(1)), dim=-1)
+        return self.output(self.attend(q, kv, visible), cos, sin)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Attention of q (B, H, T, head_dim) over keys (B, 1, S, head_dim), which are the values too, where `visible` (B, 1, T, S)
+        allows, with the sinks."""
+        if q.is_meta:  # the analysis: a sink is no product, and SDPA's handle counts the pairs really scored
+            return F.scaled_dot_product_attention(q, keys, keys, attn_mask=visible, scale=self.scale, enable_gqa=True)
+        return attend_visible_with_sink(q, keys, keys, visible, self.scale, self.sinks)
+
+    def output(self, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs (B, H, T, head_dim) rotated back by their query's position (the values carried RoPE), out through
+        the grouped projection; (B, T, d_model)."""
+        batch, _, length, _ = out.shape
+        out = rotate(out, cos, -sin, self.layout).transpose(1, 2)
         return self.o_b_proj(self.grouped_output(out.reshape(batch * length, self.o_groups, -1)).reshape(batch, length, -1))
+
+    def state(self, batch: int, capacity: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The window's keys (a ring buffer of the last `window`) and the position each slot holds (-1: empty); the entries
+        and pending projections of the compressor and the indexer."""
+        slots = min(capacity, self.window)
+        state = {"keys": torch.zeros(batch, 1, slots, self.head_dim, device=device, dtype=dtype),
+                 "positions": torch.full((slots,), -1, dtype=torch.long, device=device)}
+        for name, compressor in (("compressor", self.compressor), ("indexer", self.indexer)):
+            if compressor:
+                state |= {f"{name}.{key}": tensor for key, tensor in compressor.state(batch, capacity, device, dtype).items()}
+        return state
+
+    def decode(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q_latent, q, kv = self.heads(x, cos, sin)
+        positions = torch.arange(start, start + length, device=x.device)
+        keys, held = torch.cat((state["keys"], kv), dim=2), torch.cat((state["positions"], positions))
+        query, key = positions[:, None], held[None, :]
+        visible = ((key >= 0) & (key <= query) & (query - key < self.window)).expand(batch, 1, length, -1)
+        keep = min(length, state["positions"].shape[0])  # the ring keeps the last `window`
+        slots = positions[-keep:] % state["positions"].shape[0]
+        state["keys"][:, :, slots], state["positions"][slots] = kv[:, :, -keep:], positions[-keep:]
+        if self.compressor:
+            entries = self.compressor.decode(part(state, "compressor"), start, x, self.table, self.layout)
+            if self.indexer:
+                with torch.no_grad():
+                    index_keys = self.indexer.decode(part(state, "indexer"), start, x, self.table, self.index_layout)
+                seen = self.indexer.choose(x, q_latent, index_keys, cos, sin, self.index_layout, self.topk, positions)
+            else:
+                seen = entries_ended(positions, entries.shape[1], self.rate).expand(batch, -1, -1)
+            keys, visible = torch.cat((keys, entries.unsqueeze(1)), dim=2), torch.cat((visible, seen.unsqueeze(1)), dim=-1)
+        return self.output(self.attend(q, keys, visible), cos, sin)
 
     def grouped_output(self, groups: torch.Tensor) -> torch.Tensor:
         """o_a_proj block-diagonally: each head group of (B·T, g, heads·head_dim/g) by its own block of rows; (B·T, g, o_lora_rank)."""
