@@ -19,7 +19,8 @@ base), looked up at the window starts.
 
 The pairs scored are those of the window and the visible entries, counted so in the analysis (SDPA's handle); the
 indexer's scoring is a matmul over all (query, entry) pairs, counted at its shape. The indexer's choice is not
-differentiable: its weights get no gradient from the language loss (as in transformers).
+differentiable: its weights get no gradient from the language loss (as in transformers). Decoding keeps a ring of the
+window's keys, every entry, and the projections of the last windows' tokens, pooled into an entry when its window ends.
 """
 from __future__ import annotations
 
