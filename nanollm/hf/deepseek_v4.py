@@ -24,12 +24,13 @@ def attention_call(hf: Any, config: ModelConfig, layer_type: str) -> Call:
     refuse(layer_type not in LAYER_TYPES, f"DeepSeek-V4 layer type {layer_type!r} is not one nanollm knows ({', '.join(LAYER_TYPES)})")
     refuse(hf.num_key_value_heads != 1, f"num_key_value_heads = {hf.num_key_value_heads}: DeepSeek-V4 attention has one K = V head")
     refuse(bool(hf.attention_bias), "the transformers config has attention_bias = true; DeepSeek-V4 attention has no biases")
-    sparse = layer_type == "compressed_sparse_attention"
-    rate = hf.compress_rates.get(layer_type, 0)
-    return call("compressed", "mixer", config, window=hf.sliding_window, rate=rate, overlap=sparse, topk=hf.index_topk if sparse else 0,
-                index_heads=hf.index_n_heads, index_head_dim=hf.index_head_dim, heads=hf.num_attention_heads, head_dim=hf.head_dim,
-                q_lora_rank=hf.q_lora_rank, o_groups=hf.o_groups, o_lora_rank=hf.o_lora_rank, scale=hf.head_dim ** -0.5,
-                rope=position_call(hf, config, "main" if layer_type == "sliding_attention" else "compress"))
+    branch = {"sliding_attention": {"rate": 0},  # the window alone
+              "compressed_sparse_attention": {"rate": hf.compress_rates.get(layer_type), "topk": hf.index_topk},
+              "heavily_compressed_attention": {"rate": hf.compress_rates.get(layer_type), "overlap": False, "topk": 0}}[layer_type]
+    return call("compressed", "mixer", config, window=hf.sliding_window, index_heads=hf.index_n_heads, index_head_dim=hf.index_head_dim,
+                heads=hf.num_attention_heads, head_dim=hf.head_dim, q_lora_rank=hf.q_lora_rank, o_groups=hf.o_groups,
+                o_lora_rank=hf.o_lora_rank, rope=position_call(hf, config, "main" if layer_type == "sliding_attention" else "compress"),
+                **branch)  # the logit scale is 1/sqrt(head_dim), the default
 
 
 def moe_call(hf: Any, config: ModelConfig, hashed: bool) -> Call:
