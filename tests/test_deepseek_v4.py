@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_components import build, close, mix
-from test_families import assert_same_logits, hf_logits
+from test_families import assert_same_logits, hf_logits, token_ids
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Attention, DeepseekV4RotaryEmbedding
@@ -29,7 +29,7 @@ V4 = dict(vocab_size=256, hidden_size=64, moe_intermediate_size=32, num_hidden_l
           index_head_dim=16, index_topk=3, rope_theta=1e3, compress_rope_theta=4e4, layer_types=list(LAYER_TYPES),
           compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 8}, rms_norm_eps=1e-6,
           rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}, n_routed_experts=4,
-          num_experts_per_tok=2)
+          num_experts_per_tok=2, max_position_embeddings=64)
 
 
 def v4_config(**overrides) -> DeepseekV4Config:
@@ -227,11 +227,18 @@ def deepseek_v4(**overrides) -> DeepseekV4ForCausalLM:
 
 def test_deepseek_v4_matches_transformers():
     """Window, CSA and HCA layers (window, rates and top-k shorter than the 40-token sequence), mHC streams and their head,
-    the hash-routed MoE then the sqrt(softplus) one with its correction bias, all to 1e-5."""
+    the hash-routed MoE then the sqrt(softplus) one with its correction bias, all to 1e-5; decoding the imported model
+    token by token gives its full forward's logits."""
     hf = deepseek_v4()
     arch = arch_from_config(hf.config)
     assert [(layer.mixer.kwargs()["rate"], layer.ffn.kwargs()["hash"]) for layer in arch.layers] == [(0, True), (2, False), (8, False)]
-    expected = assert_same_logits(hf)
+    ours = nanollm.from_hf(hf)
+    expected = assert_same_logits(hf, ours)
+    decoder, ids = Decoder(ours, arch, context=64), token_ids()
+    with torch.no_grad():
+        states = decoder.states(*ids.shape)
+        steps = [decoder.step(ids[:, :30], 0, states)] + [decoder.step(ids[:, t:t + 1], t, states) for t in range(30, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=0, atol=1e-5)
     everything = deepseek_v4(index_topk=64)  # the same weights, every ended entry attended
     assert (expected - hf_logits(everything)).abs().max() > 1e-2
 
