@@ -91,7 +91,8 @@ def test_compressed_attention_matches_transformers_per_layer_type(layer_type):
         assert (mix(ours, x) - expected).abs().max() > 1e-2
 
 
-TINY = "vocab_size = 256\nd_model = 64\nn_heads = 4\nn_kv_heads = 1\nhead_dim = 16\nrope = rope(fraction=0.5, placement=last, interleaved=true)\n"
+TINY = ("vocab_size = 256\nd_model = 64\nn_heads = 4\nn_kv_heads = 1\nhead_dim = 16\n"
+        "rope = rope(fraction=0.5, placement=last, interleaved=true)\n")
 SIZES = dict(d=64, heads=4, head_dim=16, q=16, groups=2, o_rank=8, index_heads=2, index_dim=8)
 
 

@@ -37,9 +37,10 @@ def moe_call(hf: Any, config: ModelConfig, hashed: bool) -> Call:
     """A V4 MoE layer: transformers always renormalises the k weights and has one shared expert of moe_intermediate_size
     (whatever norm_topk_prob and n_shared_experts say); the clamp applies to routed and shared experts alike."""
     refuse(hf.scoring_func not in ROUTERS, f"transformers scoring_func {hf.scoring_func!r} is not supported ({', '.join(ROUTERS)})")
+    routing = {"balance": "none", "hash": True} if hashed else {"balance": "bias"}  # a table chooses: nothing to balance
     return call("moe", "ffn", config, top=hf.num_experts_per_tok, experts=hf.n_routed_experts, d_ff=hf.moe_intermediate_size, shared=1,
-                router=ROUTERS[hf.scoring_func], norm_topk=True, scale=float(hf.routed_scaling_factor), balance="none" if hashed else "bias",
-                limit=float(hf.swiglu_limit), **({"hash": True} if hashed else {}))
+                router=ROUTERS[hf.scoring_func], norm_topk=True, scale=float(hf.routed_scaling_factor), limit=float(hf.swiglu_limit),
+                **routing)
 
 
 def deepseek_v4(hf: Any) -> Arch:

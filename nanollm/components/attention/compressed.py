@@ -173,7 +173,8 @@ def visible_entries(length: int, rate: int, topk: int) -> int:
     Param("topk", int, "compressed entries each query attends, chosen by the indexer; 0: every ended one, no indexer (HCA)",
           default=512, minimum=0, maximum=1 << 30),
     Param("index_heads", int, "indexer heads", default=64, minimum=1, maximum=MAX_WIDTH, positional=False),
-    Param("index_head_dim", int, "width of an indexer head and of its entries", default=128, minimum=2, maximum=MAX_WIDTH, positional=False),
+    Param("index_head_dim", int, "width of an indexer head and of its entries", default=128, minimum=2, maximum=MAX_WIDTH,
+          positional=False),
     Param("heads", int, "query heads", setting="n_heads", minimum=1, maximum=MAX_WIDTH, positional=False),
     Param("head_dim", int, "width of a head and of the one key/value head", setting="head_dim", minimum=2, maximum=MAX_WIDTH,
           positional=False),
@@ -218,12 +219,13 @@ class CompressedAttention(Component):
         if args["heads"] % args["o_groups"]:
             return f"o_groups = {args['o_groups']} does not divide heads = {args['heads']}"
         rope = args["rope"]
-        if REGISTRY[rope.name].module.layout(args["head_dim"], **rope.kwargs()) is None:
+        position = REGISTRY[rope.name].module
+        layout = position.layout(args["head_dim"], **rope.kwargs())
+        if layout is None:
             return "the inverse RoPE on the output needs a rotary position encoding (rope or yarn, not nope)"
-        problem = REGISTRY[rope.name].module.problem(args["head_dim"], **rope.kwargs())
+        problem = position.problem(args["head_dim"], **rope.kwargs())
         if problem:
             return problem
-        layout = REGISTRY[rope.name].module.layout(args["head_dim"], **rope.kwargs())
         if args["rate"] and args["topk"] and layout.stop - layout.start > args["index_head_dim"]:
             return (f"{layout.stop - layout.start} rotated dimensions do not fit an indexer head of index_head_dim = "
                     f"{args['index_head_dim']}")
@@ -232,7 +234,7 @@ class CompressedAttention(Component):
     @classmethod
     def describe(cls, call: Call, config: ModelConfig) -> list[str]:
         args, shown = call.kwargs(), telling(call, config, always=("window",))
-        heads = f"{args['heads']} heads, 1 K = V head of {args['head_dim']}, sinks, out by {args['o_groups']} groups x {args['o_lora_rank']}"
+        heads = f"{args['heads']} heads, 1 K = V head of {args['head_dim']}, sinks, out by {args['o_groups']} x {args['o_lora_rank']}"
         lines = ([shown] if shown else []) + [heads]
         if args["rate"]:
             pooled = f"2 x {args['rate']} tokens, stride {args['rate']}" if args["overlap"] else f"every {args['rate']} tokens"
