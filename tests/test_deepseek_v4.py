@@ -257,3 +257,14 @@ def test_deepseek_v4_flash_import_has_transformers_parameter_count(tmp_path):
     with torch.device("meta"):
         model = DeepseekV4ForCausalLM(hf)
     assert compiled.analysis.params_total == sum(p.numel() for p in model.parameters()) == 284_332_230_231
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"num_key_value_heads": 2}, "one K = V head"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"scoring_func": "tanh"}, "scoring_func"),
+])
+def test_deepseek_v4_configs_nanollm_cannot_reproduce_are_refused(overrides, message):
+    with pytest.raises(nanollm.ArchError, match=message):
+        arch_from_config(v4_config(**overrides))
