@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import nanollm
 from nanollm.analysis import analyze
 from nanollm.compiler import lower, materialize
 from nanollm.components.residual.hc import WidthConnection
@@ -31,12 +32,13 @@ def real(meta, seed: int = 0):
     return materialize(meta, "cpu", torch.float32)
 
 
-@pytest.mark.parametrize("dynamic", [True, False])
-def test_hc_at_its_published_initialisation_equals_prenorm_bitwise_in_fp32(dynamic):
-    """Every stream holds the pre-norm residual at step 0; the final sum is 4 h, which an RMSNorm without epsilon
-    normalises to exactly what it makes of h (a power-of-two scale is exact in floating point)."""
-    _, prenorm_meta = model("prenorm", extra="norm_eps = 0\n")
-    _, hc_meta = model(f"hc(4, dynamic={'true' if dynamic else 'false'})", extra="norm_eps = 0\n")
+@pytest.mark.parametrize("n, dynamic", [(4, True), (4, False), (3, True)])
+def test_hc_at_its_published_initialisation_equals_prenorm_bitwise_in_fp32(n, dynamic):
+    """Every stream holds the pre-norm residual at step 0 (reads and writes multiply by exact ones and zeros), and their
+    mean, taken as the first stream plus the mean departure from it, is exactly that residual for any n, so the final
+    norm sees what pre-norm's sees whatever its epsilon (a sum, n h, would meet the epsilon n^2 times smaller)."""
+    _, prenorm_meta = model("prenorm", extra="norm_eps = 1e-5\n")
+    _, hc_meta = model(f"hc({n}, dynamic={'true' if dynamic else 'false'})", extra="norm_eps = 1e-5\n")
     prenorm, hc = real(prenorm_meta), real(hc_meta, seed=1)
     missing = hc.load_state_dict(prenorm.state_dict(), strict=False).missing_keys
     assert missing and all(".mixer_hc." in key or ".ffn_hc." in key for key in missing)
@@ -193,6 +195,56 @@ def test_mhc_site_and_head_equal_transformers_deepseek_v4():
     assert torch.allclose(ours_post, post, atol=1e-6) and torch.allclose(ours_res, comb, atol=1e-6)
     assert torch.allclose(ours_collapsed, collapsed, atol=1e-5)
     assert torch.allclose(head(streams), their_head(streams), atol=1e-5)
+    half = streams.bfloat16()  # bf16 streams, fp32 connections (transformers keeps them so): the sums in fp32, rounded once
+    assert torch.equal(ours(half)[0], theirs(half)[2]) and torch.equal(head(half), their_head(half))
     out = torch.randn(2, T, D)  # the write, as DeepseekV4DecoderLayer adds a sublayer's output back
     written = post.unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), streams)
     assert torch.allclose(ManifoldWrite()(out, streams, ours_post, ours_res), written, atol=1e-5)
+
+
+class Silent(torch.nn.Module):
+    """An attention that adds nothing (transformers' attention output is (output, weights))."""
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(hidden_states), None
+
+
+def test_mhc_model_with_the_v4_moe_equals_transformers_deepseek_v4_with_attention_silenced():
+    """The whole DeepSeek-V4 model but its attention (another component's test): embedding copied into 4 streams, the
+    mHC sites around input_layernorm / post_attention_layernorm, hash-routed then top-k MoE layers reading the input ids,
+    the HyperHead and the final norm; weights loaded by from_hf's names, every transformers weight but attention's placed."""
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    from nanollm.hf import weight_names
+
+    config = DeepseekV4Config(hidden_size=D, num_hidden_layers=3, num_attention_heads=2, head_dim=16, q_lora_rank=8, o_groups=1,
+                              o_lora_rank=8, index_n_heads=2, index_head_dim=8, index_topk=4, n_routed_experts=8, num_experts_per_tok=3,
+                              moe_intermediate_size=16, vocab_size=64, sliding_window=4, mlp_layer_types=["hash_moe", "moe", "moe"],
+                              swiglu_limit=0.6, hc_sinkhorn_iters=7, hc_eps=1e-5, rms_norm_eps=1e-5, attn_implementation="eager",
+                              experts_implementation="eager")
+    torch.manual_seed(0)
+    theirs = DeepseekV4ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            param.normal_(0, 0.3 if "hc" in name else 0.2)  # connections far from their initialisation
+        for layer in theirs.model.layers:
+            layer.self_attn = Silent()
+            if layer.mlp.is_hash:
+                layer.mlp.gate.tid2eid.copy_(torch.rand(64, 8).topk(3).indices)
+            else:
+                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.3)
+    ffn = "moe(top=3, experts=8, d_ff=16, shared=1, router=sqrt_softplus, scale=1.5, limit=0.6"
+    compiled = nanollm.compile(f"vocab_size = 64\nd_model = {D}\nn_heads = 2\nn_kv_heads = 1\nhead_dim = 16\nd_ff = 16\nnorm_eps = 1e-5\n"
+                               "tie_embeddings = false\nresidual = mhc(4, sinkhorn=7, eps=1e-5)\n"
+                               f"global ffn={ffn}, balance=none, hash=true)\nrepeat 2 < global ffn={ffn}, balance=bias) >\n")
+    ours = compiled.build()
+    names = {mine: hf_name for mine, hf_name in weight_names(ours, compiled.arch).items() if ".mixer." not in mine}
+    state = theirs.state_dict()
+    assert set(names.values()) == set(state)
+    assert {"hc_head.fn", "layers.0.mixer_hc.fn", "layers.0.ffn.router.token_experts", "layers.1.ffn.selection_bias"} <= set(names)
+    ours.load_state_dict({mine: state[hf_name] for mine, hf_name in names.items()}, strict=False)
+    with torch.no_grad():
+        for i in range(3):
+            ours.get_submodule(f"layers.{i}.mixer.o_proj").weight.zero_()
+        ids = torch.randint(0, 64, (2, 9))
+        torch.testing.assert_close(ours(ids)[0], theirs(ids, use_cache=False).logits, atol=1e-5, rtol=0)

@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_components import ATOL, CONFIG, build, close
-from transformers import DeepseekV3Config, Qwen3MoeConfig
+from transformers import DeepseekV3Config, DeepseekV4Config, Qwen3MoeConfig
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4SparseMoeBlock
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -24,7 +25,8 @@ from nanollm import ArchError
 from nanollm.components import REGISTRY, recomputing
 from nanollm.components.ffn import dispatch
 from nanollm.compiler import make_component
-from nanollm.hf import moe_call
+from nanollm.decode import Decoder
+from nanollm.hf import call, moe_call
 
 ROUTINGS = [(1, 4), (2, 4), (4, 4), (3, 8)]  # (top, experts): top=1 and top=experts are the edges
 D_FF = 32
@@ -295,7 +297,7 @@ LOGITS = [  # (B=2, T=3, E=4), no ties
 
 
 def hand_routing(kind: str, top: int) -> tuple[list[list[list[float]]], list[list[list[int]]]]:
-    """Affinities (softmax, or sigmoid normalised to sum 1) and the top-k expert ids of LOGITS, in Python floats."""
+    """Affinities (softmax, or sigmoid or sqrt(softplus) normalised to sum 1) and the top-k expert ids of LOGITS, in Python floats."""
     affinities, choices = [], []
     for sequence in LOGITS:
         affinities.append([])
@@ -303,14 +305,16 @@ def hand_routing(kind: str, top: int) -> tuple[list[list[list[float]]], list[lis
         for row in sequence:
             if kind == "softmax":
                 scores = [math.exp(v) / sum(math.exp(u) for u in row) for v in row]
-            else:
+            elif kind == "sigmoid":
                 scores = [1 / (1 + math.exp(-v)) for v in row]
+            else:
+                scores = [math.sqrt(math.log1p(math.exp(v))) for v in row]
             affinities[-1].append([s / sum(scores) for s in scores])
             choices[-1].append(sorted(range(len(row)), key=lambda i: -scores[i])[:top])
     return affinities, choices
 
 
-@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "sqrt_softplus"])
 @pytest.mark.parametrize("top", [1, 2])
 def test_switch_aux_loss_by_hand(kind, top):
     aux, experts = 0.1, 4
@@ -325,7 +329,7 @@ def test_switch_aux_loss_by_hand(kind, top):
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "sqrt_softplus"])
 @pytest.mark.parametrize("top", [1, 2])
 def test_sequence_aux_loss_by_hand(kind, top):
     """DeepSeek-V3: per sequence, f_i = E / (k T) * count_i, P_i = mean normalised affinity; mean over sequences."""
@@ -525,6 +529,100 @@ def test_matches_deepseek_v3_moe_block(norm_topk, groups, top_groups):
     assert not torch.allclose(ours(x)[0], expected, atol=1e-3)  # the bias really changed the routing
 
 
+V4_LIMIT = 0.6  # small enough that the clamp acts on unit-scale activations
+
+
+def v4_call(hashed: bool, config=CONFIG, experts: int = 8, top: int = 3):
+    """DeepSeek-V4's MoE layer as the family adapter writes it (v4-interface): hash-routed or top-k routed."""
+    return call("moe", "ffn", config, top=top, experts=experts, d_ff=D_FF, shared=1, router="sqrt_softplus", norm_topk=True,
+                scale=1.5, balance="none" if hashed else "bias", limit=V4_LIMIT, hash=hashed)
+
+
+@pytest.mark.parametrize("path", ["loop", "grouped"])
+@pytest.mark.parametrize("layer", [0, 1], ids=["hash_moe", "moe"])
+def test_matches_deepseek_v4_moe_block_with_its_clamps_active(monkeypatch, path, layer):
+    """sqrt(softplus) scores, top-k on score + correction bias or the token's row of tid2eid, always renormalised,
+    scaled by 1.5; clamped SwiGLU in the routed and the shared experts. Values and the input's gradient."""
+    monkeypatch.setattr(dispatch, "use_grouped_mm", lambda rows: path == "grouped")
+    hf = DeepseekV4Config(hidden_size=CONFIG.d_model, moe_intermediate_size=D_FF, n_routed_experts=8, num_experts_per_tok=3,
+                          vocab_size=CONFIG.vocab_size, num_hidden_layers=2, mlp_layer_types=["hash_moe", "moe"], swiglu_limit=V4_LIMIT,
+                          routed_scaling_factor=1.5, experts_implementation="eager")
+    theirs = DeepseekV4SparseMoeBlock(hf, layer).eval()
+    for param in theirs.parameters():
+        torch.nn.init.normal_(param, std=0.2)
+    hashed = theirs.is_hash
+    if hashed:
+        theirs.gate.tid2eid.copy_(torch.rand(CONFIG.vocab_size, 8).topk(3).indices)
+    else:
+        torch.nn.init.normal_(theirs.gate.e_score_correction_bias, std=0.3)  # large enough to change choices
+    ours = from_block(v4_call(hashed), theirs)
+    assert ours.inputs() == (("x", "token_ids") if hashed else ("x",))
+    x = torch.randn(2, 8, CONFIG.d_model, requires_grad=True)
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 8))
+    flat = x.detach().flatten(0, 1)
+    for gate, up in ((theirs.shared_experts.gate_proj(flat), theirs.shared_experts.up_proj(flat)),
+                     (flat @ theirs.experts.gate_up_proj[0, :D_FF].T, flat @ theirs.experts.gate_up_proj[0, D_FF:].T)):
+        assert (gate > V4_LIMIT).any() and (up.abs() > V4_LIMIT).any()
+    expected = theirs(x, input_ids=ids)
+    actual, _ = ours(x, ids) if hashed else ours(x)
+    close(actual, expected)
+    probe = torch.randn_like(expected)
+    ours_dx, = torch.autograd.grad((actual * probe).sum(), x)
+    theirs_dx, = torch.autograd.grad((expected * probe).sum(), x)
+    close(ours_dx, theirs_dx)
+    routing = ours.router(x.detach(), getattr(ours, "selection_bias", None), ids)
+    assert routing.experts.unique().numel() == 8  # every expert hit
+    if hashed:
+        assert torch.equal(routing.experts, theirs.gate.tid2eid[ids.flatten()])
+    else:
+        with torch.no_grad():
+            ours.selection_bias.zero_()
+        assert not torch.allclose(ours(x)[0], expected, atol=1e-3)  # the bias really changed the routing
+
+
+def test_hash_routing_reads_its_table_by_token_id_and_weights_the_choice_by_scores():
+    module = moe(top=2, experts=8, router="sqrt_softplus", hash=True, balance="none", scale=1.5)
+    table = module.router.token_experts
+    assert table.dtype == torch.long and table.shape == (CONFIG.vocab_size, 2)
+    assert (table[:, 0] != table[:, 1]).all() and table.unique().numel() == 8  # k distinct experts a token, every expert drawn
+    assert "router.token_experts" in module.state_dict() and "router.token_experts" not in dict(module.named_parameters())
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 8))
+    x, other = torch.randn(2, 2, 8, CONFIG.d_model).unbind()
+    routing, moved = module.router(x, None, ids), module.router(other, None, ids)
+    assert torch.equal(routing.experts, table[ids.flatten()]) and torch.equal(moved.experts, routing.experts)  # the input never chooses
+    scores = F.softplus(x.flatten(0, 1) @ module.router.weight.T).sqrt().gather(1, routing.experts)
+    close(routing.weights, 1.5 * scores / scores.sum(-1, keepdim=True))  # but weighs the choice
+    assert not torch.allclose(moved.weights, routing.weights)
+    module.to(torch.bfloat16)
+    assert module.router.token_experts.dtype == torch.long and torch.equal(module.router.token_experts, table)
+
+
+def test_a_model_with_hash_routed_layers_counts_as_top_k_routing_trains_and_decodes():
+    """The table is a buffer, not a parameter, and the scores are computed for every expert either way: parameters and
+    FLOPs equal top-k routing's; the router of a hash-routed layer is trained through the weights; decoding (token ids of the
+    new tokens only) gives the full forward's logits."""
+    ffn = "moe(top=2, experts=8, d_ff=32, shared=1, router=sqrt_softplus, scale=1.5, limit=7.0"
+    text = TINY + "seq_len = 16\n" + f"global ffn={ffn}, balance=none, hash=true)\nglobal ffn={ffn}, balance=bias)\n"
+    hashed, routed = nanollm.compile(text), nanollm.compile(text.replace("hash=true", "hash=false"))
+    assert hashed.arch.layers[0].ffn.kwargs()["hash"] and not hashed.arch.layers[1].ffn.kwargs()["hash"]
+    ours, theirs = hashed.analyze(16), routed.analyze(16)
+    assert (ours.params_total, ours.params_active, ours.flops_per_token_fwd) == (theirs.params_total, theirs.params_active,
+                                                                                theirs.flops_per_token_fwd)
+    torch.manual_seed(0)
+    model = hashed.build()
+    sequence = torch.randint(0, 512, (2, 12))
+    logits, _ = model(sequence)
+    F.cross_entropy(logits.flatten(0, 1), sequence.flatten()).backward()
+    assert model.get_parameter("layers.0.ffn.router.weight").grad.abs().sum() > 0
+    model.eval()
+    decoder = Decoder(model, hashed.arch, context=16)
+    with torch.no_grad():
+        full, _ = model(sequence)
+        states = decoder.states(2, sequence.shape[1])
+        steps = [decoder.step(sequence[:, :8], 0, states)] + [decoder.step(sequence[:, t:t + 1], t, states) for t in range(8, 12)]
+    close(torch.cat(steps, dim=1), full)
+
+
 # --- the language --------------------------------------------------------------------------------
 
 TINY = "vocab_size = 512\nd_model = 64\nn_heads = 4\nn_kv_heads = 2\nhead_dim = 32\nd_ff = 96\n"
@@ -543,6 +641,9 @@ TINY = "vocab_size = 512\nd_model = 64\nn_heads = 4\nn_kv_heads = 2\nhead_dim = 
         ("moe(experts=8, groups=2, top_groups=3)", "moe", "moe: top_groups=3 is more than groups=2", None),
         ("moe(top=5, experts=8, groups=4, top_groups=2)", "moe", "moe: top=5 is more than the 4 experts in top_groups=2 of groups=4", None),
         ("moe(jitter=1.0)", "moe", "moe: jitter=1.0 must be below 1", None),
+        ("moe(hash=true, balance=bias)", "moe", "moe: hash=true chooses experts by a fixed table: balance=bias", None),
+        ("moe(experts=8, groups=2, hash=true)", "moe", "moe: hash=true chooses experts by a fixed table: groups=2", None),
+        ("moe(router=sqrt_softpls)", "sqrt_softpls", "moe: unknown router 'sqrt_softpls'", "did you mean 'sqrt_softplus'?"),
     ],
 )
 def test_invalid_settings_are_errors_at_their_position(ffn, at, message, hint):

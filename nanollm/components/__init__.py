@@ -329,6 +329,10 @@ class Residual(Registered):
         """A site's part names -> the transformers decoder layer's module names (e.g. norm -> input_layernorm)."""
         return {}
 
+    def hf_model_names(self) -> dict[str, str]:
+        """Parameter names of `model_modules` (`hc_head.fn`) -> transformers', relative to the decoder (`hc_head.hc_fn`)."""
+        return {}
+
 
 # ---- training statistics ------------------------------------------------------------------------------------
 

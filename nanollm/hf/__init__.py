@@ -199,7 +199,8 @@ def weight_names(model: fx.GraphModule, arch: Arch, decoder: str = "model.") -> 
     names = {"embed.weight": f"{decoder}embed_tokens.weight", "norm.weight": f"{decoder}norm.weight"}
     if not arch.config.tie_embeddings:
         names["lm_head.weight"] = "lm_head.weight"
-    schemes = {call: make_component(call, arch.config) for call in {layer.residual for layer in arch.layers}}
+    schemes = {call: make_component(call, arch.config) for call in {arch.config.residual, *(layer.residual for layer in arch.layers)}}
+    names |= {ours: f"{decoder}{theirs}" for ours, theirs in schemes[arch.config.residual].hf_model_names().items()}
     for i, layer in enumerate(arch.layers):
         theirs = f"{decoder}layers.{i}."
         for slot, _ in layer.sublayers:

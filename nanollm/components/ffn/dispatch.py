@@ -3,7 +3,7 @@ capacity-limited batches.
 
 Experts are SwiGLUs seen as (E, out, in) stacks (`ExpertBank`), as transformers and torchtitan store them:
 gate_up (E, 2f, d), whose first f rows are the gate, and down (E, d, f); or as GPT-OSS's, with gate and up rows
-alternating, biases on both projections and a clamped, shifted activation.
+alternating, biases on both projections and a clamped, shifted activation (`ExpertActivation`).
 
 Dropless: the N*k (token, expert) assignments are sorted by expert, so each expert's rows are contiguous.
 On GPUs, in the analysis and when compiling in bf16 (bf16 autocast included), two grouped matmuls
@@ -49,28 +49,38 @@ def use_grouped_mm(x: torch.Tensor) -> bool:
 
 
 @dataclass(frozen=True)
+class ExpertActivation:
+    """The experts' gated activation gate * sigmoid(alpha * gate) * (up + up_offset), the gate clamped to <= limit and
+    up to [-limit, limit] when limit > 0 (GPT-OSS, DeepSeek-V4); alpha 1 and no limit nor offset is SwiGLU's."""
+
+    alpha: float = 1.0
+    limit: float = 0.0
+    up_offset: float = 0.0
+
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.limit:
+            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
+        glu = F.silu(gate) if self.alpha == 1.0 else gate * torch.sigmoid(self.alpha * gate)
+        return glu * (up + self.up_offset if self.up_offset else up)
+
+
+@dataclass(frozen=True)
 class ExpertBank:
     """The routed experts: weights as (E, out, in) stacks (views of however the MoE stores them), optional biases,
-    and the activation gate * sigmoid(alpha * gate) * (up + up_offset), gate clamped to <= limit and up to
-    [-limit, limit] when limit > 0 (GPT-OSS; alpha 1 and no limit nor offset is SwiGLU)."""
+    and their activation."""
 
     gate_up: torch.Tensor  # (E, 2f, d)
     down: torch.Tensor  # (E, d, f)
     gate_up_bias: torch.Tensor | None = None  # (E, 2f)
     down_bias: torch.Tensor | None = None  # (E, d)
     interleaved: bool = False  # gate and up rows alternate (GPT-OSS) rather than gate rows first
-    alpha: float = 1.0
-    limit: float = 0.0
-    up_offset: float = 0.0
+    activation: ExpertActivation = ExpertActivation()
 
     def hidden(self, gate_up: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The weighted activation of gate_up rows (..., 2f) whose routing weights are `weights` (...). Weighting
         the hidden rows, not the d_model-wide outputs (down is linear), touches d_ff / d_model of the memory."""
         gate, up = (gate_up[..., ::2], gate_up[..., 1::2]) if self.interleaved else gate_up.chunk(2, dim=-1)
-        if self.limit:
-            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
-        glu = F.silu(gate) if self.alpha == 1.0 else gate * torch.sigmoid(self.alpha * gate)
-        return glu * (up + self.up_offset if self.up_offset else up) * weights.unsqueeze(-1).to(up.dtype)
+        return self.activation(gate, up) * weights.unsqueeze(-1).to(up.dtype)
 
     def down_bias_term(self, expert: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | int:
         """The down projection's bias of each row's expert, weighted as the row is (0 without biases)."""

@@ -1,10 +1,11 @@
 """Mixture of SwiGLU experts: token-choice top-k routing, optional shared experts, balancing, capacity.
 
-The router (router.py) picks k of E experts per token; the dispatch (dispatch.py) runs each token through
-its experts, dropless by default. GPT-OSS's experts are arguments too: biases on the router and on the experts,
-a clamped SwiGLU with a sigmoid slope and an offset on up, and its weight layout (so that its weights load
-unchanged). `shared` always-on experts (DeepSeekMoE) form one dense SwiGLU of width
-shared * d_ff, added unweighted. While training, every forward pass adds its expert loads, drops and
+The router (router.py) picks k of E experts per token (or reads them from a fixed table by token id: hash
+routing); the dispatch (dispatch.py) runs each token through its experts, dropless by default. GPT-OSS's experts
+are arguments too: biases on the router and on the experts, a clamped SwiGLU with a sigmoid slope and an offset
+on up, and its weight layout (so that its weights load unchanged). `shared` always-on experts (DeepSeekMoE) form
+one dense SwiGLU of width shared * d_ff with the routed experts' activation (DeepSeek-V4 clamps both), added
+unweighted. While training, every forward pass adds its expert loads, drops and
 losses to buffers; `finish_step` turns them into the step's metrics and, under balance=bias, nudges the
 selection bias towards balance (DeepSeek-V3).
 """
@@ -18,9 +19,22 @@ import torch
 from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
-from .. import INIT_STD, MATRIX, VECTOR, Component, Param, collects_statistics, register, sum_over_processes, telling
+from .. import (
+    BRANCH,
+    INIT_STD,
+    MATRIX,
+    TOKEN_IDS,
+    VECTOR,
+    Component,
+    Input,
+    Param,
+    collects_statistics,
+    register,
+    sum_over_processes,
+    telling,
+)
 from ...ir import Call, ModelConfig
-from .dispatch import DROPS, ExpertBank, capacity_limited, dropless, expert_counts
+from .dispatch import DROPS, ExpertActivation, ExpertBank, capacity_limited, dropless, expert_counts
 from .router import BALANCES, ROUTERS, Router
 from .swiglu import SwiGLU
 
@@ -37,11 +51,22 @@ def grouped_mm_handle(inputs: list, outputs: list) -> int:
     return rows * inner * get_shape(inputs[1])[-1]
 
 
-class GatedSharedExperts(SwiGLU):
+class SharedExperts(SwiGLU):
+    """The always-on experts: one SwiGLU of width shared * d_ff, with the routed experts' activation (its clamp)."""
+
+    def __init__(self, config: ModelConfig, d_ff: int, activation: ExpertActivation) -> None:
+        super().__init__(config, d_ff)
+        self.glu = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.glu(self.gate_proj(x), self.up_proj(x)))
+
+
+class GatedSharedExperts(SharedExperts):
     """Shared experts whose output a learned gate scales per token: sigmoid(w . x) SwiGLU(x) (Qwen3-Next)."""
 
-    def __init__(self, config: ModelConfig, d_ff: int) -> None:
-        super().__init__(config, d_ff)
+    def __init__(self, config: ModelConfig, d_ff: int, activation: ExpertActivation) -> None:
+        super().__init__(config, d_ff, activation)
         self.token_gate = nn.Linear(config.d_model, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +95,10 @@ def load_metrics(load: torch.Tensor) -> dict[str, torch.Tensor]:
     Param("shared", int, "always-on shared experts, each of width d_ff", default=0, minimum=0),
     Param("shared_gate", bool, "scale the shared experts' output by sigmoid(w . x), a learned gate per token (Qwen3-Next)",
           default=False),
-    Param("router", str, "scoring: softmax over experts, or sigmoid per expert", default="softmax", choices=ROUTERS),
+    Param("router", str, "scoring: softmax over experts, sigmoid or sqrt(softplus) per expert, or topk_softmax (softmax over the chosen k)",
+          default="softmax", choices=ROUTERS),
+    Param("hash", bool, "choose each token's k experts by a fixed random table of its token id, weights still from the scores "
+          "(DeepSeek-V4's first layers)", default=False, positional=False),
     Param("norm_topk", bool, "renormalise the k routing weights to sum to 1", default=True),
     Param("scale", float, "factor on the routing weights (DeepSeek-V3's routed_scaling_factor)", default=1.0, minimum=0),
     Param("groups", int, "expert groups for group-limited routing (1 = off)", default=1, minimum=1),
@@ -85,7 +113,8 @@ def load_metrics(load: torch.Tensor) -> dict[str, torch.Tensor]:
     Param("router_bias", bool, "a learned bias on the router logits (GPT-OSS)", default=False),
     Param("expert_bias", bool, "biases on the experts' projections (GPT-OSS)", default=False),
     Param("alpha", float, "the experts' gate is gate * sigmoid(alpha * gate): 1 is SiLU, GPT-OSS 1.702", default=1.0, minimum=0),
-    Param("limit", float, "clamp the gate to <= limit and up to [-limit, limit] (GPT-OSS: 7); 0 is off", default=0.0, minimum=0),
+    Param("limit", float, "clamp the gate to <= limit and up to [-limit, limit], in the routed and shared experts (GPT-OSS: 7, "
+          "DeepSeek-V4: 10); 0 is off", default=0.0, minimum=0),
     Param("up_offset", float, "added to up before the product, (up + offset) (GPT-OSS: 1)", default=0.0),
     Param("layout", str, "expert weight storage: stacked (E, 2f, d) gate rows first, or gpt_oss (E, d, 2f) gate/up interleaved",
           default="stacked", choices=LAYOUTS),
@@ -113,13 +142,13 @@ class MoE(Component):
         limit: float,
         up_offset: float,
         layout: str,
-        **routing: Any,  # the Router's own arguments: router, norm_topk, scale, groups, top_groups, aux, z_loss, jitter, router_bias
+        **routing: Any,  # the Router's own arguments: router, hash, norm_topk, scale, groups, top_groups, aux, z_loss, jitter, router_bias
     ) -> None:
         super().__init__()
         self.top, self.experts, self.shared, self.balance = top, experts, shared, balance
         self.bias_rate, self.capacity, self.drop = bias_rate, capacity, drop
-        self.alpha, self.limit, self.up_offset, self.layout = alpha, limit, up_offset, layout
-        self.router = Router(config.d_model, experts, top, balance, **routing)
+        self.activation, self.layout = ExpertActivation(alpha, limit, up_offset), layout
+        self.router = Router(config.d_model, experts, top, balance, vocab_size=config.vocab_size, **routing)
         d = config.d_model
         if layout == "stacked":  # (E, out, in) stacks, as nn.Linear, transformers and torchtitan lay them out; gate_up = [gate; up]
             self.gate_up = nn.Parameter(torch.empty(experts, 2 * d_ff, d))
@@ -129,7 +158,7 @@ class MoE(Component):
             self.down = nn.Parameter(torch.empty(experts, d_ff, d))
         self.gate_up_bias = nn.Parameter(torch.zeros(experts, 2 * d_ff)) if expert_bias else None
         self.down_bias = nn.Parameter(torch.zeros(experts, d)) if expert_bias else None
-        self.shared_experts = (GatedSharedExperts if shared_gate else SwiGLU)(config, shared * d_ff) if shared else None
+        self.shared_experts = (GatedSharedExperts if shared_gate else SharedExperts)(config, shared * d_ff, self.activation) if shared else None
         if balance == "bias":
             # Persistent (checkpointed) and kept fp32 by _apply: its updates are ~1e-3 steps that bf16 would round away.
             self.register_buffer("selection_bias", torch.zeros(experts, dtype=torch.float32))
@@ -146,6 +175,10 @@ class MoE(Component):
             return f"top_groups={top_groups} is more than groups={groups}"
         if top > top_groups * (experts // groups):
             return f"top={top} is more than the {top_groups * (experts // groups)} experts in top_groups={top_groups} of groups={groups}"
+        if args["hash"] and args["balance"] == "bias":
+            return "hash=true chooses experts by a fixed table: balance=bias has no choice to bias (use none, aux or seq_aux)"
+        if args["hash"] and groups > 1:
+            return f"hash=true chooses experts by a fixed table: groups={groups} would limit no choice"
         if args["shared_gate"] and not args["shared"]:
             return "shared_gate needs shared experts (shared is 0)"
         if args["jitter"] >= 1:
@@ -172,10 +205,13 @@ class MoE(Component):
         """The experts as the dispatch takes them: (E, out, in) views of the weights, biases, activation."""
         gpt_oss = self.layout == "gpt_oss"
         gate_up, down = (self.gate_up.transpose(1, 2), self.down.transpose(1, 2)) if gpt_oss else (self.gate_up, self.down)
-        return ExpertBank(gate_up, down, self.gate_up_bias, self.down_bias, gpt_oss, self.alpha, self.limit, self.up_offset)
+        return ExpertBank(gate_up, down, self.gate_up_bias, self.down_bias, gpt_oss, self.activation)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        routing = self.router(x.reshape(-1, x.shape[-2], x.shape[-1]), getattr(self, "selection_bias", None))
+    def inputs(self) -> tuple[Input, ...]:
+        return (BRANCH, TOKEN_IDS) if self.router.token_experts is not None else (BRANCH,)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        routing = self.router(x.reshape(-1, x.shape[-2], x.shape[-1]), getattr(self, "selection_bias", None), token_ids)
         flat = x.reshape(-1, x.shape[-1])
         counts = expert_counts(routing.experts, self.experts)
         if self.capacity:
@@ -248,6 +284,8 @@ class MoE(Component):
             names |= {"gate_up_bias": "experts.gate_up_proj_bias", "down_bias": "experts.down_proj_bias"}
         if self.balance == "bias":
             names["selection_bias"] = "gate.e_score_correction_bias"
+        if self.router.token_experts is not None:
+            names["router.token_experts"] = "gate.tid2eid"
         if self.shared_experts is not None:
             # transformers' gated shared expert (Qwen2-MoE, Qwen3-Next) is `shared_expert`, its gate a sibling; DeepSeek's `shared_experts`
             gated = isinstance(self.shared_experts, GatedSharedExperts)

@@ -2,9 +2,11 @@
 
 The embedding is copied into n streams H (B, T, n, d). Each sublayer's site reads h_in = A_m^T H (a weighted
 mix of the streams), applies the pre-norm and the sublayer, and writes H' = B^T f(norm(h_in)) + A_r^T H; the
-streams are summed before the final norm. Static HC learns A_m, A_r and B per site; dynamic HC adds to them
-tanh(LayerNorm(H) W) * s, computed per token from the streams. The published initialisation (A_m = e_{k mod n}
-for the k-th site, A_r = I, B = 1, dynamic weights 0) makes every stream hold the pre-norm residual at step 0.
+streams are averaged before the final norm (the paper sums them: the same model, the final norm being scale-invariant,
+except that a sum of n streams shrinks that norm's epsilon n^2 times; the mean leaves it as pre-norm's). Static HC
+learns A_m, A_r and B per site; dynamic HC adds to them tanh(LayerNorm(H) W) * s, computed per token from the
+streams. The published initialisation (A_m = e_{k mod n} for the k-th site, A_r = I, B = 1, dynamic weights 0)
+makes every stream hold the pre-norm residual at step 0, so that the model computes exactly what pre-norm does.
 """
 from __future__ import annotations
 
@@ -28,13 +30,11 @@ def expand_streams(hidden: torch.Tensor, streams: int) -> torch.Tensor:
     return hidden.unsqueeze(-2).expand(*hidden.shape[:-1], streams, hidden.shape[-1])
 
 
-def sum_streams(stream: torch.Tensor) -> torch.Tensor:
-    """(B, T, n, d) -> (B, T, d): the streams summed pairwise (so n equal streams of a power-of-two n sum exactly to n x one)."""
-    while stream.shape[-2] > 1:
-        half = stream.shape[-2] // 2
-        paired = stream[..., :half, :] + stream[..., half:2 * half, :]
-        stream = torch.cat([paired, stream[..., 2 * half:, :]], dim=-2) if stream.shape[-2] % 2 else paired
-    return stream.squeeze(-2)
+def mean_streams(stream: torch.Tensor) -> torch.Tensor:
+    """(B, T, n, d) -> (B, T, d): the mean of the streams, as the first one plus the mean departure from it, so that
+    n equal streams give exactly that stream for any n (a plain sum of three equal values may round)."""
+    first = stream[..., :1, :]
+    return (first + (stream - first).sum(dim=-2, keepdim=True) / stream.shape[-2]).squeeze(-2)
 
 
 def site_number(site: Site) -> int:
@@ -120,7 +120,7 @@ class Streams(Residual):
 class HyperConnections(Streams):
     """n streams; each sublayer reads a learned mix of them and writes its output to each with a learned weight (Zhu et al.)."""
 
-    formula = "n streams H; each sublayer reads f(norm(A_m^T H)) and writes H = B^T f + A_r^T H; sum(H) before the final norm"
+    formula = "n streams H; each sublayer reads f(norm(A_m^T H)) and writes H = B^T f + A_r^T H; mean(H) before the final norm"
 
     def __init__(self, config: ModelConfig, n: int, dynamic: bool) -> None:
         super().__init__(config, n=n)
@@ -140,4 +140,4 @@ class HyperConnections(Streams):
         return g.call(site, "hc_write", (out, mixed, beta))
 
     def reduce(self, g: Lowering, stream: fx.Node) -> fx.Node:
-        return g.function(sum_streams, (stream,), "streams_summed")
+        return g.function(mean_streams, (stream,), "streams_mean")

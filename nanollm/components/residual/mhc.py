@@ -18,9 +18,13 @@ from torch import fx, nn
 from ...ir import ModelConfig
 from .. import INIT_STD, MATRIX, VECTOR, Param, make_norm, register
 from .hc import Streams
+from .prenorm import HF_NORMS
 
 if TYPE_CHECKING:
     from ...compiler import Lowering, Site
+
+
+HF_HYPER_CONNECTIONS = {"mixer": "attn_hc", "ffn": "ffn_hc"}  # transformers' (DeepSeek-V4's) names of the sites' connections
 
 
 def sinkhorn(matrix: torch.Tensor, iterations: int, eps: float) -> torch.Tensor:
@@ -33,6 +37,12 @@ def sinkhorn(matrix: torch.Tensor, iterations: int, eps: float) -> torch.Tensor:
         matrix = matrix / (matrix.sum(dim=-1, keepdim=True) + eps)
         matrix = matrix / (matrix.sum(dim=-2, keepdim=True) + eps)
     return matrix
+
+
+def weighted_streams(weights: torch.Tensor, stream: torch.Tensor) -> torch.Tensor:
+    """sum_i weights_i H_i: fp32 weights (B, T, n), streams (B, T, n, d) -> (B, T, d), summed in fp32 (as transformers does)
+    and returned in the streams' dtype."""
+    return (weights.unsqueeze(-2) @ stream.float()).squeeze(-2).to(stream.dtype)
 
 
 def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -70,8 +80,7 @@ class ManifoldConnection(nn.Module):
 
     def forward(self, stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pre, post, res = self.maps(stream)
-        collapsed = (pre.unsqueeze(-2).to(stream.dtype) @ stream).squeeze(-2)
-        return collapsed, post, res
+        return weighted_streams(pre, stream), post, res
 
     def param_roles(self) -> dict[str, str]:
         """phi is a matrix; the biases and gating factors are vectors (AdamW, as DeepSeek-V4 trains them)."""
@@ -105,7 +114,7 @@ class StreamHead(nn.Module):
     def forward(self, stream: torch.Tensor) -> torch.Tensor:
         flat = unweighted_rms_norm(stream.flatten(-2).float(), self.norm_eps)
         weights = torch.sigmoid(F.linear(flat, self.fn.float()) * self.scale.float() + self.base.float()) + self.eps
-        return (weights.unsqueeze(-2).to(stream.dtype) @ stream).squeeze(-2)
+        return weighted_streams(weights, stream)
 
     def param_roles(self) -> dict[str, str]:
         return {"fn": MATRIX, "base": VECTOR, "scale": VECTOR}
@@ -147,3 +156,10 @@ class ManifoldHyperConnections(Streams):
 
     def reduce(self, g: Lowering, stream: fx.Node) -> fx.Node:
         return g.module("hc_head", (stream,), "hc_head")
+
+    def hf_names(self, slot: str) -> dict[str, str]:
+        """DeepSeek-V4's names: the mixer's connection `attn_hc`, the FFN's `ffn_hc`, the norms as pre-norm's."""
+        return {"hc": HF_HYPER_CONNECTIONS[slot], "norm": HF_NORMS[slot]} if slot in HF_NORMS else {}
+
+    def hf_model_names(self) -> dict[str, str]:
+        return {f"hc_head.{name}": f"hc_head.hc_{name}" for name in ("fn", "base", "scale")}
