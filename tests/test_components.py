@@ -37,7 +37,7 @@ CONFIG = ModelConfig(
 )
 ATOL = 1e-5
 MATRIX_SCALE = 10.0  # init std 0.02 -> 0.2: unit-scale activations in a 64-wide model
-SMALL_ARGS = {"window": 3, "block": 2, "topk": 3, "q_lora_rank": 24, "kv_lora_rank": 16}  # overrides of registry defaults that
+SMALL_ARGS = {"window": 3, "block": 2, "topk": 3, "q_lora_rank": 24, "kv_lora_rank": 16, "o_groups": 2, "o_lora_rank": 16}  # overrides of registry defaults that
 # would make a tiny test vacuous (or too wide)
 MIXERS = sorted(name for name, spec in REGISTRY.items() if spec.kind == "mixer")
 

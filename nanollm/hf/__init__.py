@@ -245,7 +245,7 @@ def from_hf(model: transformers.PreTrainedModel | str | os.PathLike) -> fx.Graph
 
 
 from . import (  # noqa: E402,F401  the family adapters register themselves
-    deepseek, gemma3, gpt_oss, kimi_linear, lfm2, minimax, mixtral, nemotron_h, olmo, olmo_hybrid, qwen3, qwen3_5, qwen3_next,
+    deepseek, deepseek_v4, gemma3, gpt_oss, kimi_linear, lfm2, minimax, mixtral, nemotron_h, olmo, olmo_hybrid, qwen3, qwen3_5, qwen3_next,
 )
 
 

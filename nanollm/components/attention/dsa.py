@@ -44,6 +44,14 @@ def highest(index: torch.Tensor, k: int) -> torch.Tensor:
     return index.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
 
+def lightning_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The indexer's score of each key for each query, sum_h w_h relu(q_h . k / sqrt(d)) with w = weights / sqrt(heads),
+    from queries (B, heads, T, d), keys shared by the heads (B, 1, S, d) and weights (B, T, heads); (B, T, S)."""
+    heads, width = q.shape[1], q.shape[-1]
+    scores = torch.relu(q.transpose(1, 2) @ k.transpose(-1, -2) * width ** -0.5)  # (B, T, heads, S)
+    return ((weights * heads ** -0.5).unsqueeze(-2) @ scores).squeeze(-2)
+
+
 class LightningIndexer(nn.Module):
     """DeepSeek-V3.2's indexer: ReLU-weighted scores of every earlier key for each query (transformers' weight names)."""
 
@@ -72,11 +80,9 @@ class LightningIndexer(nn.Module):
         """Index scores (B, T, S) of the T queries at `positions` over keys (B, S, d) of positions 0..S-1: -inf on later keys."""
         batch, length, _ = x.shape
         cos, sin = half_split(cos, layout), half_split(sin, layout)
-        q = rotate(self.wq_b(q_latent).view(batch, length, self.heads, self.head_dim), cos.unsqueeze(-2), sin.unsqueeze(-2),
-                   Layout(0, cos.shape[-1], False))  # (B, T, heads, d)
-        scores = torch.relu(q @ keys.unsqueeze(1).transpose(-1, -2) * self.head_dim ** -0.5)  # (B, T, heads, S)
-        weights = self.weights_proj(x) * self.heads ** -0.5
-        index = (weights.unsqueeze(-2) @ scores).squeeze(-2)  # (B, T, S)
+        rope = Layout(0, cos.shape[-1], False)
+        q = rotate(self.wq_b(q_latent).view(batch, length, self.heads, self.head_dim).transpose(1, 2), cos, sin, rope)
+        index = lightning_scores(q, keys.unsqueeze(1), self.weights_proj(x))  # (B, T, S)
         later = torch.arange(keys.shape[1], device=x.device)[None, :] > positions[:, None]
         return index.masked_fill(later, float("-inf"))
 
