@@ -15,10 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
-from .. import INIT_STD, MATRIX, VECTOR, Component, Param, collects_statistics, register, sum_over_processes, telling
+from .. import INIT_STD, MATRIX, VECTOR, Component, Param, collects_statistics, register, sum_over_processes, telling, traced_shape
 from ...ir import Call, ModelConfig
 from .dispatch import DROPS, ExpertBank, capacity_limited, dropless, expert_counts
 from .router import BALANCES, ROUTERS, Router
@@ -33,8 +32,8 @@ LAYOUTS = ("stacked", "gpt_oss")
 
 def grouped_mm_handle(inputs: list, outputs: list) -> int:
     """fvcore handle for aten::_grouped_mm (rows, K) x (groups, K, N): every row meets one group."""
-    rows, inner = get_shape(inputs[0])
-    return rows * inner * get_shape(inputs[1])[-1]
+    rows, inner = traced_shape(inputs[0])
+    return rows * inner * traced_shape(inputs[1])[-1]
 
 
 class GatedSharedExperts(SwiGLU):
