@@ -254,9 +254,10 @@ def analyze(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
     )
 
 
-def analysis_key(arch: Arch, model: fx.GraphModule, seq_len: int) -> str:
+def analysis_key(arch: Arch, model: fx.GraphModule, seq_len: int) -> str | None:
     """A digest of everything an analysis depends on: the architecture, the graph, what each module was built from,
-    every parameter's shape, the source of nanollm and of every module class in the model, torch's and fvcore's versions."""
+    every parameter's shape, the source of nanollm and of every module class in the model, torch's and fvcore's versions
+    (None when a module's class has no source file to digest)."""
     digest = hashlib.sha256()
     for part in (repr(arch), model.code, str(seq_len), torch.__version__, importlib.metadata.version("fvcore")):
         digest.update(part.encode() + b"\0")
@@ -265,7 +266,11 @@ def analysis_key(arch: Arch, model: fx.GraphModule, seq_len: int) -> str:
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\0".encode())
     sources = set(Path(__file__).parent.rglob("*.py"))
-    sources.update(Path(inspect.getsourcefile(type(module))) for module in model.modules())
+    for module in model.modules():
+        try:
+            sources.add(Path(inspect.getsourcefile(type(module))))
+        except (TypeError, OSError):  # a class without a source file (defined in a notebook): its code cannot be keyed
+            return None
     for path in sorted(sources):
         digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -278,15 +283,19 @@ def stored_analysis(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis
     torch._check and are wrapped in _disable_dynamo): over a second, where the command itself takes a fraction of one.
     Set NANOLLM_ANALYSIS_CACHE=0 to always count afresh.
     """
-    if os.environ.get("NANOLLM_ANALYSIS_CACHE") == "0":
+    key = None if os.environ.get("NANOLLM_ANALYSIS_CACHE") == "0" else analysis_key(arch, model, seq_len)
+    if key is None:
         return analyze(arch, model, seq_len)
-    path = cache_dir() / "analyses" / f"{analysis_key(arch, model, seq_len)}.json"
+    path = cache_dir() / "analyses" / f"{key}.json"
     if path.is_file():
         data = json.loads(path.read_text())
         return Analysis(**{**data, "layers": [LayerReport(**layer) for layer in data["layers"]]})
     analysis = analyze(arch, model, seq_len)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")  # written whole, then renamed: a concurrent reader never sees half a file
-    partial.write_text(json.dumps(asdict(analysis)))
-    partial.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(asdict(analysis)))
+        partial.replace(path)
+    except OSError:  # a read-only cache folder: the figures are right, only not kept
+        pass
     return analysis

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 import nanollm
 from nanollm import analysis
 
@@ -60,3 +62,13 @@ def test_compile_json_imports_none_of_dynamo_dtensor_fvcore_sympy_once_its_analy
     # Counting runs the graph on meta tensors: torch's meta kernels import sympy and torch._dynamo (and, with it, DTensor).
     assert {"fvcore", "sympy", "torch._dynamo"} <= set(first)
     assert second == []  # the second command reads the first's analysis back
+
+
+def test_a_model_with_a_class_that_has_no_source_file_is_counted_not_stored(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOLLM_CACHE", str(tmp_path))
+    compiled = nanollm.compile(TINY)
+    notebook_class = type("Notebook", (torch.nn.Module,), {"__module__": "a_notebook_cell"})  # a module with no file behind it
+    compiled.graph.add_module("notebook", notebook_class())
+    assert analysis.analysis_key(compiled.arch, compiled.graph, 32) is None
+    analysis.stored_analysis(compiled.arch, compiled.graph, 32)
+    assert not (tmp_path / "analyses").exists()
