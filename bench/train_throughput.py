@@ -1,6 +1,6 @@
 """Training-step throughput: nanollm's trainer step, its compiled model in a user's loop, and eager; transformers eager and compiled.
 
-Run: python bench/train_throughput.py [--steps N]. One step is forward, cross-entropy (fp32, the same for every
+Run: python bench/train_throughput.py [--steps N] [--threads K]. One step is forward, cross-entropy (fp32, the same for every
 variant), backward, AdamW step and zero_grad, for the same small Qwen3-shaped model (hidden 256, 4 layers, 4 heads
 of 64, 2 KV heads, FFN 768, vocabulary 8192, untied head; batch 8 x 256 tokens) in fp32. Five variants:
 - nanollm's trainer step: `torch.compile(nanollm.NextTokenLoss(model))`, the loss inside the compiled graph
@@ -152,7 +152,10 @@ TRAINER, USER, EAGER, HF_EAGER, HF_COMPILED = (
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant (after warm-up)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 is steadier on a busy machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     compiled = nanollm.compile(ARCH)
     flops_per_token = compiled.analyze(LENGTH).flops_per_token_train
