@@ -9,8 +9,9 @@ from .analysis import Analysis
 from .compiled import Compiled, compile
 from .errors import ArchError, NanollmError
 from .ir import Arch, Call, Layer, ModelConfig
+from .loss import NextTokenLoss
 
-__all__ = ["Arch", "ArchError", "Analysis", "Call", "Compiled", "Layer", "ModelConfig", "NanollmError", "compile", "from_hf"]
+__all__ = ["Arch", "ArchError", "Analysis", "Call", "Compiled", "Layer", "ModelConfig", "NanollmError", "NextTokenLoss", "compile", "from_hf"]
 
 
 def from_hf(model: Any) -> fx.GraphModule:

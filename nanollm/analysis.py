@@ -9,14 +9,20 @@ the routed rows).
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import inspect
+import json
+import os
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import fx, nn
 
+from .cache import cache_dir
 from .compiler import layer_of
 from .components import Component
 from .ir import Arch
@@ -184,6 +190,9 @@ class _Recorder(fx.Interpreter):
 
 def count_macs(module: nn.Module, args: tuple, handles: dict[str, Callable]) -> int:
     """Multiply-accumulates of one forward call, counted by fvcore (torch.jit trace)."""
+    # Imported here: an analysis read back from the cache never needs fvcore.
+    from fvcore.nn import FlopCountAnalysis
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         analysis = FlopCountAnalysis(module, args).set_op_handle(**handles)
@@ -243,3 +252,50 @@ def analyze(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
         activation_bytes=recorder.activation_bytes,
         layers=layers,
     )
+
+
+def analysis_key(arch: Arch, model: fx.GraphModule, seq_len: int) -> str | None:
+    """A digest of everything an analysis depends on: the architecture, the graph, what each module was built from,
+    every parameter's shape, the source of nanollm and of every module class in the model, torch's and fvcore's versions
+    (None when a module's class has no source file to digest)."""
+    digest = hashlib.sha256()
+    for part in (repr(arch), model.code, str(seq_len), torch.__version__, importlib.metadata.version("fvcore")):
+        digest.update(part.encode() + b"\0")
+    for node in model.graph.nodes:
+        digest.update(f"{node.name}:{node.meta.get('built_from')!r}\0".encode())
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\0".encode())
+    sources = set(Path(__file__).parent.rglob("*.py"))
+    for module in model.modules():
+        try:
+            sources.add(Path(inspect.getsourcefile(type(module))))
+        except (TypeError, OSError):  # a class without a source file (defined in a notebook): its code cannot be keyed
+            return None
+    for path in sorted(sources):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def stored_analysis(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
+    """`analyze`, kept in nanollm's cache folder: an architecture analysed before, by the same code, is read back.
+
+    The first analysis in a process imports sympy and torch._dynamo (torch's meta kernels check shapes with
+    torch._check and are wrapped in _disable_dynamo): over a second, where the command itself takes a fraction of one.
+    Set NANOLLM_ANALYSIS_CACHE=0 to always count afresh.
+    """
+    key = None if os.environ.get("NANOLLM_ANALYSIS_CACHE") == "0" else analysis_key(arch, model, seq_len)
+    if key is None:
+        return analyze(arch, model, seq_len)
+    path = cache_dir() / "analyses" / f"{key}.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return Analysis(**{**data, "layers": [LayerReport(**layer) for layer in data["layers"]]})
+    analysis = analyze(arch, model, seq_len)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")  # written whole, then renamed: a concurrent reader never sees half a file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(asdict(analysis)))
+        partial.replace(path)
+    except OSError:  # a read-only cache folder: the figures are right, only not kept
+        pass
+    return analysis

@@ -115,6 +115,7 @@ def cmd_compile(args: argparse.Namespace) -> None:
         return cmd_budget(args)
     require_budget(args, BUDGET_ONLY)
     compiled = compile(Path(args.file))
+    compiled.stored = True
     analysis = compiled.analyze(args.seq_len or compiled.config.seq_len)
     inference = compiled.inference(args.context) if args.context else None
     if args.json:

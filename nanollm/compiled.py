@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from .analysis import Analysis, InferenceView, analyze, inference_view
+from .analysis import Analysis, InferenceView, analyze, inference_view, stored_analysis
 from .compiler import lower, materialize
 from .ir import Arch, ModelConfig
 from .resolve import load
@@ -16,8 +16,9 @@ from .resolve import load
 class Compiled:
     """A compiled architecture: its IR, its meta-device GraphModule, and the analysis of that graph."""
 
-    def __init__(self, arch: Arch) -> None:
+    def __init__(self, arch: Arch, stored: bool = False) -> None:
         self.arch = arch
+        self.stored = stored  # analyses kept in nanollm's cache folder between processes (the command line's start-up)
         self.graph: fx.GraphModule = lower(arch)
         self._analyses: dict[int, Analysis] = {}
 
@@ -34,7 +35,7 @@ class Compiled:
     def analyze(self, seq_len: int) -> Analysis:
         """Analysis at a given sequence length (cached)."""
         if seq_len not in self._analyses:
-            self._analyses[seq_len] = analyze(self.arch, self.graph, seq_len)
+            self._analyses[seq_len] = (stored_analysis if self.stored else analyze)(self.arch, self.graph, seq_len)
         return self._analyses[seq_len]
 
     def inference(self, context: int) -> InferenceView:

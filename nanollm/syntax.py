@@ -8,6 +8,7 @@ from typing import Union
 
 import lark
 
+from .cache import cache_dir
 from .errors import ArchError, Pos, Source
 
 
@@ -128,7 +129,14 @@ TOKEN_NAMES = {
 def parser() -> lark.Lark:
     """The LALR parser for grammar/arch.lark (shipped in the package as nanollm.grammar)."""
     grammar = resources.files("nanollm.grammar").joinpath("arch.lark").read_text()
-    return lark.Lark(grammar, start="file", parser="lalr", propagate_positions=True)
+    # Building the LALR tables takes a tenth of a second of every command; lark keeps them in nanollm's cache
+    # folder, checked against a digest of the grammar, its options and lark's version.
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: build the tables each time
+        return lark.Lark(grammar, start="file", parser="lalr", propagate_positions=True)
+    return lark.Lark(grammar, start="file", parser="lalr", propagate_positions=True, cache=str(folder / "arch-grammar.lark"))
 
 
 def parse(text: str, name: str = "<text>") -> ArchFile:

@@ -74,3 +74,17 @@ def test_trains_on_cpu():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_next_token_loss_is_the_mean_log_loss_of_each_next_token_with_the_models_aux_loss():
+    torch.manual_seed(0)
+    model = nanollm.compile(HYBRID).build()
+    rows = torch.randint(0, 128, (2, 33))
+    loss, aux_loss = nanollm.NextTokenLoss(model)(rows)
+    logits, expected_aux = model(rows[:, :-1])
+    log_probs = logits.double().log_softmax(-1)
+    picked = [log_probs[b, t, rows[b, t + 1]] for b in range(2) for t in range(32)]  # token t + 1 predicted at position t
+    assert torch.allclose(loss.double(), -torch.stack(picked).mean(), rtol=1e-6)
+    assert aux_loss.item() == expected_aux.item() > 0  # the MoE layers' balance loss passes through
+    loss.backward()
+    assert model.embed.weight.grad is not None  # the loss reaches the (tied) embedding

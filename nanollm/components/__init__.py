@@ -339,6 +339,11 @@ class Residual(Registered):
 _recomputing = False  # True while activation checkpointing re-runs a forward pass during backward
 
 
+def traced_shape(value: torch.Value) -> list[int]:
+    """The shape of a value of a torch.jit trace: what a `flop_handles` handle reads its inputs' shapes from."""
+    return value.type().sizes()
+
+
 def collects_statistics(module: nn.Module) -> bool:
     """Whether this forward pass adds to training statistics: training, and not a checkpoint recompute."""
     return module.training and not _recomputing

@@ -12,7 +12,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ..components import MATRIX, TABLE, param_roles
 from .muon import Muon
@@ -60,6 +59,9 @@ def split_params(model: nn.Module) -> ParamSplit:
 
 def adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
     """AdamW, fused where every parameter is a plain tensor (FSDP's DTensors take the foreach path)."""
+    # Imported here, not with the module: DTensor would cost half a second of every command line's start.
+    from torch.distributed.tensor import DTensor
+
     params = [p for group in groups for p in group["params"]]
     fused = bool(params) and not any(isinstance(p, DTensor) for p in params)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None, foreach=None if fused else True)

@@ -15,7 +15,6 @@ from typing import Any, Iterable
 
 import torch
 from torch import Tensor
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (and Keller Jordan's) quintic
 ADJUST_LR = ("original", "match_rms_adamw")
@@ -82,6 +81,9 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One update of every parameter that has a gradient."""
+        # Imported here, not with the module: DTensor would cost half a second of every command line's start.
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -7,25 +7,18 @@ back as a transformers tokenizer, so the rest of the runtime sees one kind of ob
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..cache import cache_dir
 from ..errors import DataError
 from .data import one_line, read_source_file, stdlib_files
 
 EMBEDDED_VOCAB = 8192
 EOS = "<|endoftext|>"
-
-
-def cache_dir() -> Path:
-    """Where nanollm keeps what it builds once: $NANOLLM_CACHE, else $XDG_CACHE_HOME/nanollm, else ~/.cache/nanollm."""
-    if os.environ.get("NANOLLM_CACHE"):
-        return Path(os.environ["NANOLLM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanollm"
 
 
 def embedded_tokenizer_dir() -> Path:

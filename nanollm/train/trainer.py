@@ -24,7 +24,6 @@ from typing import Any
 import psutil
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -42,6 +41,7 @@ from ..decode import sample
 from ..errors import DataError, LaunchError, RecipeError, RunError
 from ..human import console
 from ..ir import arch_from_json, arch_to_json
+from ..loss import NextTokenLoss
 from ..memory import TrainingMemory, training_memory
 from ..optim import build_optimizers, lr_multiplier, split_params
 from .checkpoint import Checkpointer, latest_checkpoint, load_checkpoint
@@ -104,22 +104,6 @@ def available_memory(device: torch.device, processes: int) -> float:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return psutil.virtual_memory().available / processes
-
-
-class NextTokenLoss(torch.nn.Module):
-    """The training objective as a module, so DDP wraps it and torch.compile fuses the loss into the model's graph.
-
-    forward(rows) with rows (B, T + 1): the mean cross-entropy (fp32) of predicting rows[:, 1:] from
-    rows[:, :-1], and the model's auxiliary loss (MoE balance and z-losses).
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, aux_loss = self.model(rows[:, :-1])
-        return F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten()), aux_loss
 
 
 def recipe_source(recipe: Recipe) -> Source:

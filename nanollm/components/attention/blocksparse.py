@@ -18,10 +18,9 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from fvcore.nn.jit_handles import get_shape
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from .. import Param, register
+from .. import Param, register, traced_shape
 from ...ir import Call, ModelConfig
 from .causal import ATTENTION_PARAMS, CausalAttention, attend_visible, store
 
@@ -205,7 +204,7 @@ class BlockSparseAttention(CausalAttention):
         pairs, kv_heads, heads = self.attended_pairs(seq_len), self.n_kv_heads, self.n_heads
 
         def count(inputs: list, outputs: list) -> int:  # SDPA over (B * H_kv, blocks, rows, d): count the pattern's pairs
-            q, v = get_shape(inputs[0]), get_shape(inputs[2])
+            q, v = traced_shape(inputs[0]), traced_shape(inputs[2])
             return q[0] // kv_heads * heads * pairs * (q[-1] + v[-1])
 
         return {"aten::scaled_dot_product_attention": count}

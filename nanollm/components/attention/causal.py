@@ -21,11 +21,10 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from fvcore.nn.jit_handles import get_shape
 from torch import nn
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, create_block_mask, flex_attention
 
-from .. import BRANCH, REGISTRY, VECTOR, Component, Input, Param, Rotary, make_norm, register, telling
+from .. import BRANCH, REGISTRY, VECTOR, Component, Input, Param, Rotary, make_norm, register, telling, traced_shape
 from ...ir import MAX_WIDTH, QK_NORMS, Call, ModelConfig
 from ..position.rope import rotate
 
@@ -52,7 +51,7 @@ def sdpa_handle(attended_pairs: int) -> Callable:
     """fvcore handle for scaled_dot_product_attention counting only the (query, key) pairs really attended."""
 
     def count(inputs: list, outputs: list) -> int:
-        q, v = get_shape(inputs[0]), get_shape(inputs[2])
+        q, v = traced_shape(inputs[0]), traced_shape(inputs[2])
         batch, heads = q[0], q[1]
         return batch * heads * attended_pairs * (q[-1] + v[-1])  # QK^T and AV multiply-accumulates
 

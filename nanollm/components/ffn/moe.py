@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
 from .. import (
@@ -32,6 +31,7 @@ from .. import (
     register,
     sum_over_processes,
     telling,
+    traced_shape,
 )
 from ...ir import Call, ModelConfig
 from .dispatch import DROPS, ExpertActivation, ExpertBank, capacity_limited, dropless, expert_counts
@@ -47,8 +47,8 @@ LAYOUTS = ("stacked", "gpt_oss")
 
 def grouped_mm_handle(inputs: list, outputs: list) -> int:
     """fvcore handle for aten::_grouped_mm (rows, K) x (groups, K, N): every row meets one group."""
-    rows, inner = get_shape(inputs[0])
-    return rows * inner * get_shape(inputs[1])[-1]
+    rows, inner = traced_shape(inputs[0])
+    return rows * inner * traced_shape(inputs[1])[-1]
 
 
 class SharedExperts(SwiGLU):

@@ -15,10 +15,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
-from .. import VECTOR, Component
+from .. import VECTOR, Component, traced_shape
 
 SUB_BLOCK = 16  # KDA's in-chunk products run in blocks of this many rows, each decayed from its own first row
 
@@ -154,7 +153,7 @@ FORMS = {"chunked": chunked_delta_rule, "recurrent": recurrent_delta_rule, "naiv
 
 def solve_triangular_handle(inputs: list, outputs: list) -> int:
     """fvcore handle for a unit-triangular solve of (..., C, C) against (..., C, R): C (C - 1) / 2 R multiply-accumulates."""
-    matrix, right = get_shape(inputs[0]), get_shape(inputs[1])
+    matrix, right = traced_shape(inputs[0]), traced_shape(inputs[1])
     size = matrix[-1]
     return math.prod(right[:-2]) * size * (size - 1) // 2 * right[-1]
 

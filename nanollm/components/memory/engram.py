@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...cache import cache_dir
 from ...ir import MAX_WIDTH, ModelConfig
 from .. import (
     BRANCH,
@@ -115,8 +116,6 @@ def canonical_table(tokenizer: Any) -> list[int]:
 
 def canonical_ids(tokenizer: Any) -> torch.Tensor:
     """The canonical id of every token of a tokenizer, built once per vocabulary and cached on disk (nanollm's cache folder)."""
-    from ...train.tokenizer import cache_dir
-
     vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
     path = cache_dir() / "engram" / f"canonical-{hashlib.sha256(vocabulary.encode()).hexdigest()[:16]}.json"
     if path.is_file():

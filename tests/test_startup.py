@@ -1,0 +1,74 @@
+"""Start-up of the command line: analyses kept in the cache folder read back unchanged, and nothing heavy imported."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import nanollm
+from nanollm import analysis
+
+TINY = "vocab_size = 128\nd_model = 64\nn_heads = 4\nn_kv_heads = 2\nhead_dim = 16\nd_ff = 128\nseq_len = 32\nrepeat 2 < sliding(8); global ffn=moe(top=2, experts=4, d_ff=64) >\n"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_stored_analysis_reads_back_equal_to_a_fresh_count(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOLLM_CACHE", str(tmp_path))
+    compiled = nanollm.compile(TINY)
+    stored = analysis.stored_analysis(compiled.arch, compiled.graph, 32)
+    assert len(list((tmp_path / "analyses").glob("*.json"))) == 1
+
+    def refuse(*args):
+        raise AssertionError("counted again instead of reading the stored analysis")
+
+    monkeypatch.setattr(analysis, "analyze", refuse)
+    again = analysis.stored_analysis(compiled.arch, compiled.graph, 32)
+    monkeypatch.undo()
+    assert dataclasses.asdict(again) == dataclasses.asdict(stored) == dataclasses.asdict(analysis.analyze(compiled.arch, compiled.graph, 32))
+
+
+def test_the_key_of_a_stored_analysis_changes_with_a_setting_an_argument_and_the_sequence_length():
+    def key(text: str, seq_len: int = 32) -> str:
+        compiled = nanollm.compile(text)
+        return analysis.analysis_key(compiled.arch, compiled.graph, seq_len)
+
+    base = key(TINY)
+    assert base == key(TINY)
+    others = {key(TINY, 33), key(TINY.replace("d_ff = 128", "d_ff = 192")), key(TINY.replace("sliding(8)", "sliding(4)")),
+              key(TINY.replace("top=2", "top=1"))}
+    assert base not in others and len(others) == 4
+
+
+def test_analysis_cache_zero_counts_afresh(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOLLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("NANOLLM_ANALYSIS_CACHE", "0")
+    compiled = nanollm.compile(TINY)
+    analysis.stored_analysis(compiled.arch, compiled.graph, 32)
+    assert not (tmp_path / "analyses").exists()
+
+
+def test_compile_json_imports_none_of_dynamo_dtensor_fvcore_sympy_once_its_analysis_is_stored(tmp_path):
+    code = ("import sys, contextlib, io; from nanollm.cli import main\n"
+            f"with contextlib.redirect_stdout(io.StringIO()): main(['compile', {str(ROOT / 'archs/qwen3_tiny.arch')!r}, '--json'])\n"
+            "print(json.dumps(sorted(m for m in ('torch._dynamo', 'torch.distributed.tensor', 'fvcore', 'sympy') if m in sys.modules)))")
+    env = {**os.environ, "NANOLLM_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    first, second = (json.loads(subprocess.run([sys.executable, "-c", "import json\n" + code], env=env, capture_output=True, text=True,
+                                               check=True).stdout) for _ in range(2))
+    # Counting runs the graph on meta tensors: torch's meta kernels import sympy and torch._dynamo (and, with it, DTensor).
+    assert {"fvcore", "sympy", "torch._dynamo"} <= set(first)
+    assert second == []  # the second command reads the first's analysis back
+
+
+def test_a_model_with_a_class_that_has_no_source_file_is_counted_not_stored(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOLLM_CACHE", str(tmp_path))
+    compiled = nanollm.compile(TINY)
+    notebook_class = type("Notebook", (torch.nn.Module,), {"__module__": "a_notebook_cell"})  # a module with no file behind it
+    compiled.graph.add_module("notebook", notebook_class())
+    assert analysis.analysis_key(compiled.arch, compiled.graph, 32) is None
+    analysis.stored_analysis(compiled.arch, compiled.graph, 32)
+    assert not (tmp_path / "analyses").exists()
