@@ -99,14 +99,16 @@ class Mamba2(Component):
         """z, xBC, dt of in_proj's output."""
         return projected.split([self.inner, self.conv_width, self.heads], dim=-1)
 
-    def scan_inputs(self, xbc: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q = C, k = B (each group's repeated over its heads), v = dt x, g = dt A and x, heads last but one (..., H, .),
-        of xBC after the convolution (..., conv_width) and the raw dt (..., H)."""
+    def scan_inputs(self, xbc: torch.Tensor, dt: torch.Tensor, grouped: bool = False) -> tuple[torch.Tensor, ...]:
+        """q = C, k = B (each group's repeated over its heads, or one per group if `grouped`), v = dt x, g = dt A and x,
+        heads last but one (..., H, .), of xBC after the convolution (..., conv_width) and the raw dt (..., H)."""
         x, b, c = xbc.split([self.inner, self.groups * self.state, self.groups * self.state], dim=-1)
         lead = x.shape[:-1]
         dt = F.softplus((dt + self.dt_bias).float()).clamp_min(self.dt_min)
         x = x.reshape(*lead, self.heads, self.head_dim)
-        b, c = (t.reshape(*lead, self.groups, self.state).repeat_interleave(self.heads // self.groups, dim=-2) for t in (b, c))
+        b, c = (t.reshape(*lead, self.groups, self.state) for t in (b, c))
+        if not grouped:
+            b, c = (t.repeat_interleave(self.heads // self.groups, dim=-2) for t in (b, c))
         g = dt * -self.A_log.float().exp()
         v = x * dt[..., None].to(x.dtype)
         return c, b, v, g, x
@@ -118,7 +120,7 @@ class Mamba2(Component):
 
     def forward(self, x: torch.Tensor, form: Any = scalar_decay.chunked) -> torch.Tensor:
         z, xbc, dt = self.split(self.in_proj(x))
-        q, k, v, g, inputs = self.scan_inputs(F.silu(self.conv1d(xbc)), dt)
+        q, k, v, g, inputs = self.scan_inputs(F.silu(self.conv1d(xbc)), dt, grouped=True)  # C B^T once per group
         y, _ = form(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), g.transpose(1, 2), self.chunk)
         return self.output(y.transpose(1, 2), inputs, z)
 
