@@ -99,7 +99,7 @@ CASES = [
          {"lightning (chunk 256)": call("lightning", heads=8, head_dim=64, decay=1 - 1 / (3 + 1e-5) + 1e-5, chunk=256),
           "lightning (chunk 64)": call("lightning", heads=8, head_dim=64, decay=1 - 1 / (3 + 1e-5) + 1e-5, chunk=64)}),
     Case("mamba2", lambda: Called(NemotronHMamba2Mixer(nemotron_config(), layer_idx=0)),
-         {"mamba2 (chunk 128)": call("mamba2", heads=16, head_dim=64, state=64, groups=2, conv=4, chunk=128)}),
+         {"mamba2 (chunk 128)": call("mamba2", heads=16, head_dim=64, state=64, groups=2, conv=4, chunk=64)}),
     Case("shortconv", lambda: Called(Lfm2ShortConv(lfm2_config(), layer_idx=0)), {"shortconv": call("shortconv", kernel=3)}),
     Case("gated_deltanet", lambda: Called(Qwen3NextGatedDeltaNet(qwen3_next_config(), layer_idx=0)),
          {"gdn (chunk 64)": call("gdn", heads=8, key_heads=4, head_dim=64, value_dim=64, layout="qwen3_next")}),

@@ -7,7 +7,8 @@ log-decays <= 0 and the state (B, H, dk, dv):
 - `chunked`: the training form. Within a chunk of C tokens, o = ((Q K^T) * D) V with D[i, j] = exp(G_i - G_j)
   for j <= i (G the in-chunk cumulative log-decay); across chunks, the state each chunk starts from, carried by
   one elementwise recurrence per chunk. A length not a multiple of C ends with one shorter chunk. Work per token is
-  O(C (dk + dv) + dk dv) whatever T; only (C, C) decay matrices are built, never (T, T).
+  O(C (dk + dv) + dk dv) whatever T; only (C, C) decay matrices are built, never (T, T). Decay factors below e^-30
+  are taken as 0 (`factor`): as denormal floats they made the CPU's products several times slower.
 - `recurrent`: one token at a time through `step`, what decoding runs.
 - `naive`: the paper's equation written out over the whole sequence, o_t = sum_{s<=t} exp(G_t - G_s)(q_t . k_s) v_s
   + exp(G_t) q_t S_0 with G the cumulative log-decay, a (T, T) matrix: the reference the others are tested against.
@@ -18,9 +19,18 @@ import torch
 import torch.nn.functional as F
 
 
+FLUSHED = 30.0  # e^-30 ~ 1e-13: decay factors below it count as 0 in the chunked form
+
+
 def cumulative_log_decay(g: torch.Tensor) -> torch.Tensor:
     """Cumulative sum over the last dimension in at least fp32 (bf16 sums of many decays drift)."""
     return g.to(torch.promote_types(g.dtype, torch.float32)).cumsum(-1)
+
+
+def factor(log_decay: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """exp(log_decay) in `dtype`, factors below e^-FLUSHED set to 0: beneath the resolution of the sums they join, and
+    products of such factors underflow to denormals, which slow CPU matmuls and multiplications several times over."""
+    return log_decay.masked_fill(log_decay < -FLUSHED, float("-inf")).exp().to(dtype)
 
 
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, chunk: int, state: torch.Tensor | None = None
@@ -46,13 +56,13 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, 
     cumulative = cumulative_log_decay((g[..., :chunk] if constant else g).reshape(batch, groups, shared, 1 if constant else n, chunk))
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
     # masked before exp: above the diagonal the differences are positive and could overflow
-    decay = (cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(~causal, float("-inf")).exp().to(q.dtype)
+    decay = factor((cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(~causal, float("-inf")), q.dtype)
     out = ((q @ k.transpose(-1, -2))[:, :, None] * decay) @ v  # (B, G, shared, n, C, dv)
     last = cumulative[..., -1:]
     # (k w)^T v = k^T (w v) for the per-token weights w = decay to the chunk's end: one product per group, heads as columns
-    weighted = (v * (last - cumulative).exp().to(v.dtype)[..., None]).permute(0, 1, 3, 4, 2, 5).reshape(batch, groups, n, chunk, -1)
+    weighted = (v * factor(last - cumulative, v.dtype)[..., None]).permute(0, 1, 3, 4, 2, 5).reshape(batch, groups, n, chunk, -1)
     contributions = (k.transpose(-1, -2) @ weighted).view(batch, groups, n, dk, shared, dv).unbind(2)
-    chunk_decay = last.exp().to(v.dtype).permute(0, 1, 3, 4, 2)[..., None]  # (B, G, n or 1, 1, shared, 1)
+    chunk_decay = factor(last, v.dtype).permute(0, 1, 3, 4, 2)[..., None]  # (B, G, n or 1, 1, shared, 1)
     # unbind, not indexing per chunk: each index's backward would build a zero tensor of all chunks, quadratic in T
     decays = [chunk_decay[:, :, 0]] * n if constant else chunk_decay.unbind(2)
     current = (state.to(q.dtype).view(batch, groups, shared, dk, dv).transpose(2, 3) if state is not None
@@ -62,7 +72,7 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, 
         starts.append(current)
         current = chunk_factor * current + contribution
     carried = (q @ torch.stack(starts, dim=2).view(batch, groups, n, dk, -1)).view(batch, groups, n, chunk, shared, dv)
-    out = out + carried.permute(0, 1, 4, 2, 3, 5) * cumulative.exp().to(q.dtype)[..., None]
+    out = out + carried.permute(0, 1, 4, 2, 3, 5) * factor(cumulative, q.dtype)[..., None]
     return out.reshape(batch, heads, length, dv), current.transpose(2, 3).reshape(batch, heads, dk, dv)
 
 
