@@ -1,5 +1,6 @@
 """MiniMax-01 (MiniMax-Text-01): lightning-attention and softmax-attention layers (RoPE, no QK-norm; sliding where the config
-has a sliding_window), a Mixtral MoE in every layer, and the scaled residual alpha norm(h) + beta f(norm(h)) with factors per mixer kind and for the MoE."""
+has a sliding_window), a Mixtral MoE in every layer, and the scaled residual alpha norm(h) + beta f(norm(h)) with factors
+per mixer kind and for the MoE."""
 from __future__ import annotations
 
 import dataclasses

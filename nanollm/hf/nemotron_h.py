@@ -24,7 +24,8 @@ def nemotron_h(hf: Any) -> Arch:
         "mlp": ("ffn", call("relu2", "ffn", config, d_ff=hf.intermediate_size, bias=bool(hf.mlp_bias))),
     }
     for block_type in hf.layers_block_type:
-        refuse(block_type not in (*blocks, "moe"), f"Nemotron-H block type {block_type!r} is not supported (mamba, attention, mlp, moe are)")
+        refuse(block_type not in (*blocks, "moe"),
+               f"Nemotron-H block type {block_type!r} is not supported (mamba, attention, mlp and moe are)")
     if "moe" in hf.layers_block_type:
         blocks["moe"] = ("ffn", moe_block(hf, config))
     return Arch(config, tuple(Layer((blocks[t],), config.residual) for t in hf.layers_block_type))

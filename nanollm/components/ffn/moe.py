@@ -3,10 +3,10 @@
 The router (router.py) picks k of E experts per token; the dispatch (dispatch.py) runs each token through
 its experts, dropless by default. GPT-OSS's experts are arguments too: biases on the router and on the experts,
 a clamped SwiGLU with a sigmoid slope and an offset on up, and its weight layout (so that its weights load
-unchanged). Nemotron-H's experts are non-gated squared-ReLU MLPs (`activation=relu2`). `shared` always-on experts (DeepSeekMoE) form one dense SwiGLU of width
-shared * d_ff (of the experts' activation), added unweighted. While training, every forward pass adds its expert loads, drops and
-losses to buffers; `finish_step` turns them into the step's metrics and, under balance=bias, nudges the
-selection bias towards balance (DeepSeek-V3).
+unchanged). Nemotron-H's experts are non-gated squared-ReLU MLPs (`activation=relu2`). `shared` always-on experts
+(DeepSeekMoE) form one dense MLP of width shared * d_ff (of the experts' activation), added unweighted. While
+training, every forward pass adds its expert loads, drops and losses to buffers; `finish_step` turns them into the
+step's metrics and, under balance=bias, nudges the selection bias towards balance (DeepSeek-V3).
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def load_metrics(load: torch.Tensor) -> dict[str, torch.Tensor]:
           default="swiglu", choices=ACTIVATIONS),
 )
 class MoE(Component):
-    """Top-k routed mixture of SwiGLU experts (+ shared experts); returns (output, weighted router losses)."""
+    """Top-k routed mixture of SwiGLU or squared-ReLU experts (+ shared experts); returns (output, weighted router losses)."""
 
     outputs = ("out", "aux_loss")
     hf_module = "mlp"

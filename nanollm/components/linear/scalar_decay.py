@@ -16,7 +16,6 @@ log-decays <= 0 and the state (B, H, dk, dv):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 FLUSHED = 30.0  # e^-30 ~ 1e-13: decay factors below it count as 0 in the chunked form
