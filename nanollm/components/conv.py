@@ -24,13 +24,9 @@ class CausalConv1d(nn.Conv1d):
         return (self.kernel_size[0] - 1) * self.dilation[0] + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # On CPUs, one shifted product per tap: a CPU's depthwise convolution takes ~4x longer in backward, the product
-        # over windows (a matmul of millions of 1 x kernel rows) ~10x longer than the shifts. On meta, the windows:
-        # torch.jit.trace (fvcore, the analysis) cannot run a convolution in this torch, and fvcore ignores elementwise
-        # products, so the windows' matmul is what counts the same multiply-accumulates.
-        if x.is_cuda:
-            return self.by_convolution(x)
-        return self.by_windows(x) if x.is_meta else self.by_shifts(x)
+        # Off GPUs, the product over windows: a CPU's depthwise convolution takes ~4x longer in backward, and on meta
+        # torch.jit.trace (fvcore, the analysis) cannot run a convolution at all in this torch.
+        return self.by_convolution(x) if x.is_cuda else self.by_windows(x)
 
     def by_convolution(self, x: torch.Tensor) -> torch.Tensor:
         """nn.Conv1d over the input padded on the left (transformers pads both sides and drops the tail it computed)."""
@@ -41,13 +37,6 @@ class CausalConv1d(nn.Conv1d):
         its einsum count is rounded)."""
         windows = F.pad(x, (0, 0, self.span - 1, 0)).unfold(1, self.span, 1)[..., :: self.dilation[0]]  # (B, T, C, kernel)
         out = (windows[..., None, :] @ self.weight[:, 0, :, None]).flatten(-3)
-        return out + self.bias if self.bias is not None else out
-
-    def by_shifts(self, x: torch.Tensor) -> torch.Tensor:
-        """The same sum as kernel elementwise products of the taps with the input shifted by (kernel - 1 - j) * dilation."""
-        length, dilation = x.shape[1], self.dilation[0]
-        padded = F.pad(x, (0, 0, self.span - 1, 0))
-        out = sum(padded[:, j * dilation : j * dilation + length] * self.weight[:, 0, j] for j in range(self.kernel_size[0]))
         return out + self.bias if self.bias is not None else out
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
