@@ -7,7 +7,8 @@ layer on one sequence in fp32, input gradient included:
 
 - lightning: MiniMax's `MiniMaxLightningAttention` (a Python loop over blocks of 256) against `lightning`, at the
   same block size and at a chunk of 64;
-- mamba2: Nemotron-H's `NemotronHMamba2Mixer` on its torch chunk scan (`mamba2_chunk_scan`) against `mamba2`;
+- mamba2: Nemotron-H's `NemotronHMamba2Mixer` on its torch chunk scan (`mamba2_chunk_scan`) against `mamba2`, at its chunk
+  of 128 and at 64;
 - shortconv: LFM2's `Lfm2ShortConv` on its slow path (`causal_conv1d_fn`) against `shortconv`;
 - gated_deltanet: Qwen3-Next's `Qwen3NextGatedDeltaNet` on `torch_chunk_gated_delta_rule` against `gdn` (chunk 64);
 - kda: Kimi-Linear's `KimiLinearDeltaAttention` on `chunk_kimi_delta_attention` against `kda` (chunk 64).
@@ -109,7 +110,8 @@ CASES = [
          {"lightning (chunk 256)": call("lightning", heads=8, head_dim=64, decay=1 - 1 / (3 + 1e-5) + 1e-5, chunk=256),
           "lightning (chunk 64)": call("lightning", heads=8, head_dim=64, decay=1 - 1 / (3 + 1e-5) + 1e-5, chunk=64)}),
     Case("mamba2", lambda: Called(NemotronHMamba2Mixer(nemotron_config(), layer_idx=0)),
-         {"mamba2 (chunk 128)": call("mamba2", heads=16, head_dim=64, state=64, groups=2, conv=4, chunk=128)}),
+         {"mamba2 (chunk 128)": call("mamba2", heads=16, head_dim=64, state=64, groups=2, conv=4, chunk=128),
+          "mamba2 (chunk 64)": call("mamba2", heads=16, head_dim=64, state=64, groups=2, conv=4, chunk=64)}),
     Case("shortconv", lambda: Called(Lfm2ShortConv(lfm2_config(), layer_idx=0)), {"shortconv": call("shortconv", kernel=3)}),
     Case("gated_deltanet", lambda: Called(Qwen3NextGatedDeltaNet(qwen3_next_config(), layer_idx=0)),
          {"gdn (chunk 64)": call("gdn", heads=8, key_heads=4, head_dim=64, value_dim=64, layout="qwen3_next")}),

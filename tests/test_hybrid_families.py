@@ -81,10 +81,36 @@ def test_hybrid_family_logits_equal_transformers(family: str, overrides: dict[st
         assert_changes(logits, baseline(family))
 
 
-def test_nemotron_h_moe_blocks_are_refused_by_name() -> None:
-    config = NemotronHConfig(**fresh(NEMOTRON_H, layers_block_type=["linear_attention", "moe"]))
-    with pytest.raises(ArchError, match="Nemotron-H block type 'moe' is not supported"):
-        arch_from_config(config)
+def test_minimax_sliding_window_equals_transformers_and_moves_its_logits() -> None:
+    logits = assert_same_logits(tiny("minimax", sliding_window=3))  # far shorter than the 40 test tokens
+    assert (logits - baseline("minimax")).abs().max() > 1e-3  # 100 times the tolerance: tiny random attention is nearly uniform
+
+
+# Nemotron 3's MoE blocks: four squared-ReLU experts in two groups, two per token from the best group, renormalised and
+# scaled; one shared expert twice an expert's width
+NEMOTRON_H_MOE = dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe"], n_routed_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32, moe_shared_expert_intermediate_size=64, n_group=2, topk_group=1, routed_scaling_factor=2.5)
+
+
+def test_nemotron_h_moe_blocks_equal_transformers_with_their_score_correction_bias() -> None:
+    model = tiny("nemotron_h", **NEMOTRON_H_MOE)
+    unbiased = hf_logits(model)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # zeros in a fresh model; it only chooses experts, never weighs them
+                buffer.normal_(0, 0.2)
+    assert_changes(assert_same_logits(model), unbiased)
+    arch = arch_from_config(model.config)
+    assert nanollm.compile(arch_source(arch, "nemotron_h")).arch == arch
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(moe_latent_size=32), "moe_latent_size"),
+    (dict(moe_shared_expert_intermediate_size=48), "not a multiple of moe_intermediate_size"),
+])
+def test_nemotron_h_moe_configurations_nanollm_cannot_express_are_refused_by_name(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ArchError, match=message):
+        arch_from_config(NemotronHConfig(**fresh(NEMOTRON_H, **{**NEMOTRON_H_MOE, **overrides})))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,9 +1,11 @@
 """`nanollm import`: the .arch file of a transformers model from its config alone, equal to from_hf's IR.
 
 The fixtures are the published config.json files of Gemma-3-1B, Gemma-3-4B (image-text; its text_config) and
-OLMo-3-7B, LFM2-1.2B and Nemotron-H-8B-Base-8K, written from their public values (the OLMo 3 file is assembled from
-the 7B's documented values, its architecture keys cross-checked against two sources; the LFM2 and Nemotron-H files
-against several public copies, Nemotron-H's total of 8,100,852,736 parameters against a published count).
+OLMo-3-7B, LFM2-1.2B, Nemotron-H-8B-Base-8K, NVIDIA-Nemotron-3-Nano-30B-A3B (Mamba-2, attention and MoE blocks) and
+Kimi-Linear-48B-A3B-Instruct, written from their public values (the OLMo 3 file is assembled from the 7B's documented
+values, its architecture keys cross-checked against two sources; the LFM2, Nemotron-H, Nemotron 3 and Kimi-Linear files
+against several public copies, Nemotron-H's total of 8,100,852,736 parameters against a published count, Nemotron 3
+Nano's 31,577,937,344 against its published 31.6B).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from nanollm.cli import main
 from nanollm.hf import arch_from_config, load_config
 
 CONFIGS = Path(__file__).parent / "fixtures" / "hf_configs"
-PUBLISHED = ["gemma-3-1b", "gemma-3-4b", "olmo-3-7b", "lfm2-1.2b", "nemotron-h-8b"]
+PUBLISHED = ["gemma-3-1b", "gemma-3-4b", "olmo-3-7b", "lfm2-1.2b", "nemotron-h-8b", "nemotron-3-nano-30b-a3b", "kimi-linear-48b-a3b"]
 
 
 def imported(tmp_path: Path, name: str) -> Path:

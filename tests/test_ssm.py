@@ -149,12 +149,17 @@ def closed_form_macs(length: int) -> dict[int, int]:
     d, ff = 32, 64
     swiglu = 3 * d * ff
 
-    def chunked(chunk: int, heads: int, dk: int, dv: int) -> int:  # per chunk: QK^T and (.)V over (C, C); K^T V; Q S
-        return heads * -(-length // chunk) * chunk * (chunk * dk + chunk * dv + 2 * dk * dv)
+    def chunked(chunk: int, heads: int, groups: int, dk: int, dv: int) -> int:
+        """Per chunk of c tokens (length // chunk of `chunk`, then one of the remainder): Q K^T once per group of heads,
+        (.)V, K^T (w V) and Q S per head; the remainder's K^T (w V) feeds only the final state, which a layer drops, so
+        the traced graph has none."""
+        tail = length % chunk
+        full = groups * chunk * chunk * dk + heads * (chunk * chunk * dv + 2 * chunk * dk * dv)
+        return length // chunk * full + (groups * tail * tail * dk + heads * (tail * tail * dv + tail * dk * dv) if tail else 0)
 
-    lightning = length * (d * 3 * 32 + d * 32 + 32 * d + swiglu) + chunked(16, 4, 8, 8)
+    lightning = length * (d * 3 * 32 + d * 32 + 32 * d + swiglu) + chunked(16, 4, 4, 8, 8)
     conv_width = 64 + 2 * 2 * 8
-    mamba = length * (d * (64 + conv_width + 4) + conv_width * 4 + 64 * d) + chunked(32, 4, 8, 16)
+    mamba = length * (d * (64 + conv_width + 4) + conv_width * 4 + 64 * d) + chunked(32, 4, 2, 8, 16)
     short = length * (d * 3 * d + d * 3 + d * d + swiglu)
     relu2 = length * 2 * d * 48
     attention = length * (d * 32 + 2 * d * 16 + 32 * d + swiglu) + 4 * length * (length + 1) // 2 * 2 * 8

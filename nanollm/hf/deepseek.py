@@ -12,11 +12,13 @@ from . import Family, call, common_settings, family, refuse, rope_call, rope_par
 LATENT_NORM_EPS = 1e-6  # transformers norms DeepSeek's query and key/value latents at this eps, whatever rms_norm_eps says
 
 
-def moe_call(hf: Any, config: ModelConfig) -> Call:
-    """The `moe` call of a DeepSeek-V3 sparse layer: sigmoid scores, group-limited top-k, score-correction bias, shared experts."""
-    return call("moe", "ffn", config, top=hf.num_experts_per_tok, experts=hf.n_routed_experts, d_ff=hf.moe_intermediate_size,
-                shared=hf.n_shared_experts, router="sigmoid", norm_topk=bool(hf.norm_topk_prob), scale=float(hf.routed_scaling_factor),
-                groups=hf.n_group, top_groups=hf.topk_group, balance="bias")
+def moe_call(hf: Any, config: ModelConfig, **overrides: Any) -> Call:
+    """The `moe` call of a DeepSeek-V3 sparse layer: sigmoid scores, group-limited top-k, score-correction bias, shared experts;
+    `overrides` for the families that reuse its router with other experts (Nemotron-H)."""
+    args = dict(top=hf.num_experts_per_tok, experts=hf.n_routed_experts, d_ff=hf.moe_intermediate_size, shared=hf.n_shared_experts,
+                router="sigmoid", norm_topk=bool(hf.norm_topk_prob), scale=float(hf.routed_scaling_factor), groups=hf.n_group,
+                top_groups=hf.topk_group, balance="bias")
+    return call("moe", "ffn", config, **args | overrides)
 
 
 def mla_config(hf: Any) -> ModelConfig:

@@ -1,15 +1,16 @@
 """Nemotron-H (NVIDIA): a pattern of single-sublayer blocks, each one pre-norm sublayer: Mamba-2, NoPE GQA attention
-without QK-norm, or a ReLU^2 MLP; its own names (embeddings, norm, mixer, norm_f)."""
+without QK-norm, a ReLU^2 MLP or a MoE of ReLU^2 experts with DeepSeek-V3's routing; its own names (embeddings, norm, mixer, norm_f)."""
 from __future__ import annotations
 
 from typing import Any
 
 from ..ir import Arch, Call, Layer, ModelConfig
 from . import Family, call, common_settings, family, refuse
+from .deepseek import moe_call
 
 
 def nemotron_h(hf: Any) -> Arch:
-    """NemotronHForCausalLM (its dense layers: mamba, attention and mlp blocks)."""
+    """NemotronHForCausalLM: mamba, attention, mlp and moe blocks."""
     refuse(hf.attention_bias, "the transformers config has attention_bias = true; nanollm attention has no biases")
     refuse(hf.mamba_hidden_act != "silu", f"Nemotron-H mamba_hidden_act {hf.mamba_hidden_act!r} is not supported (silu is)")
     refuse(hf.mlp_hidden_act != "relu2", f"Nemotron-H mlp_hidden_act {hf.mlp_hidden_act!r} is not supported (relu2 is)")
@@ -23,8 +24,22 @@ def nemotron_h(hf: Any) -> Arch:
         "mlp": ("ffn", call("relu2", "ffn", config, d_ff=hf.intermediate_size, bias=bool(hf.mlp_bias))),
     }
     for block_type in hf.layers_block_type:
-        refuse(block_type not in blocks, f"Nemotron-H block type {block_type!r} is not supported (mamba, attention and mlp are)")
+        refuse(block_type not in (*blocks, "moe"),
+               f"Nemotron-H block type {block_type!r} is not supported (mamba, attention, mlp and moe are)")
+    if "moe" in hf.layers_block_type:
+        blocks["moe"] = ("ffn", moe_block(hf, config))
     return Arch(config, tuple(Layer((blocks[t],), config.residual) for t in hf.layers_block_type))
+
+
+def moe_block(hf: Any, config: ModelConfig) -> Call:
+    """A Nemotron-H MoE block: DeepSeek-V3's routing over squared-ReLU experts, one squared-ReLU shared expert."""
+    refuse(hf.moe_latent_size is not None, "Nemotron-H MoE with moe_latent_size (latent expert projections) is not supported")
+    refuse(hf.mlp_bias, "Nemotron-H MoE with mlp_bias = true is not supported (nanollm's shared experts have no biases)")
+    shared_width, expert_width = hf.moe_shared_expert_intermediate_size, hf.moe_intermediate_size
+    # transformers' one shared MLP of width s is nanollm's s / f shared experts of width f (one MLP of width s, the same model)
+    refuse(shared_width % expert_width != 0, f"Nemotron-H moe_shared_expert_intermediate_size = {shared_width} is not a multiple of "
+           f"moe_intermediate_size = {expert_width}")
+    return moe_call(hf, config, shared=shared_width // expert_width, activation="relu2")
 
 
 def nemotron_h_config(arch: Arch) -> Any:

@@ -1,7 +1,8 @@
 """Running routed tokens through their experts: dropless (grouped matmuls, or a loop over experts), or
 capacity-limited batches.
 
-Experts are SwiGLUs seen as (E, out, in) stacks (`ExpertBank`), as transformers and torchtitan store them:
+Experts are SwiGLUs (or Nemotron-H's non-gated squared-ReLU MLPs) seen as (E, out, in) stacks (`ExpertBank`), as
+transformers and torchtitan store them:
 gate_up (E, 2f, d), whose first f rows are the gate, and down (E, d, f); or as GPT-OSS's, with gate and up rows
 alternating, biases on both projections and a clamped, shifted activation (`ExpertActivation`).
 
@@ -67,18 +68,21 @@ class ExpertActivation:
 @dataclass(frozen=True)
 class ExpertBank:
     """The routed experts: weights as (E, out, in) stacks (views of however the MoE stores them), optional biases,
-    and their activation."""
+    and their activation; or, not gated, relu(up)^2 (Nemotron-H)."""
 
-    gate_up: torch.Tensor  # (E, 2f, d)
+    gate_up: torch.Tensor  # (E, 2f, d); (E, f, d) not gated
     down: torch.Tensor  # (E, d, f)
     gate_up_bias: torch.Tensor | None = None  # (E, 2f)
     down_bias: torch.Tensor | None = None  # (E, d)
     interleaved: bool = False  # gate and up rows alternate (GPT-OSS) rather than gate rows first
     activation: ExpertActivation = ExpertActivation()
+    gated: bool = True  # False: gate_up is up alone (E, f, d), the activation relu(up)^2 (Nemotron-H)
 
     def hidden(self, gate_up: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The weighted activation of gate_up rows (..., 2f) whose routing weights are `weights` (...). Weighting
         the hidden rows, not the d_model-wide outputs (down is linear), touches d_ff / d_model of the memory."""
+        if not self.gated:
+            return F.relu(gate_up).square() * weights.unsqueeze(-1).to(gate_up.dtype)
         gate, up = (gate_up[..., ::2], gate_up[..., 1::2]) if self.interleaved else gate_up.chunk(2, dim=-1)
         return self.activation(gate, up) * weights.unsqueeze(-1).to(up.dtype)
 

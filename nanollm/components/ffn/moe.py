@@ -1,13 +1,13 @@
-"""Mixture of SwiGLU experts: token-choice top-k routing, optional shared experts, balancing, capacity.
+"""Mixture of SwiGLU (or squared-ReLU) experts: token-choice top-k routing, optional shared experts, balancing, capacity.
 
 The router (router.py) picks k of E experts per token (or reads them from a fixed table by token id: hash
 routing); the dispatch (dispatch.py) runs each token through its experts, dropless by default. GPT-OSS's experts
 are arguments too: biases on the router and on the experts, a clamped SwiGLU with a sigmoid slope and an offset
-on up, and its weight layout (so that its weights load unchanged). `shared` always-on experts (DeepSeekMoE) form
-one dense SwiGLU of width shared * d_ff with the routed experts' activation (DeepSeek-V4 clamps both), added
-unweighted. While training, every forward pass adds its expert loads, drops and
-losses to buffers; `finish_step` turns them into the step's metrics and, under balance=bias, nudges the
-selection bias towards balance (DeepSeek-V3).
+on up, and its weight layout (so that its weights load unchanged). Nemotron-H's experts are non-gated squared-ReLU
+MLPs (`activation=relu2`). `shared` always-on experts (DeepSeekMoE) form one dense MLP of width shared * d_ff with
+the routed experts' activation (DeepSeek-V4 clamps both), added unweighted. While training, every forward pass adds
+its expert loads, drops and losses to buffers; `finish_step` turns them into the step's metrics and, under
+balance=bias, nudges the selection bias towards balance (DeepSeek-V3).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from .. import (
 )
 from ...ir import Call, ModelConfig
 from .dispatch import DROPS, ExpertActivation, ExpertBank, capacity_limited, dropless, expert_counts
+from .relu2 import ReLU2
 from .router import BALANCES, ROUTERS, Router
 from .swiglu import SwiGLU
 
@@ -43,6 +44,8 @@ DROPPED, PASSES, BALANCE, Z_LOSS = range(4)
 # How the expert weights are stored, as transformers stores them: stacked (E, 2f, d) with the gate rows first, and
 # down (E, d, f) (Qwen3-MoE, Mixtral, DeepSeek); gpt_oss (E, d, 2f) with gate and up columns alternating, down (E, f, d).
 LAYOUTS = ("stacked", "gpt_oss")
+# The experts' MLP: gated SwiGLU (gate_up (E, 2f, d)), or Nemotron-H's non-gated down(relu(up x)^2) (up (E, f, d)).
+ACTIVATIONS = ("swiglu", "relu2")
 
 
 def grouped_mm_handle(inputs: list, outputs: list) -> int:
@@ -118,9 +121,11 @@ def load_metrics(load: torch.Tensor) -> dict[str, torch.Tensor]:
     Param("up_offset", float, "added to up before the product, (up + offset) (GPT-OSS: 1)", default=0.0),
     Param("layout", str, "expert weight storage: stacked (E, 2f, d) gate rows first, or gpt_oss (E, d, 2f) gate/up interleaved",
           default="stacked", choices=LAYOUTS),
+    Param("activation", str, "the experts' MLP: gated swiglu, or relu2, the non-gated down(relu(up x)^2) of Nemotron-H",
+          default="swiglu", choices=ACTIVATIONS),
 )
 class MoE(Component):
-    """Top-k routed mixture of SwiGLU experts (+ shared experts); returns (output, weighted router losses)."""
+    """Top-k routed mixture of SwiGLU or squared-ReLU experts (+ shared experts); returns (output, weighted router losses)."""
 
     outputs = ("out", "aux_loss")
     hf_module = "mlp"
@@ -142,15 +147,19 @@ class MoE(Component):
         limit: float,
         up_offset: float,
         layout: str,
+        activation: str,
         **routing: Any,  # the Router's own arguments: router, hash, norm_topk, scale, groups, top_groups, aux, z_loss, jitter, router_bias
     ) -> None:
         super().__init__()
         self.top, self.experts, self.shared, self.balance = top, experts, shared, balance
         self.bias_rate, self.capacity, self.drop = bias_rate, capacity, drop
-        self.activation, self.layout = ExpertActivation(alpha, limit, up_offset), layout
+        self.activation, self.layout, self.gated = ExpertActivation(alpha, limit, up_offset), layout, activation == "swiglu"
         self.router = Router(config.d_model, experts, top, balance, vocab_size=config.vocab_size, **routing)
         d = config.d_model
-        if layout == "stacked":  # (E, out, in) stacks, as nn.Linear, transformers and torchtitan lay them out; gate_up = [gate; up]
+        if activation == "relu2":  # up alone, (E, f, d), as transformers' NemotronHExperts
+            self.gate_up = nn.Parameter(torch.empty(experts, d_ff, d))
+            self.down = nn.Parameter(torch.empty(experts, d, d_ff))
+        elif layout == "stacked":  # (E, out, in) stacks, as nn.Linear, transformers and torchtitan lay them out; gate_up = [gate; up]
             self.gate_up = nn.Parameter(torch.empty(experts, 2 * d_ff, d))
             self.down = nn.Parameter(torch.empty(experts, d, d_ff))
         else:  # (E, in, out), gate and up columns alternating, as transformers' GptOssExperts
@@ -158,7 +167,12 @@ class MoE(Component):
             self.down = nn.Parameter(torch.empty(experts, d_ff, d))
         self.gate_up_bias = nn.Parameter(torch.zeros(experts, 2 * d_ff)) if expert_bias else None
         self.down_bias = nn.Parameter(torch.zeros(experts, d)) if expert_bias else None
-        self.shared_experts = (GatedSharedExperts if shared_gate else SharedExperts)(config, shared * d_ff, self.activation) if shared else None
+        if not shared:
+            self.shared_experts = None
+        elif not self.gated:
+            self.shared_experts = ReLU2(config, shared * d_ff, bias=False)
+        else:
+            self.shared_experts = (GatedSharedExperts if shared_gate else SharedExperts)(config, shared * d_ff, self.activation)
         if balance == "bias":
             # Persistent (checkpointed) and kept fp32 by _apply: its updates are ~1e-3 steps that bf16 would round away.
             self.register_buffer("selection_bias", torch.zeros(experts, dtype=torch.float32))
@@ -181,6 +195,11 @@ class MoE(Component):
             return f"hash=true chooses experts by a fixed table: groups={groups} would limit no choice"
         if args["shared_gate"] and not args["shared"]:
             return "shared_gate needs shared experts (shared is 0)"
+        if args["activation"] == "relu2":
+            swiglu_only = {"shared_gate": False, "expert_bias": False, "alpha": 1.0, "limit": 0.0, "up_offset": 0.0, "layout": "stacked"}
+            for name, default in swiglu_only.items():
+                if args[name] != default:
+                    return f"{name}={args[name]} needs activation=swiglu (relu2 experts have no gate)"
         if args["jitter"] >= 1:
             return f"jitter={args['jitter']} must be below 1 (the router input would change sign)"
         for name, width in (("d_ff", args["d_ff"]), ("d_model", config.d_model)):
@@ -205,7 +224,7 @@ class MoE(Component):
         """The experts as the dispatch takes them: (E, out, in) views of the weights, biases, activation."""
         gpt_oss = self.layout == "gpt_oss"
         gate_up, down = (self.gate_up.transpose(1, 2), self.down.transpose(1, 2)) if gpt_oss else (self.gate_up, self.down)
-        return ExpertBank(gate_up, down, self.gate_up_bias, self.down_bias, gpt_oss, self.activation)
+        return ExpertBank(gate_up, down, self.gate_up_bias, self.down_bias, gpt_oss, self.activation, self.gated)
 
     def inputs(self) -> tuple[Input, ...]:
         return (BRANCH, TOKEN_IDS) if self.router.token_experts is not None else (BRANCH,)
@@ -275,7 +294,7 @@ class MoE(Component):
     def hf_weights(self) -> dict[str, str]:
         names = {
             "router.weight": "router.weight" if self.layout == "gpt_oss" else "gate.weight",
-            "gate_up": "experts.gate_up_proj",  # the same shape and layout as transformers', by `layout`
+            "gate_up": "experts.gate_up_proj" if self.gated else "experts.up_proj",  # transformers' shape and layout
             "down": "experts.down_proj",
         }
         if self.router.bias is not None:
@@ -296,5 +315,5 @@ class MoE(Component):
         return names
 
     def extra_repr(self) -> str:
-        d_ff = self.gate_up.shape[1 if self.layout == "stacked" else 2] // 2
-        return f"top={self.top}, experts={self.experts}, d_ff={d_ff}, shared={self.shared}, balance={self.balance}"
+        d_ff = self.down.shape[2 if self.layout == "stacked" else 1]
+        return f"top={self.top}, experts={self.experts}, d_ff={d_ff}, shared={self.shared}, balance={self.balance}{'' if self.gated else ', relu2'}"

@@ -2,11 +2,13 @@
 
 The recurrence shared by lightning attention (g constant per head: the slope) and Mamba-2's SSD (g_t = dt_t A,
 k = B, q = C, v = dt x). Three forms of one signature, f(q, k, v, g, ..., state) -> (o, final state), with
-q, k (B, H, T, dk), v (B, H, T, dv), g (B, H, T) log-decays <= 0 and the state (B, H, dk, dv):
+q, k (B, G, T, dk) shared by groups of heads (G dividing H; G = H without groups), v (B, H, T, dv), g (B, H, T)
+log-decays <= 0 and the state (B, H, dk, dv):
 - `chunked`: the training form. Within a chunk of C tokens, o = ((Q K^T) * D) V with D[i, j] = exp(G_i - G_j)
   for j <= i (G the in-chunk cumulative log-decay); across chunks, the state each chunk starts from, carried by
-  one elementwise recurrence per chunk. Lengths not a multiple of C are padded with k = v = 0 and g = 0, which
-  leave the state as it is.
+  one elementwise recurrence per chunk. A length not a multiple of C ends with one shorter chunk. Work per token is
+  O(C (dk + dv) + dk dv) whatever T; only (C, C) decay matrices are built, never (T, T). Decay factors below e^-30
+  are taken as 0 (`factor`): as denormal floats they made the CPU's products several times slower.
 - `recurrent`: one token at a time through `step`, what decoding runs.
 - `naive`: the paper's equation written out over the whole sequence, o_t = sum_{s<=t} exp(G_t - G_s)(q_t . k_s) v_s
   + exp(G_t) q_t S_0 with G the cumulative log-decay, a (T, T) matrix: the reference the others are tested against.
@@ -14,7 +16,9 @@ q, k (B, H, T, dk), v (B, H, T, dv), g (B, H, T) log-decays <= 0 and the state (
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+
+FLUSHED = 30.0  # e^-30 ~ 1e-13: decay factors below it count as 0 in the chunked form
 
 
 def cumulative_log_decay(g: torch.Tensor) -> torch.Tensor:
@@ -22,32 +26,59 @@ def cumulative_log_decay(g: torch.Tensor) -> torch.Tensor:
     return g.to(torch.promote_types(g.dtype, torch.float32)).cumsum(-1)
 
 
+def factor(log_decay: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """exp(log_decay) in `dtype`, factors below e^-FLUSHED set to 0: beneath the resolution of the sums they join, and
+    products of such factors underflow to denormals, which slow CPU matmuls and multiplications several times over."""
+    return log_decay.masked_fill(log_decay < -FLUSHED, float("-inf")).exp().to(dtype)
+
+
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, chunk: int, state: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-parallel form: intra-chunk as (C, C) matrices, inter-chunk through the state."""
-    batch, heads, length, dk = q.shape
-    dv = v.shape[-1]
-    pad = -length % chunk
-    if pad:
-        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        g = F.pad(g, (0, pad))
-    n = (length + pad) // chunk
-    q, k, v = q.view(batch, heads, n, chunk, dk), k.view(batch, heads, n, chunk, dk), v.view(batch, heads, n, chunk, dv)
-    cumulative = cumulative_log_decay(g.view(batch, heads, n, chunk))
+    """Block-parallel form: intra-chunk as (C, C) matrices, inter-chunk through the state. q and k may have G heads
+    dividing v's H (Mamba-2's groups: heads h*G/H .. share them): each group's Q K^T is computed once, and the state
+    products of a group's heads are one matrix product with the heads side by side in the columns."""
+    length = q.shape[-2]
+    tail = length % chunk
+    if tail and length > chunk:  # the last partial chunk as a chunk of its own size: no padding, exact final state
+        main = length - tail
+        first, carried = chunked(q[..., :main, :], k[..., :main, :], v[..., :main, :], g[..., :main], chunk, state)
+        last, final = chunked(q[..., main:, :], k[..., main:, :], v[..., main:, :], g[..., main:], tail, carried)
+        return torch.cat([first, last], dim=-2), final
+    chunk = min(chunk, length)
+    batch, groups, _, dk = q.shape
+    heads, dv = v.shape[1], v.shape[-1]
+    shared, n = heads // groups, length // chunk
+    q, k = q.reshape(batch, groups, n, chunk, dk), k.reshape(batch, groups, n, chunk, dk)
+    v = v.reshape(batch, groups, shared, n, chunk, dv)
+    # a decay constant along T (lightning's, an expanded tensor) is the same in every chunk: its matrices are built once
+    constant = g.stride(-1) == 0
+    cumulative = cumulative_log_decay((g[..., :chunk] if constant else g).reshape(batch, groups, shared, 1 if constant else n, chunk))
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
     # masked before exp: above the diagonal the differences are positive and could overflow
-    decay = (cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(~causal, float("-inf")).exp().to(q.dtype)
-    out = ((q @ k.transpose(-1, -2)) * decay) @ v
+    decay = factor((cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(~causal, float("-inf")), q.dtype)
+    out = ((q @ k.transpose(-1, -2))[:, :, None] * decay) @ v  # (B, G, shared, n, C, dv)
     last = cumulative[..., -1:]
-    contribution = (k * (last - cumulative).exp().to(k.dtype)[..., None]).transpose(-1, -2) @ v  # (B, H, n, dk, dv)
-    chunk_decay = last.exp().to(q.dtype)[..., None]  # (B, H, n, 1, 1)
-    current = state.to(q.dtype) if state is not None else q.new_zeros(batch, heads, dk, dv)
+    # (k w)^T v = k^T (w v) for the per-token weights w = decay to the chunk's end: one product per group, heads as columns
+    weighted = (v * factor(last - cumulative, v.dtype)[..., None]).permute(0, 1, 3, 4, 2, 5).reshape(batch, groups, n, chunk, -1)
+    contributions = (k.transpose(-1, -2) @ weighted).view(batch, groups, n, dk, shared, dv).unbind(2)
+    chunk_decay = factor(last, v.dtype).permute(0, 1, 3, 4, 2)[..., None]  # (B, G, n or 1, 1, shared, 1)
+    # unbind, not indexing per chunk: each index's backward would build a zero tensor of all chunks, quadratic in T
+    decays = [chunk_decay[:, :, 0]] * n if constant else chunk_decay.unbind(2)
+    current = (state.to(q.dtype).view(batch, groups, shared, dk, dv).transpose(2, 3) if state is not None
+               else q.new_zeros(batch, groups, dk, shared, dv))
     starts = []
-    for i in range(n):
+    for contribution, chunk_factor in zip(contributions, decays):
         starts.append(current)
-        current = chunk_decay[:, :, i] * current + contribution[:, :, i]
-    out = out + (q * cumulative.exp().to(q.dtype)[..., None]) @ torch.stack(starts, dim=2)
-    return out.view(batch, heads, n * chunk, dv)[:, :, :length], current
+        current = chunk_factor * current + contribution
+    carried = (q @ torch.stack(starts, dim=2).view(batch, groups, n, dk, -1)).view(batch, groups, n, chunk, shared, dv)
+    out = out + carried.permute(0, 1, 4, 2, 3, 5) * factor(cumulative, q.dtype)[..., None]
+    return out.reshape(batch, heads, length, dv), current.transpose(2, 3).reshape(batch, heads, dk, dv)
+
+
+def per_head(q: torch.Tensor, k: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k of G groups (B, G, ..., d) repeated over each group's heads to (B, heads, ..., d)."""
+    shared = heads // q.shape[1]
+    return (q, k) if shared == 1 else (q.repeat_interleave(shared, dim=1), k.repeat_interleave(shared, dim=1))
 
 
 def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +90,7 @@ def step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, sta
 def recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, chunk: int = 0, state: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-by-token form through `step` (`chunk` is unused: the signature is the chunked form's)."""
+    q, k = per_head(q, k, v.shape[1])
     batch, heads, length, dk = q.shape
     current = state.to(q.dtype) if state is not None else q.new_zeros(batch, heads, dk, v.shape[-1])
     outputs = []
@@ -71,6 +103,7 @@ def recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor
 def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, chunk: int = 0, state: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """The equation over the whole sequence, a (T, T) decay matrix (`chunk` is unused); for tests."""
+    q, k = per_head(q, k, v.shape[1])
     length = q.shape[-2]
     cumulative = cumulative_log_decay(g)
     causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()

@@ -101,13 +101,13 @@ class Mamba2(Component):
         return projected.split([self.inner, self.conv_width, self.heads], dim=-1)
 
     def scan_inputs(self, xbc: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q = C, k = B (each group's repeated over its heads), v = dt x, g = dt A and x, heads last but one (..., H, .),
-        of xBC after the convolution (..., conv_width) and the raw dt (..., H)."""
+        """q = C, k = B (one per group of heads: the scan computes C B^T once per group), v = dt x, g = dt A and x,
+        heads (groups for q, k) last but one (..., H, .), of xBC after the convolution (..., conv_width) and the raw dt (..., H)."""
         x, b, c = xbc.split([self.inner, self.groups * self.state_size, self.groups * self.state_size], dim=-1)
         lead = x.shape[:-1]
         dt = F.softplus((dt + self.dt_bias).float()).clamp_min(self.dt_min)
         x = x.reshape(*lead, self.heads, self.head_dim)
-        b, c = (t.reshape(*lead, self.groups, self.state_size).repeat_interleave(self.heads // self.groups, dim=-2) for t in (b, c))
+        b, c = (t.reshape(*lead, self.groups, self.state_size) for t in (b, c))
         g = dt * -self.A_log.float().exp()
         v = x * dt[..., None].to(x.dtype)
         return c, b, v, g, x
