@@ -11,10 +11,12 @@ from torch.utils.flop_counter import FlopCounterMode
 import nanollm
 from nanollm.compiler import make_table
 from nanollm.components import complete
+from nanollm.components.attention import dsa
+from nanollm.components.attention.dsa import INDEX_BLOCK
 from nanollm.ir import Call
 
-SIZES = dict(kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12)
-INDEXER = dict(index_heads=4, index_head_dim=16)
+SIZES = {"kv_lora_rank": 16, "q_lora_rank": 24, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 12}
+INDEXER = {"index_heads": 4, "index_head_dim": 16}
 TINY = "vocab_size = 256\nd_model = 64\nn_heads = 4\nn_kv_heads = 4\nhead_dim = 16\nd_ff = 128\n"
 
 
@@ -77,13 +79,15 @@ def dsa_macs(seq_len: int, d: int, heads: int, kv: int, q: int, nope: int, rope:
     kept = min(topk, seq_len)
     projections = seq_len * (d * q + q * heads * (nope + rope) + d * (kv + rope) + heads * v * d  # as MLA's
                              + heads * (nope * kv + kv * v)  # the absorbed up-projections
-                             + q * index_heads * index_dim + d * index_dim + d * index_heads)  # the indexer's
-    scoring = seq_len * seq_len * index_heads * (index_dim + 1)  # q.k per head, then the weighted sum over heads
+                             + (q * index_heads * index_dim + d * index_dim + d * index_heads) * (topk < seq_len))  # the indexer's, if it chooses
+    # q.k per head, then the weighted sum over heads: blocks of queries past the first topk, each against its prefix
+    scoring = sum((min(start + INDEX_BLOCK, seq_len) - start) * min(start + INDEX_BLOCK, seq_len) for start in range(kept, seq_len, INDEX_BLOCK))
+    scoring *= index_heads * (index_dim + 1)
     attention = heads * seq_len * kept * (2 * kv + rope)
     return projections, scoring, attention
 
 
-@pytest.mark.parametrize("seq_len, topk", [(64, 16), (32, 48)])
+@pytest.mark.parametrize("seq_len, topk", [(64, 16), (32, 48), (INDEX_BLOCK + 40, 8)])
 def test_dsa_flops_and_cache_match_closed_forms(seq_len, topk):
     call = (f"dsa(topk={topk}, kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, "
             "index_heads=4, index_head_dim=16)")
@@ -117,3 +121,24 @@ def test_dsa_trains_every_weight_but_the_indexers():
     logits.logsumexp(-1).mean().backward()
     for name, param in model.named_parameters():
         assert (param.grad is None) == (".indexer." in name), name
+
+
+def test_blockwise_chosen_attention_equals_the_gathered_form_with_its_gradients(monkeypatch):
+    """ChosenAttention (blocks of queries, recomputed in backward) against every chosen key gathered at once."""
+    monkeypatch.setattr(dsa, "ATTEND_BLOCK_KEYS", 20)  # blocks of 4 queries at 5 keys each: several blocks, one ragged
+    torch.manual_seed(0)
+    batch, length, heads, width, values, kept = 2, 11, 3, 10, 6, 5
+    q = torch.randn(batch, length, heads, width, requires_grad=True)
+    keys = torch.randn(batch, length, width, requires_grad=True)
+    chosen = torch.stack([torch.randperm(length)[:kept] for _ in range(batch * length)]).view(batch, length, kept)
+    visible = chosen <= torch.arange(length)[:, None]
+    visible[..., 0] = True
+    chosen[..., 0] = torch.arange(length)  # every query sees at least itself
+    probe = torch.randn(batch, length, heads, values)
+    expected = dsa.attend_gathered(q, keys, chosen, visible, 0.7, values)
+    expected_grads = torch.autograd.grad((expected * probe).sum(), (q, keys))
+    rows = (chosen + torch.arange(batch).view(-1, 1, 1) * length).flatten(0, 1)
+    actual = dsa.ChosenAttention.apply(q.flatten(0, 1), keys.flatten(0, 1), rows, visible.flatten(0, 1), 0.7, values).view_as(expected)
+    close(actual, expected)
+    for got, want in zip(torch.autograd.grad((actual * probe).sum(), (q, keys)), expected_grads):
+        close(got, want)

@@ -14,15 +14,19 @@ matmuls over the gathered keys). A query with fewer than `topk` earlier keys see
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from .. import Param, register
 from ...ir import MAX_WIDTH, Call, ModelConfig
+from .. import Param, register
 from ..position.rope import Layout, rotate
 from .mla import MLA_PARAMS, LatentAttention
+
+INDEX_BLOCK = 256  # queries the indexer scores at once: (batch, block, heads, prefix) scores held
+ATTEND_BLOCK_KEYS = 1 << 15  # gathered key rows one block of queries holds in ChosenAttention
 
 
 def half_split(table: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -42,19 +46,117 @@ class LightningIndexer(nn.Module):
         self.k_norm = nn.LayerNorm(head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(d_model, heads, bias=False)
 
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """Index scores (B, T, T): -inf on future keys."""
+    def project(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, T, heads, d) pre-scaled by 1/sqrt(d), the one key per token (B, T, d), head weights (B, T, heads)."""
         batch, length, _ = x.shape
         cos, sin = half_split(cos, layout), half_split(sin, layout)
         rope = Layout(0, cos.shape[-1], False)
         q = rotate(self.wq_b(q_latent).view(batch, length, self.heads, self.head_dim).transpose(1, 2), cos, sin, rope)
-        k = rotate(self.k_norm(self.wk(x)).unsqueeze(1), cos, sin, rope)  # (B, 1, T, d): one key for all heads
-        scores = torch.relu(q.transpose(1, 2) @ k.transpose(-1, -2) * self.head_dim ** -0.5)  # (B, T, heads, T)
-        weights = self.weights_proj(x) * self.heads ** -0.5
-        index = (weights.unsqueeze(-2) @ scores).squeeze(-2)  # (B, T, T)
-        future = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+        k = rotate(self.k_norm(self.wk(x)).unsqueeze(1), cos, sin, rope).squeeze(1)
+        return q.transpose(1, 2) * self.head_dim ** -0.5, k, self.weights_proj(x) * self.heads ** -0.5
+
+    @staticmethod
+    def score(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Index scores sum_h w_h relu(q_h . k) of queries (..., Tq, heads, d) against keys (..., Tk, d): (..., Tq, Tk)."""
+        return (weights.unsqueeze(-2) @ torch.relu(q @ k.unsqueeze(-3).transpose(-1, -2))).squeeze(-2)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Index scores (B, T, T): -inf on future keys (the plain reference of `choose`)."""
+        index = self.score(*self.project(x, q_latent, cos, sin, layout))
+        future = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).triu(1)
         return index.masked_fill(future, float("-inf"))
+
+    @torch.no_grad()
+    def choose(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout, topk: int
+               ) -> torch.Tensor:
+        """Each query's `topk` highest-scoring earlier keys (B, T, topk), unordered; a query with fewer earlier keys gets
+        keys 0..topk-1 (the later ones masked by the caller). Scored causally by blocks of queries, each against its
+        prefix only: half the products of the full T x T, and a block's scores are all that is ever held."""
+        batch, length, _ = x.shape
+        chosen = torch.arange(topk, device=x.device).expand(batch, length, topk).clone()
+        if length <= topk:  # every query keeps every earlier key: nothing to score
+            return chosen
+        q, k, weights = self.project(x, q_latent, cos, sin, layout)
+        for start in range(topk, length, INDEX_BLOCK):  # queries before position topk keep keys 0..topk-1: nothing to choose
+            end = min(start + INDEX_BLOCK, length)
+            index = self.score(q[:, start:end], k[:, :end], weights[:, start:end])  # (B, block, end)
+            future = torch.arange(end, device=x.device) > torch.arange(start, end, device=x.device)[:, None]
+            chosen[:, start:end] = index.masked_fill_(future, float("-inf")).topk(topk, dim=-1, sorted=False).indices
+        return chosen
+
+
+def attend_gathered(q: torch.Tensor, keys: torch.Tensor, chosen: torch.Tensor, visible: torch.Tensor, scale: float, value_width: int
+                    ) -> torch.Tensor:
+    """The plain form: every query's chosen keys gathered at once, (B, T, k, W) (their first value_width channels the
+    values); softmax over the visible ones; (B, T, H, value_width). `ChosenAttention` computes the same by blocks."""
+    picked = keys[torch.arange(keys.shape[0], device=keys.device)[:, None, None], chosen]  # (B, T, k, W)
+    scores = q @ picked.transpose(-1, -2) * scale  # (B, T, H, k)
+    weights = scores.masked_fill(~visible.unsqueeze(-2), float("-inf")).softmax(dim=-1)
+    return weights @ picked[..., :value_width]
+
+
+class ChosenAttention(torch.autograd.Function):
+    """Attention of each query row over its own chosen key rows, in blocks of queries, recomputed in backward.
+
+    All heads share a query's selection (the absorbed form has one key/value head), so a block's keys are gathered
+    once, (block, k, W), and every head scores them in one batched matmul. Only each row's log-sum-exp is kept for
+    backward, never the gathered keys: memory stays a block's worth, and the keys' gradient is added back to their
+    rows (index_add_) block by block. q (N, H, W); keys (M, W), their first value_width channels the values; chosen
+    (N, k) rows of keys; visible (N, k) which of them count; returns (N, H, value_width).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, keys: torch.Tensor, chosen: torch.Tensor, visible: torch.Tensor, scale: float,
+                value_width: int) -> torch.Tensor:
+        out = q.new_empty(*q.shape[:2], value_width)
+        lse = q.new_empty(q.shape[:2])
+        for rows in query_blocks(q.shape[0], chosen.shape[1]):
+            picked = gather(keys, chosen[rows])
+            scores = block_scores(q[rows], picked, visible[rows], scale)
+            lse[rows] = scores.logsumexp(-1)
+            out[rows] = scores.sub_(lse[rows].unsqueeze(-1)).exp_() @ picked[..., :value_width]
+        ctx.save_for_backward(q, keys, chosen, visible, out, lse)
+        ctx.scale, ctx.value_width = scale, value_width
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, keys, chosen, visible, out, lse = ctx.saved_tensors
+        scale, value_width = ctx.scale, ctx.value_width
+        grad_q, grad_keys = torch.empty_like(q), torch.zeros_like(keys)
+        row_dot = (grad_out * out).sum(-1, keepdim=True)  # (N, H, 1): softmax backward's sum_j p_j dp_j
+        for rows in query_blocks(q.shape[0], chosen.shape[1]):
+            picked = gather(keys, chosen[rows])
+            scores = block_scores(q[rows], picked, visible[rows], scale)
+            weights = scores.sub_(lse[rows].unsqueeze(-1)).exp_()  # (block, H, k)
+            grad_picked = weights.transpose(1, 2) @ grad_out[rows]  # the values' part, (block, k, value_width)
+            grad_scores = weights.mul_(grad_out[rows] @ picked[..., :value_width].transpose(1, 2) - row_dot[rows]).mul_(scale)
+            grad_q[rows] = grad_scores @ picked
+            grad_picked = torch.cat((grad_picked, picked.new_zeros(*grad_picked.shape[:2], keys.shape[1] - value_width)), dim=-1)
+            grad_picked.baddbmm_(grad_scores.transpose(1, 2), q[rows])
+            grad_keys.index_add_(0, chosen[rows].flatten(), grad_picked.flatten(0, 1))
+        return grad_q, grad_keys, None, None, None, None
+
+
+def query_blocks(rows: int, keys_each: int) -> Iterator[slice]:
+    """Slices of query rows whose gathered keys hold about ATTEND_BLOCK_KEYS rows together."""
+    size = max(1, ATTEND_BLOCK_KEYS // keys_each)
+    return (slice(start, min(start + size, rows)) for start in range(0, rows, size))
+
+
+def gather(keys: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """The key rows (M, W) a block of queries chose (block, k): (block, k, W)."""
+    return keys.index_select(0, chosen.flatten()).view(*chosen.shape, keys.shape[1])
+
+
+def block_scores(q: torch.Tensor, picked: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scaled scores (block, H, k) of a block's queries (block, H, W) on its gathered keys, -inf where not visible."""
+    scores = torch.bmm(q, picked.transpose(1, 2)).mul_(scale)
+    if not bool(visible.all()):  # only queries with fewer earlier keys than k hold any
+        scores.masked_fill_(~visible.unsqueeze(1), float("-inf"))
+    return scores
 
 
 @register(
@@ -91,21 +193,23 @@ class SparseLatentAttention(LatentAttention):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         q_nope, q_rope, q_latent = self.queries(x, cos, sin)
         latent, k_rope = self.latents(x, cos, sin)
-        index = self.indexer(x, q_latent, cos, sin, self.layout)
-        chosen = index.topk(min(self.topk, x.shape[1]), dim=-1).indices  # (B, T, k)
+        chosen = self.indexer.choose(x, q_latent, cos, sin, self.layout, min(self.topk, x.shape[1]))
         return self.output(x, self.attend_chosen(q_nope, q_rope, latent, k_rope, chosen))
 
     def attend_chosen(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
                       chosen: torch.Tensor) -> torch.Tensor:
-        """Absorbed-form attention of each query over its chosen keys only; (B, H, T, v_head_dim)."""
+        """Absorbed-form attention of each query over its chosen keys (B, T, k) only; (B, H, T, v_head_dim)."""
         key_up, value_up = self.up_projections()
         q = torch.cat((q_nope @ key_up, q_rope), dim=-1).transpose(1, 2)  # (B, T, H, r + rope)
         keys = torch.cat((latent, k_rope), dim=-1).squeeze(1)  # (B, T, r + rope): one key/value head for all
-        picked = keys[torch.arange(keys.shape[0], device=keys.device)[:, None, None], chosen]  # (B, T, k, r + rope)
-        scores = q @ picked.transpose(-1, -2) * self.scale  # (B, T, H, k)
         earlier = chosen <= torch.arange(chosen.shape[1], device=chosen.device)[:, None]  # a query short of k keys picks later ones too
-        weights = scores.masked_fill(~earlier.unsqueeze(2), float("-inf")).softmax(dim=-1)
-        out = weights @ picked[..., : self.kv_lora_rank]  # (B, T, H, r)
+        if q.is_meta:  # the analysis: count the products at their shapes
+            out = attend_gathered(q, keys, chosen, earlier, self.scale, self.kv_lora_rank)
+        else:
+            batch, length = chosen.shape[:2]
+            rows = chosen + torch.arange(batch, device=chosen.device).view(-1, 1, 1) * length  # into the batch's keys laid end to end
+            out = ChosenAttention.apply(q.flatten(0, 1), keys.flatten(0, 1), rows.flatten(0, 1), earlier.expand_as(chosen).flatten(0, 1),
+                                        self.scale, self.kv_lora_rank).view(batch, length, self.n_heads, self.kv_lora_rank)
         return out.transpose(1, 2) @ value_up.transpose(1, 2)
 
     def cache_elements(self, seq_len: int) -> int:
