@@ -174,12 +174,12 @@ class SparseLatentAttention(LatentAttention):
     def __init__(self, config: ModelConfig, topk: int, index_heads: int, index_head_dim: int, **mla: Any) -> None:
         super().__init__(config, absorb=True, **mla)
         self.topk = topk
-        self.indexer = LightningIndexer(config.d_model, self.q_lora_rank, index_heads, index_head_dim, self.rope_dim)
+        self.indexer = LightningIndexer(config.d_model, self.q_lora_rank or self.kv_lora_rank, index_heads, index_head_dim, self.rope_dim)
 
     @classmethod
     def check(cls, config: ModelConfig, **args: Any) -> str | None:
-        if not args["q_lora_rank"]:
-            return "the indexer reads the query latent: give q_lora_rank (DeepSeek-V3.2: 1536)"
+        if not args["q_lora_rank"] and not args["shared_latent"]:
+            return "the indexer reads the query latent: give q_lora_rank (DeepSeek-V3.2: 1536) or shared_latent"
         if args["qk_rope_head_dim"] > args["index_head_dim"]:
             return (f"qk_rope_head_dim = {args['qk_rope_head_dim']} RoPE channels do not fit an indexer head of "
                     f"index_head_dim = {args['index_head_dim']}")
@@ -191,8 +191,8 @@ class SparseLatentAttention(LatentAttention):
         return [*super().describe(call, config), f"top {args['topk']} keys by {args['index_heads']} x {args['index_head_dim']} indexer"]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q_nope, q_rope, q_latent = self.queries(x, cos, sin)
         latent, k_rope = self.latents(x, cos, sin)
+        q_nope, q_rope, q_latent = self.queries(x, cos, sin, latent)
         chosen = self.indexer.choose(x, q_latent, cos, sin, self.layout, min(self.topk, x.shape[1]))
         return self.output(x, self.attend_chosen(q_nope, q_rope, latent, k_rope, chosen))
 
