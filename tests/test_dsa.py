@@ -74,17 +74,18 @@ def test_dsa_attends_exactly_the_keys_its_indexer_scores_highest():
 
 
 def dsa_macs(seq_len: int, d: int, heads: int, kv: int, q: int, nope: int, rope: int, v: int, topk: int, index_heads: int,
-             index_dim: int) -> tuple[int, int, int]:
-    """Closed-form multiply-accumulates of one dsa layer: (projections, indexer scoring, attention over the chosen keys)."""
+             index_dim: int, learns: bool = True) -> tuple[int, int, int, int]:
+    """Closed-form multiply-accumulates of one dsa layer: (projections, indexer scoring, attention over the chosen keys, the
+    indexer's loss: its scores on the chosen keys, while it learns)."""
     kept = min(topk, seq_len)
     projections = seq_len * (d * q + q * heads * (nope + rope) + d * (kv + rope) + heads * v * d  # as MLA's
                              + heads * (nope * kv + kv * v)  # the absorbed up-projections
-                             + (q * index_heads * index_dim + d * index_dim + d * index_heads) * (topk < seq_len))  # the indexer's, if it chooses
+                             + (q * index_heads * index_dim + d * index_dim + d * index_heads) * (topk < seq_len or learns))  # the indexer's, if it chooses or learns
     # q.k per head, then the weighted sum over heads: blocks of queries past the first topk, each against its prefix
     scoring = sum((min(start + INDEX_BLOCK, seq_len) - start) * min(start + INDEX_BLOCK, seq_len) for start in range(kept, seq_len, INDEX_BLOCK))
     scoring *= index_heads * (index_dim + 1)
     attention = heads * seq_len * kept * (2 * kv + rope)
-    return projections, scoring, attention
+    return projections, scoring, attention, seq_len * kept * index_heads * (index_dim + 1) * learns
 
 
 @pytest.mark.parametrize("seq_len, topk", [(64, 16), (32, 48), (INDEX_BLOCK + 40, 8)])
@@ -114,13 +115,51 @@ def test_dsa_bad_arguments_are_positioned_errors(text, message):
     assert ":7:" in str(error.value)
 
 
-def test_dsa_trains_every_weight_but_the_indexers():
-    """A training step reaches every MLA weight; the indexer's choice is not differentiable, so its weights get none."""
+def test_language_loss_trains_all_but_the_indexer_and_its_kl_loss_the_indexer_alone():
+    """The choice is not differentiable: the language loss reaches every weight but the indexer's; the indexer's loss (inputs
+    detached) reaches the indexer's alone."""
     model = nanollm.compile(TINY + "dsa(topk=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, index_heads=2, index_head_dim=16)").build()
-    logits, _ = model(torch.randint(0, 256, (2, 12)))
+    logits, aux_loss = model(torch.randint(0, 256, (2, 12)))
     logits.logsumexp(-1).mean().backward()
     for name, param in model.named_parameters():
         assert (param.grad is None) == (".indexer." in name), name
+    model.zero_grad(set_to_none=True)
+    aux_loss.backward()
+    for name, param in model.named_parameters():
+        assert (param.grad is not None and param.grad.abs().sum() > 0) == (".indexer." in name), name
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.3])
+def test_indexer_loss_is_the_kl_of_its_equation_with_its_gradient(monkeypatch, weight):
+    """aux_loss = weight * mean over queries of KL(p_t || softmax over S_t of I_t), p_t the heads' mean attention weights on the
+    chosen keys S_t (summed over heads, L1-normed), I the indexer's scores; its gradient on every indexer weight likewise."""
+    monkeypatch.setattr(dsa, "ATTEND_BLOCK_KEYS", 12)  # several checkpointed blocks of queries
+    torch.manual_seed(1)
+    sparse = build("dsa", CONFIG, topk=4, index_loss=weight, rope=rope(True), **SIZES, **INDEXER).train()
+    x = torch.randn(1, 12, 64)
+    out, loss = sparse(x, *make_table(sparse.rotary)(torch.arange(12)))
+    indexer = list(sparse.indexer.parameters())
+    grads = torch.autograd.grad(loss, indexer)
+    # by the equations: the main attention written out (MLA's training form) under the chosen-key mask
+    cos, sin = make_table(sparse.rotary)(torch.arange(12))
+    latent, k_rope = sparse.latents(x, cos, sin)
+    q_nope, q_rope, q_latent = sparse.queries(x, cos, sin, latent)
+    q_index, k_index, w_index = sparse.indexer.project(x, q_latent.detach(), cos, sin, sparse.layout)
+    index = torch.einsum("thd,sd->ths", q_index[0], k_index[0]).relu().mul(w_index[0][..., None]).sum(1)  # (T, T) with grad
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    keep = torch.zeros(12, 12, dtype=torch.bool).scatter(1, index.detach().masked_fill(~causal, float("-inf")).topk(4).indices, True) & causal
+    kv = sparse.kv_b_proj(latent.squeeze(1)).view(1, 12, 4, 20).transpose(1, 2)
+    keys = torch.cat((kv[..., :8], k_rope.expand(-1, 4, -1, -1)), dim=-1)
+    scores = (torch.cat((q_nope, q_rope), dim=-1) @ keys.transpose(-1, -2) * sparse.scale).masked_fill(~keep, float("-inf"))
+    target = scores.softmax(-1).sum(1)[0].detach()
+    target = target / target.sum(-1, keepdim=True)
+    log_index = index.masked_fill(~keep, float("-inf")).log_softmax(-1)
+    expected = weight * torch.where(keep, target * (target.log() - log_index), 0.0).sum(-1).mean()
+    close(loss, expected, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(expected, indexer)):
+        close(got, want, atol=1e-6)
+    sparse.eval()
+    assert sparse(x, cos, sin)[1] == 0  # evaluation computes no indexer loss
 
 
 def test_blockwise_chosen_attention_equals_the_gathered_form_with_its_gradients(monkeypatch):
@@ -135,10 +174,12 @@ def test_blockwise_chosen_attention_equals_the_gathered_form_with_its_gradients(
     visible[..., 0] = True
     chosen[..., 0] = torch.arange(length)  # every query sees at least itself
     probe = torch.randn(batch, length, heads, values)
-    expected = dsa.attend_gathered(q, keys, chosen, visible, 0.7, values)
+    expected, expected_target = dsa.attend_gathered(q, keys, chosen, visible, 0.7, values)
     expected_grads = torch.autograd.grad((expected * probe).sum(), (q, keys))
     rows = (chosen + torch.arange(batch).view(-1, 1, 1) * length).flatten(0, 1)
-    actual = dsa.ChosenAttention.apply(q.flatten(0, 1), keys.flatten(0, 1), rows, visible.flatten(0, 1), 0.7, values).view_as(expected)
+    actual, target = dsa.ChosenAttention.apply(q.flatten(0, 1), keys.flatten(0, 1), rows, visible.flatten(0, 1), 0.7, values)
+    actual = actual.view_as(expected)
     close(actual, expected)
+    close(target.view_as(expected_target), expected_target)
     for got, want in zip(torch.autograd.grad((actual * probe).sum(), (q, keys)), expected_grads):
         close(got, want)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ...ir import MAX_WIDTH, Call, ModelConfig
 from .. import Param, register
@@ -68,33 +69,54 @@ class LightningIndexer(nn.Module):
         future = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device).triu(1)
         return index.masked_fill(future, float("-inf"))
 
+    @staticmethod
     @torch.no_grad()
-    def choose(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout, topk: int
-               ) -> torch.Tensor:
-        """Each query's `topk` highest-scoring earlier keys (B, T, topk), unordered; a query with fewer earlier keys gets
-        keys 0..topk-1 (the later ones masked by the caller). Scored causally by blocks of queries, each against its
-        prefix only: half the products of the full T x T, and a block's scores are all that is ever held."""
-        batch, length, _ = x.shape
-        chosen = torch.arange(topk, device=x.device).expand(batch, length, topk).clone()
-        if length <= topk:  # every query keeps every earlier key: nothing to score
-            return chosen
-        q, k, weights = self.project(x, q_latent, cos, sin, layout)
+    def choose(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, topk: int) -> torch.Tensor:
+        """Each query's `topk` highest-scoring earlier keys (B, T, topk), unordered, from `project`'s queries, keys and
+        weights; a query with fewer earlier keys gets keys 0..topk-1 (the later ones masked by the caller). Scored causally
+        by blocks of queries, each against its prefix only: about half the products of the full T x T, and a block's
+        scores are all that is ever held."""
+        batch, length = k.shape[:2]
+        chosen = torch.arange(topk, device=k.device).expand(batch, length, topk).clone()
         for start in range(topk, length, INDEX_BLOCK):  # queries before position topk keep keys 0..topk-1: nothing to choose
             end = min(start + INDEX_BLOCK, length)
-            index = self.score(q[:, start:end], k[:, :end], weights[:, start:end])  # (B, block, end)
-            future = torch.arange(end, device=x.device) > torch.arange(start, end, device=x.device)[:, None]
+            index = LightningIndexer.score(q[:, start:end], k[:, :end], weights[:, start:end])  # (B, block, end)
+            future = torch.arange(end, device=k.device) > torch.arange(start, end, device=k.device)[:, None]
             chosen[:, start:end] = index.masked_fill_(future, float("-inf")).topk(topk, dim=-1, sorted=False).indices
         return chosen
+
+    @staticmethod
+    def kl_loss(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, visible: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3.2's indexer loss from `project`'s outputs: KL(target || softmax of the index scores) over each query's
+        visible chosen keys, averaged over queries."""
+        batch, length, topk = chosen.shape
+        rows = (chosen + torch.arange(batch, device=k.device).view(-1, 1, 1) * length).flatten(0, 1)
+        parts = (q.flatten(0, 1), k.flatten(0, 1), weights.flatten(0, 1), rows, visible.expand_as(chosen).flatten(0, 1), target.flatten(0, 1))
+        if k.is_meta:  # the analysis: every product at its shape
+            return chosen_kl(*parts) / (batch * length)
+        # by blocks of queries, each recomputed in backward: the gathered keys never all held at once
+        return sum(checkpoint(chosen_kl, *(part[block] if i != 1 else part for i, part in enumerate(parts)), use_reentrant=False)
+                   for block in query_blocks(batch * length, topk)) / (batch * length)
+
+
+def chosen_kl(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, visible: torch.Tensor, target: torch.Tensor
+              ) -> torch.Tensor:
+    """Summed KL(target || softmax(index scores)) of queries q (N, heads, d) over their chosen rows (N, k) of keys k (M, d)."""
+    index = LightningIndexer.score(q.unsqueeze(-3), gather(k, rows), weights.unsqueeze(-2)).squeeze(-2)  # (N, k)
+    log_index = index.masked_fill(~visible, float("-inf")).log_softmax(-1).masked_fill(~visible, 0.0)
+    return (torch.xlogy(target, target) - target * log_index).sum()
 
 
 def attend_gathered(q: torch.Tensor, keys: torch.Tensor, chosen: torch.Tensor, visible: torch.Tensor, scale: float, value_width: int
                     ) -> torch.Tensor:
     """The plain form: every query's chosen keys gathered at once, (B, T, k, W) (their first value_width channels the
-    values); softmax over the visible ones; (B, T, H, value_width). `ChosenAttention` computes the same by blocks."""
+    values); softmax over the visible ones; (B, T, H, value_width) and the heads' mean weights (B, T, k), not differentiated.
+    `ChosenAttention` computes the same by blocks."""
     picked = keys[torch.arange(keys.shape[0], device=keys.device)[:, None, None], chosen]  # (B, T, k, W)
     scores = q @ picked.transpose(-1, -2) * scale  # (B, T, H, k)
     weights = scores.masked_fill(~visible.unsqueeze(-2), float("-inf")).softmax(dim=-1)
-    return weights @ picked[..., :value_width]
+    return weights @ picked[..., :value_width], weights.detach().mean(-2)
 
 
 class ChosenAttention(torch.autograd.Function):
@@ -104,25 +126,29 @@ class ChosenAttention(torch.autograd.Function):
     once, (block, k, W), and every head scores them in one batched matmul. Only each row's log-sum-exp is kept for
     backward, never the gathered keys: memory stays a block's worth, and the keys' gradient is added back to their
     rows (index_add_) block by block. q (N, H, W); keys (M, W), their first value_width channels the values; chosen
-    (N, k) rows of keys; visible (N, k) which of them count; returns (N, H, value_width).
+    (N, k) rows of keys; visible (N, k) which of them count; returns (N, H, value_width) and, not differentiable, the
+    heads' mean attention weight on each chosen key (N, k) (the indexer's training target).
     """
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, keys: torch.Tensor, chosen: torch.Tensor, visible: torch.Tensor, scale: float,
                 value_width: int) -> torch.Tensor:
         out = q.new_empty(*q.shape[:2], value_width)
-        lse = q.new_empty(q.shape[:2])
+        lse, mean_weights = q.new_empty(q.shape[:2]), q.new_empty(chosen.shape)
         for rows in query_blocks(q.shape[0], chosen.shape[1]):
             picked = gather(keys, chosen[rows])
             scores = block_scores(q[rows], picked, visible[rows], scale)
             lse[rows] = scores.logsumexp(-1)
-            out[rows] = scores.sub_(lse[rows].unsqueeze(-1)).exp_() @ picked[..., :value_width]
+            weights = scores.sub_(lse[rows].unsqueeze(-1)).exp_()
+            out[rows] = weights @ picked[..., :value_width]
+            mean_weights[rows] = weights.mean(1)
         ctx.save_for_backward(q, keys, chosen, visible, out, lse)
         ctx.scale, ctx.value_width = scale, value_width
-        return out
+        ctx.mark_non_differentiable(mean_weights)
+        return out, mean_weights
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_out: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         q, keys, chosen, visible, out, lse = ctx.saved_tensors
         scale, value_width = ctx.scale, ctx.value_width
         grad_q, grad_keys = torch.empty_like(q), torch.zeros_like(keys)
@@ -166,14 +192,18 @@ def block_scores(q: torch.Tensor, picked: torch.Tensor, visible: torch.Tensor, s
     Param("index_heads", int, "indexer heads", default=64, minimum=1, maximum=MAX_WIDTH, positional=False),
     Param("index_head_dim", int, "width of an indexer head (its key is cached)", default=128, minimum=1, maximum=MAX_WIDTH,
           positional=False),
+    Param("index_loss", float, "weight of the indexer's KL loss to the attention's distribution (DeepSeek-V3.2); 0: untrained",
+          default=1.0, minimum=0, positional=False),
     *(param for param in MLA_PARAMS if param.name != "absorb"),
 )
 class SparseLatentAttention(LatentAttention):
-    """DeepSeek sparse attention: MLA over the top-k keys a lightning indexer picks for each query."""
+    """DeepSeek sparse attention: MLA over the top-k keys a lightning indexer picks for each query; returns (output, weighted indexer loss)."""
 
-    def __init__(self, config: ModelConfig, topk: int, index_heads: int, index_head_dim: int, **mla: Any) -> None:
+    outputs = ("out", "aux_loss")
+
+    def __init__(self, config: ModelConfig, topk: int, index_heads: int, index_head_dim: int, index_loss: float, **mla: Any) -> None:
         super().__init__(config, absorb=True, **mla)
-        self.topk = topk
+        self.topk, self.index_loss = topk, index_loss
         self.indexer = LightningIndexer(config.d_model, self.q_lora_rank or self.kv_lora_rank, index_heads, index_head_dim, self.rope_dim)
 
     @classmethod
@@ -190,27 +220,43 @@ class SparseLatentAttention(LatentAttention):
         args = call.kwargs()
         return [*super().describe(call, config), f"top {args['topk']} keys by {args['index_heads']} x {args['index_head_dim']} indexer"]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         latent, k_rope = self.latents(x, cos, sin)
         q_nope, q_rope, q_latent = self.queries(x, cos, sin, latent)
-        chosen = self.indexer.choose(x, q_latent, cos, sin, self.layout, min(self.topk, x.shape[1]))
-        return self.output(x, self.attend_chosen(q_nope, q_rope, latent, k_rope, chosen))
+        batch, length, _ = x.shape
+        topk, learns = min(self.topk, length), bool(self.index_loss) and self.training  # inference skips the indexer's loss
+        if length > topk or learns:  # with every earlier key kept and no loss, the indexer has nothing to do
+            # detached inputs: the indexer learns from its own loss alone, the rest of the model from the language loss
+            with torch.set_grad_enabled(learns and torch.is_grad_enabled()):
+                index_q, index_k, index_weights = self.indexer.project(x.detach(), q_latent.detach(), cos, sin, self.layout)
+        if length > topk:
+            chosen = self.indexer.choose(index_q, index_k, index_weights, topk)
+        else:
+            chosen = torch.arange(topk, device=x.device).expand(batch, length, topk)
+        heads, target = self.attend_chosen(q_nope, q_rope, latent, k_rope, chosen)
+        loss = x.new_zeros(())
+        if learns:
+            visible = chosen <= torch.arange(length, device=x.device)[:, None]
+            loss = self.index_loss * self.indexer.kl_loss(index_q, index_k, index_weights, chosen, visible, target)
+        return self.output(x, heads), loss
 
     def attend_chosen(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
-                      chosen: torch.Tensor) -> torch.Tensor:
-        """Absorbed-form attention of each query over its chosen keys (B, T, k) only; (B, H, T, v_head_dim)."""
+                      chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Absorbed-form attention of each query over its chosen keys (B, T, k) only: (B, H, T, v_head_dim), and the heads' mean
+        weights on those keys (B, T, k), not differentiated (the indexer's target)."""
         key_up, value_up = self.up_projections()
         q = torch.cat((q_nope @ key_up, q_rope), dim=-1).transpose(1, 2)  # (B, T, H, r + rope)
         keys = torch.cat((latent, k_rope), dim=-1).squeeze(1)  # (B, T, r + rope): one key/value head for all
         earlier = chosen <= torch.arange(chosen.shape[1], device=chosen.device)[:, None]  # a query short of k keys picks later ones too
+        batch, length = chosen.shape[:2]
         if q.is_meta:  # the analysis: count the products at their shapes
-            out = attend_gathered(q, keys, chosen, earlier, self.scale, self.kv_lora_rank)
+            out, target = attend_gathered(q, keys, chosen, earlier, self.scale, self.kv_lora_rank)
         else:
-            batch, length = chosen.shape[:2]
             rows = chosen + torch.arange(batch, device=chosen.device).view(-1, 1, 1) * length  # into the batch's keys laid end to end
-            out = ChosenAttention.apply(q.flatten(0, 1), keys.flatten(0, 1), rows.flatten(0, 1), earlier.expand_as(chosen).flatten(0, 1),
-                                        self.scale, self.kv_lora_rank).view(batch, length, self.n_heads, self.kv_lora_rank)
-        return out.transpose(1, 2) @ value_up.transpose(1, 2)
+            out, target = ChosenAttention.apply(q.flatten(0, 1), keys.flatten(0, 1), rows.flatten(0, 1),
+                                                earlier.expand_as(chosen).flatten(0, 1), self.scale, self.kv_lora_rank)
+            out, target = out.view(batch, length, self.n_heads, self.kv_lora_rank), target.view(chosen.shape)
+        return out.transpose(1, 2) @ value_up.transpose(1, 2), target
 
     def cache_elements(self, seq_len: int) -> int:
         return super().cache_elements(seq_len) + self.indexer.head_dim * seq_len
