@@ -25,10 +25,11 @@ def rope(interleaved: bool) -> Call:
     return complete(Call("rope", (("theta", 1e3), ("interleaved", interleaved))), "position", CONFIG)
 
 
-@pytest.mark.parametrize("interleaved", [True, False])
-def test_dsa_keeping_every_key_is_mla(interleaved):
-    sparse = build("dsa", CONFIG, topk=32, rope=rope(interleaved), **SIZES, **INDEXER)
-    dense = build("mla", CONFIG, rope=rope(interleaved), **SIZES)
+@pytest.mark.parametrize("interleaved, shared", [(True, False), (False, False), (True, True)], ids=["interleaved", "half-split", "shared-latent"])
+def test_dsa_keeping_every_key_is_mla(interleaved, shared):
+    sizes = SIZES | ({"q_lora_rank": 0, "shared_latent": True} if shared else {})  # shared: the indexer reads the kv latent
+    sparse = build("dsa", CONFIG, topk=32, rope=rope(interleaved), **sizes, **INDEXER)
+    dense = build("mla", CONFIG, rope=rope(interleaved), **sizes)
     dense.load_state_dict({k: v for k, v in sparse.state_dict().items() if not k.startswith("indexer.")})
     x = torch.randn(2, 13, 64)
     close(mix(sparse, x), mix(dense, x), atol=2e-5)

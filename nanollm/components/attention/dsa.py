@@ -103,7 +103,7 @@ class LightningIndexer(nn.Module):
 def chosen_kl(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, visible: torch.Tensor, target: torch.Tensor
               ) -> torch.Tensor:
     """Summed KL(target || softmax(index scores)) of queries q (N, heads, d) over their chosen rows (N, k) of keys k (M, d)."""
-    index = LightningIndexer.score(q.unsqueeze(-3), gather(k, rows), weights.unsqueeze(-2)).squeeze(-2)  # (N, k)
+    index = LightningIndexer.score(q.unsqueeze(-3), k[rows], weights.unsqueeze(-2)).squeeze(-2)  # (N, k); backward: index_put_
     log_index = index.masked_fill(~visible, float("-inf")).log_softmax(-1).masked_fill(~visible, 0.0)
     return (torch.xlogy(target, target) - target * log_index).sum()
 
@@ -125,7 +125,7 @@ class ChosenAttention(torch.autograd.Function):
     All heads share a query's selection (the absorbed form has one key/value head), so a block's keys are gathered
     once, (block, k, W), and every head scores them in one batched matmul. Only each row's log-sum-exp is kept for
     backward, never the gathered keys: memory stays a block's worth, and the keys' gradient is added back to their
-    rows (index_add_) block by block. q (N, H, W); keys (M, W), their first value_width channels the values; chosen
+    rows (index_put_, accumulating) block by block. q (N, H, W); keys (M, W), their first value_width channels the values; chosen
     (N, k) rows of keys; visible (N, k) which of them count; returns (N, H, value_width) and, not differentiable, the
     heads' mean attention weight on each chosen key (N, k) (the indexer's training target).
     """
@@ -135,35 +135,36 @@ class ChosenAttention(torch.autograd.Function):
                 value_width: int) -> torch.Tensor:
         out = q.new_empty(*q.shape[:2], value_width)
         lse, mean_weights = q.new_empty(q.shape[:2]), q.new_empty(chosen.shape)
+        scaled = q * scale  # once, not on every block's scores
         for rows in query_blocks(q.shape[0], chosen.shape[1]):
             picked = gather(keys, chosen[rows])
-            scores = block_scores(q[rows], picked, visible[rows], scale)
+            scores = block_scores(scaled[rows], picked, visible[rows])
             lse[rows] = scores.logsumexp(-1)
             weights = scores.sub_(lse[rows].unsqueeze(-1)).exp_()
             out[rows] = weights @ picked[..., :value_width]
             mean_weights[rows] = weights.mean(1)
-        ctx.save_for_backward(q, keys, chosen, visible, out, lse)
+        ctx.save_for_backward(scaled, keys, chosen, visible, out, lse)
         ctx.scale, ctx.value_width = scale, value_width
         ctx.mark_non_differentiable(mean_weights)
         return out, mean_weights
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        q, keys, chosen, visible, out, lse = ctx.saved_tensors
-        scale, value_width = ctx.scale, ctx.value_width
-        grad_q, grad_keys = torch.empty_like(q), torch.zeros_like(keys)
+        scaled, keys, chosen, visible, out, lse = ctx.saved_tensors
+        value_width = ctx.value_width
+        grad_q, grad_keys = torch.empty_like(scaled), torch.zeros_like(keys)
         row_dot = (grad_out * out).sum(-1, keepdim=True)  # (N, H, 1): softmax backward's sum_j p_j dp_j
-        for rows in query_blocks(q.shape[0], chosen.shape[1]):
+        for rows in query_blocks(scaled.shape[0], chosen.shape[1]):
             picked = gather(keys, chosen[rows])
-            scores = block_scores(q[rows], picked, visible[rows], scale)
+            scores = block_scores(scaled[rows], picked, visible[rows])
             weights = scores.sub_(lse[rows].unsqueeze(-1)).exp_()  # (block, H, k)
-            grad_picked = weights.transpose(1, 2) @ grad_out[rows]  # the values' part, (block, k, value_width)
-            grad_scores = weights.mul_(grad_out[rows] @ picked[..., :value_width].transpose(1, 2) - row_dot[rows]).mul_(scale)
+            grad_values = weights.transpose(1, 2) @ grad_out[rows]  # (block, k, value_width)
+            grad_scores = weights.mul_(grad_out[rows] @ picked[..., :value_width].transpose(1, 2) - row_dot[rows])
             grad_q[rows] = grad_scores @ picked
-            grad_picked = torch.cat((grad_picked, picked.new_zeros(*grad_picked.shape[:2], keys.shape[1] - value_width)), dim=-1)
-            grad_picked.baddbmm_(grad_scores.transpose(1, 2), q[rows])
-            grad_keys.index_add_(0, chosen[rows].flatten(), grad_picked.flatten(0, 1))
-        return grad_q, grad_keys, None, None, None, None
+            grad_picked = grad_scores.transpose(1, 2) @ scaled[rows]  # (block, k, W)
+            grad_picked[..., :value_width] += grad_values
+            grad_keys.index_put_((chosen[rows].flatten(),), grad_picked.flatten(0, 1), accumulate=True)  # CPU: 4x index_add_
+        return grad_q.mul_(ctx.scale), grad_keys, None, None, None, None
 
 
 def query_blocks(rows: int, keys_each: int) -> Iterator[slice]:
@@ -177,9 +178,9 @@ def gather(keys: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     return keys.index_select(0, chosen.flatten()).view(*chosen.shape, keys.shape[1])
 
 
-def block_scores(q: torch.Tensor, picked: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
-    """Scaled scores (block, H, k) of a block's queries (block, H, W) on its gathered keys, -inf where not visible."""
-    scores = torch.bmm(q, picked.transpose(1, 2)).mul_(scale)
+def block_scores(q: torch.Tensor, picked: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Scores (block, H, k) of a block's (scaled) queries (block, H, W) on its gathered keys, -inf where not visible."""
+    scores = torch.bmm(q, picked.transpose(1, 2))
     if not bool(visible.all()):  # only queries with fewer earlier keys than k hold any
         scores.masked_fill_(~visible.unsqueeze(1), float("-inf"))
     return scores
