@@ -60,7 +60,8 @@ class LightningIndexer(nn.Module):
     @staticmethod
     def score(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Index scores sum_h w_h relu(q_h . k) of queries (..., Tq, heads, d) against keys (..., Tk, d): (..., Tq, Tk)."""
-        return (weights.unsqueeze(-2) @ torch.relu(q @ k.unsqueeze(-3).transpose(-1, -2))).squeeze(-2)
+        products = q.flatten(-3, -2) @ k.transpose(-1, -2)  # one GEMM (Tq * heads, d) x (d, Tk), not Tq products heads rows tall
+        return (weights.unsqueeze(-2) @ torch.relu(products).unflatten(-2, q.shape[-3:-1])).squeeze(-2)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: Layout) -> torch.Tensor:
