@@ -138,7 +138,7 @@ def test_indexer_loss_is_the_kl_of_its_equation_with_its_gradient(monkeypatch, w
     torch.manual_seed(1)
     sparse = build("dsa", CONFIG, topk=4, index_loss=weight, rope=rope(True), **SIZES, **INDEXER).train()
     x = torch.randn(1, 12, 64)
-    out, loss = sparse(x, *make_table(sparse.rotary)(torch.arange(12)))
+    _, loss = sparse(x, *make_table(sparse.rotary)(torch.arange(12)))
     indexer = list(sparse.indexer.parameters())
     grads = torch.autograd.grad(loss, indexer)
     # by the equations: the main attention written out (MLA's training form) under the chosen-key mask

@@ -137,9 +137,10 @@ class ChosenAttention(torch.autograd.Function):
         out = q.new_empty(*q.shape[:2], value_width)
         lse, mean_weights = q.new_empty(q.shape[:2]), q.new_empty(chosen.shape)
         scaled = q * scale  # once, not on every block's scores
+        buffers = Buffers(q, keys, chosen, value_width)
         for rows in query_blocks(q.shape[0], chosen.shape[1]):
-            picked = gather(keys, chosen[rows])
-            scores = block_scores(scaled[rows], picked, visible[rows])
+            picked = gather(keys, chosen[rows], buffers.picked)
+            scores = block_scores(scaled[rows], picked, visible[rows], buffers.scores)
             lse[rows] = scores.logsumexp(-1)
             weights = scores.sub_(lse[rows].unsqueeze(-1)).exp_()
             out[rows] = weights @ picked[..., :value_width]
@@ -155,14 +156,15 @@ class ChosenAttention(torch.autograd.Function):
         value_width = ctx.value_width
         grad_q, grad_keys = torch.empty_like(scaled), torch.zeros_like(keys)
         row_dot = (grad_out * out).sum(-1, keepdim=True)  # (N, H, 1): softmax backward's sum_j p_j dp_j
+        buffers = Buffers(scaled, keys, chosen, value_width)
         for rows in query_blocks(scaled.shape[0], chosen.shape[1]):
-            picked = gather(keys, chosen[rows])
-            scores = block_scores(scaled[rows], picked, visible[rows])
+            picked = gather(keys, chosen[rows], buffers.picked)
+            scores = block_scores(scaled[rows], picked, visible[rows], buffers.scores)
             weights = scores.sub_(lse[rows].unsqueeze(-1)).exp_()  # (block, H, k)
-            grad_values = weights.transpose(1, 2) @ grad_out[rows]  # (block, k, value_width)
+            grad_values = torch.bmm(weights.transpose(1, 2), grad_out[rows], out=buffers.grad_values[: len(picked)])  # (block, k, value_width)
             grad_scores = weights.mul_(grad_out[rows] @ picked[..., :value_width].transpose(1, 2) - row_dot[rows])
             grad_q[rows] = grad_scores @ picked
-            grad_picked = grad_scores.transpose(1, 2) @ scaled[rows]  # (block, k, W)
+            grad_picked = torch.bmm(grad_scores.transpose(1, 2), scaled[rows], out=buffers.grad_picked[: len(picked)])  # (block, k, W)
             grad_picked[..., :value_width] += grad_values
             grad_keys.index_put_((chosen[rows].flatten(),), grad_picked.flatten(0, 1), accumulate=True)  # CPU: 4x index_add_
         return grad_q.mul_(ctx.scale), grad_keys, None, None, None, None
@@ -174,14 +176,28 @@ def query_blocks(rows: int, keys_each: int) -> Iterator[slice]:
     return (slice(start, min(start + size, rows)) for start in range(0, rows, size))
 
 
-def gather(keys: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """The key rows (M, W) a block of queries chose (block, k): (block, k, W)."""
-    return keys.index_select(0, chosen.flatten()).view(*chosen.shape, keys.shape[1])
+class Buffers:
+    """One block's working tensors, allocated once per call and reused by every block: blocks of fresh multi-megabyte
+    tensors each go to the OS and back (mmap, page faults) once anything larger has been freed, several times slower."""
+
+    def __init__(self, q: torch.Tensor, keys: torch.Tensor, chosen: torch.Tensor, value_width: int) -> None:
+        block, topk = min(q.shape[0], max(1, ATTEND_BLOCK_KEYS // chosen.shape[1])), chosen.shape[1]
+        self.picked = keys.new_empty(block, topk, keys.shape[1])
+        self.grad_picked = torch.empty_like(self.picked)
+        self.grad_values = keys.new_empty(block, topk, value_width)
+        self.scores = q.new_empty(block, q.shape[1], topk)
 
 
-def block_scores(q: torch.Tensor, picked: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Scores (block, H, k) of a block's (scaled) queries (block, H, W) on its gathered keys, -inf where not visible."""
-    scores = torch.bmm(q, picked.transpose(1, 2))
+def gather(keys: torch.Tensor, chosen: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The key rows (M, W) a block of queries chose (block, k): (block, k, W), written into the front of `out`."""
+    picked = out[: chosen.shape[0]]
+    torch.index_select(keys, 0, chosen.flatten(), out=picked.view(-1, keys.shape[1]))
+    return picked
+
+
+def block_scores(q: torch.Tensor, picked: torch.Tensor, visible: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Scores (block, H, k) of a block's (scaled) queries (block, H, W) on its gathered keys, -inf where not visible; into `out`."""
+    scores = torch.bmm(q, picked.transpose(1, 2), out=out[: q.shape[0]])
     if not bool(visible.all()):  # only queries with fewer earlier keys than k hold any
         scores.masked_fill_(~visible.unsqueeze(1), float("-inf"))
     return scores
