@@ -11,10 +11,12 @@ from torch.utils.flop_counter import FlopCounterMode
 import nanollm
 from nanollm.compiler import make_table
 from nanollm.components import complete
+from nanollm.components.attention import dsa
+from nanollm.components.attention.dsa import INDEX_BLOCK
 from nanollm.ir import Call
 
-SIZES = dict(kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12)
-INDEXER = dict(index_heads=4, index_head_dim=16)
+SIZES = {"kv_lora_rank": 16, "q_lora_rank": 24, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 12}
+INDEXER = {"index_heads": 4, "index_head_dim": 16}
 TINY = "vocab_size = 256\nd_model = 64\nn_heads = 4\nn_kv_heads = 4\nhead_dim = 16\nd_ff = 128\n"
 
 
@@ -23,10 +25,11 @@ def rope(interleaved: bool) -> Call:
     return complete(Call("rope", (("theta", 1e3), ("interleaved", interleaved))), "position", CONFIG)
 
 
-@pytest.mark.parametrize("interleaved", [True, False])
-def test_dsa_keeping_every_key_is_mla(interleaved):
-    sparse = build("dsa", CONFIG, topk=32, rope=rope(interleaved), **SIZES, **INDEXER)
-    dense = build("mla", CONFIG, rope=rope(interleaved), **SIZES)
+@pytest.mark.parametrize("interleaved, shared", [(True, False), (False, False), (True, True)], ids=["interleaved", "half-split", "shared-latent"])
+def test_dsa_keeping_every_key_is_mla(interleaved, shared):
+    sizes = SIZES | ({"q_lora_rank": 0, "shared_latent": True} if shared else {})  # shared: the indexer reads the kv latent
+    sparse = build("dsa", CONFIG, topk=32, rope=rope(interleaved), **sizes, **INDEXER)
+    dense = build("mla", CONFIG, rope=rope(interleaved), **sizes)
     dense.load_state_dict({k: v for k, v in sparse.state_dict().items() if not k.startswith("indexer.")})
     x = torch.randn(2, 13, 64)
     close(mix(sparse, x), mix(dense, x), atol=2e-5)
@@ -72,18 +75,21 @@ def test_dsa_attends_exactly_the_keys_its_indexer_scores_highest():
 
 
 def dsa_macs(seq_len: int, d: int, heads: int, kv: int, q: int, nope: int, rope: int, v: int, topk: int, index_heads: int,
-             index_dim: int) -> tuple[int, int, int]:
-    """Closed-form multiply-accumulates of one dsa layer: (projections, indexer scoring, attention over the chosen keys)."""
+             index_dim: int, learns: bool = True) -> tuple[int, int, int, int]:
+    """Closed-form multiply-accumulates of one dsa layer: (projections, indexer scoring, attention over the chosen keys, the
+    indexer's loss: its scores on the chosen keys, while it learns)."""
     kept = min(topk, seq_len)
     projections = seq_len * (d * q + q * heads * (nope + rope) + d * (kv + rope) + heads * v * d  # as MLA's
                              + heads * (nope * kv + kv * v)  # the absorbed up-projections
-                             + q * index_heads * index_dim + d * index_dim + d * index_heads)  # the indexer's
-    scoring = seq_len * seq_len * index_heads * (index_dim + 1)  # q.k per head, then the weighted sum over heads
+                             + (q * index_heads * index_dim + d * index_dim + d * index_heads) * (topk < seq_len or learns))  # the indexer's, if it chooses or learns
+    # q.k per head, then the weighted sum over heads: blocks of queries past the first topk, each against its prefix
+    scoring = sum((min(start + INDEX_BLOCK, seq_len) - start) * min(start + INDEX_BLOCK, seq_len) for start in range(kept, seq_len, INDEX_BLOCK))
+    scoring *= index_heads * (index_dim + 1)
     attention = heads * seq_len * kept * (2 * kv + rope)
-    return projections, scoring, attention
+    return projections, scoring, attention, seq_len * kept * index_heads * (index_dim + 1) * learns
 
 
-@pytest.mark.parametrize("seq_len, topk", [(64, 16), (32, 48)])
+@pytest.mark.parametrize("seq_len, topk", [(64, 16), (32, 48), (INDEX_BLOCK + 40, 8)])
 def test_dsa_flops_and_cache_match_closed_forms(seq_len, topk):
     call = (f"dsa(topk={topk}, kv_lora_rank=32, q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, "
             "index_heads=4, index_head_dim=16)")
@@ -110,10 +116,71 @@ def test_dsa_bad_arguments_are_positioned_errors(text, message):
     assert ":7:" in str(error.value)
 
 
-def test_dsa_trains_every_weight_but_the_indexers():
-    """A training step reaches every MLA weight; the indexer's choice is not differentiable, so its weights get none."""
+def test_language_loss_trains_all_but_the_indexer_and_its_kl_loss_the_indexer_alone():
+    """The choice is not differentiable: the language loss reaches every weight but the indexer's; the indexer's loss (inputs
+    detached) reaches the indexer's alone."""
     model = nanollm.compile(TINY + "dsa(topk=4, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, index_heads=2, index_head_dim=16)").build()
-    logits, _ = model(torch.randint(0, 256, (2, 12)))
+    logits, aux_loss = model(torch.randint(0, 256, (2, 12)))
     logits.logsumexp(-1).mean().backward()
     for name, param in model.named_parameters():
         assert (param.grad is None) == (".indexer." in name), name
+    model.zero_grad(set_to_none=True)
+    aux_loss.backward()
+    for name, param in model.named_parameters():
+        assert (param.grad is not None and param.grad.abs().sum() > 0) == (".indexer." in name), name
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.3])
+def test_indexer_loss_is_the_kl_of_its_equation_with_its_gradient(monkeypatch, weight):
+    """aux_loss = weight * mean over queries of KL(p_t || softmax over S_t of I_t), p_t the heads' mean attention weights on the
+    chosen keys S_t (summed over heads, L1-normed), I the indexer's scores; its gradient on every indexer weight likewise."""
+    monkeypatch.setattr(dsa, "ATTEND_BLOCK_KEYS", 12)  # several checkpointed blocks of queries
+    torch.manual_seed(1)
+    sparse = build("dsa", CONFIG, topk=4, index_loss=weight, rope=rope(True), **SIZES, **INDEXER).train()
+    x = torch.randn(1, 12, 64)
+    _, loss = sparse(x, *make_table(sparse.rotary)(torch.arange(12)))
+    indexer = list(sparse.indexer.parameters())
+    grads = torch.autograd.grad(loss, indexer)
+    # by the equations: the main attention written out (MLA's training form) under the chosen-key mask
+    cos, sin = make_table(sparse.rotary)(torch.arange(12))
+    latent, k_rope = sparse.latents(x, cos, sin)
+    q_nope, q_rope, q_latent = sparse.queries(x, cos, sin, latent)
+    q_index, k_index, w_index = sparse.indexer.project(x, q_latent.detach(), cos, sin, sparse.layout)
+    index = torch.einsum("thd,sd->ths", q_index[0], k_index[0]).relu().mul(w_index[0][..., None]).sum(1)  # (T, T) with grad
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    keep = torch.zeros(12, 12, dtype=torch.bool).scatter(1, index.detach().masked_fill(~causal, float("-inf")).topk(4).indices, True) & causal
+    kv = sparse.kv_b_proj(latent.squeeze(1)).view(1, 12, 4, 20).transpose(1, 2)
+    keys = torch.cat((kv[..., :8], k_rope.expand(-1, 4, -1, -1)), dim=-1)
+    scores = (torch.cat((q_nope, q_rope), dim=-1) @ keys.transpose(-1, -2) * sparse.scale).masked_fill(~keep, float("-inf"))
+    target = scores.softmax(-1).sum(1)[0].detach()
+    target = target / target.sum(-1, keepdim=True)
+    log_index = index.masked_fill(~keep, float("-inf")).log_softmax(-1)
+    expected = weight * torch.where(keep, target * (target.log() - log_index), 0.0).sum(-1).mean()
+    close(loss, expected, atol=1e-6)
+    for got, want in zip(grads, torch.autograd.grad(expected, indexer)):
+        close(got, want, atol=1e-6)
+    sparse.eval()
+    assert sparse(x, cos, sin)[1] == 0  # evaluation computes no indexer loss
+
+
+def test_blockwise_chosen_attention_equals_the_gathered_form_with_its_gradients(monkeypatch):
+    """ChosenAttention (blocks of queries, recomputed in backward) against every chosen key gathered at once."""
+    monkeypatch.setattr(dsa, "ATTEND_BLOCK_KEYS", 20)  # blocks of 4 queries at 5 keys each: several blocks, one ragged
+    torch.manual_seed(0)
+    batch, length, heads, width, values, kept = 2, 11, 3, 10, 6, 5
+    q = torch.randn(batch, length, heads, width, requires_grad=True)
+    keys = torch.randn(batch, length, width, requires_grad=True)
+    chosen = torch.stack([torch.randperm(length)[:kept] for _ in range(batch * length)]).view(batch, length, kept)
+    visible = chosen <= torch.arange(length)[:, None]
+    visible[..., 0] = True
+    chosen[..., 0] = torch.arange(length)  # every query sees at least itself
+    probe = torch.randn(batch, length, heads, values)
+    expected, expected_target = dsa.attend_gathered(q, keys, chosen, visible, 0.7, values)
+    expected_grads = torch.autograd.grad((expected * probe).sum(), (q, keys))
+    rows = (chosen + torch.arange(batch).view(-1, 1, 1) * length).flatten(0, 1)
+    actual, target = dsa.ChosenAttention.apply(q.flatten(0, 1), keys.flatten(0, 1), rows, visible.flatten(0, 1), 0.7, values)
+    actual = actual.view_as(expected)
+    close(actual, expected)
+    close(target.view_as(expected_target), expected_target)
+    for got, want in zip(torch.autograd.grad((actual * probe).sum(), (q, keys)), expected_grads):
+        close(got, want)

@@ -1,5 +1,5 @@
-"""Gated attention (Qiu et al. 2025): the elementwise gate against transformers' Qwen3NextAttention, the per-head gate
-from its equation, and both counted exactly by the analysis."""
+"""Gated attention (Qiu et al. 2025): the elementwise gate against transformers' Qwen3NextAttention, the per-head gate, the
+gate on the values (G2) and on the projected output (G5) from their equations, and all counted exactly by the analysis."""
 from __future__ import annotations
 
 import pytest
@@ -50,7 +50,41 @@ def test_head_gate_follows_its_equation(name):
     close(mix(gated, x), expected)
 
 
-@pytest.mark.parametrize("gate, extra", [("elementwise", 4 * 16), ("head", 4)])
+class GatedValues(torch.nn.Module):
+    """G2 written out: v_proj(x) * sigmoid(x W_gate)."""
+
+    def __init__(self, value: torch.nn.Linear, gate: torch.nn.Linear) -> None:
+        super().__init__()
+        self.value, self.gate = value, gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value(x) * torch.sigmoid(self.gate(x))
+
+
+@pytest.mark.parametrize("name", ["global", "sliding"])
+def test_value_gate_scales_each_value_channel_before_attention(name):
+    """G2: attention over values v_proj(x) * sigmoid(x W_gate), one gate per value channel of each key token."""
+    config = settings(n_kv_heads=2)
+    gated = build(name, config, gate="value")
+    plain = build(name, config)
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate_proj.weight"})
+    plain.v_proj = GatedValues(plain.v_proj, gated.gate_proj)
+    x = torch.randn(2, 9, 64)
+    close(mix(gated, x), mix(plain, x))
+    assert gated.gate_proj.weight.shape == (2 * 16, 64)
+
+
+@pytest.mark.parametrize("name", ["global", "sliding"])
+def test_output_gate_scales_the_projected_output(name):
+    """G5: o_proj(attention(x)) * sigmoid(x W_gate), one gate per model channel."""
+    gated = build(name, CONFIG, gate="output")
+    plain = build(name, CONFIG)
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate_proj.weight"})
+    x = torch.randn(2, 9, 64)
+    close(mix(gated, x), mix(plain, x) * torch.sigmoid(x @ gated.gate_proj.weight.T))
+
+
+@pytest.mark.parametrize("gate, extra", [("elementwise", 4 * 16), ("head", 4), ("value", 2 * 16), ("output", 64)])
 def test_gate_matmuls_are_counted(gate, extra):
     """The gate adds d_model x (its width) multiply-accumulates per token per layer, and nothing else."""
     seq_len = 64

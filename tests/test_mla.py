@@ -67,9 +67,23 @@ def test_mla_gate_follows_its_equation():
     close(mix(gated, x), gated.o_proj((heads * torch.sigmoid(x @ gated.gate_proj.weight.T)[..., None]).flatten(-2)))
 
 
-def mla_macs(seq_len: int, d: int, heads: int, kv: int, q: int, nope: int, rope: int, v: int, absorb: bool) -> int:
-    """Closed-form multiply-accumulates of one mla layer over one causal sequence."""
-    query = d * q + q * heads * (nope + rope) if q else d * heads * (nope + rope)
+@pytest.mark.parametrize("absorb", [False, True])
+def test_mla_shared_latent_is_a_query_latent_equal_to_the_key_value_latent(absorb):
+    """shared_latent: q = q_b_proj(c_kv), c_kv the normed key/value latent; as MLA with a query latent whose down-projection
+    and norm are the key/value latent's, and d_model x r + r parameters fewer."""
+    shared, _ = mla_pair(0, True, YARN, shared_latent=True, absorb=absorb)
+    separate, _ = mla_pair(16, True, YARN, absorb=absorb)
+    weights = shared.state_dict()
+    separate.load_state_dict(weights | {"q_a_proj.weight": weights["kv_a_proj_with_mqa.weight"][:16],
+                                        "q_a_layernorm.weight": weights["kv_a_layernorm.weight"]})
+    x = torch.randn(2, 13, 64)
+    close(mix(shared, x), mix(separate, x), atol=2e-5)
+    assert sum(p.numel() for p in separate.parameters()) - sum(p.numel() for p in shared.parameters()) == 64 * 16 + 16
+
+
+def mla_macs(seq_len: int, d: int, heads: int, kv: int, q: int, nope: int, rope: int, v: int, absorb: bool, shared: bool = False) -> int:
+    """Closed-form multiply-accumulates of one mla layer over one causal sequence (shared: queries from the kv latent)."""
+    query = d * q + q * heads * (nope + rope) if q else kv * heads * (nope + rope) if shared else d * heads * (nope + rope)
     projections = query + d * (kv + rope) + heads * v * d
     pairs = seq_len * (seq_len + 1) // 2
     if absorb:  # q_nope -> latent, latent -> value per head; scores over (kv + rope), values of width kv
@@ -78,14 +92,15 @@ def mla_macs(seq_len: int, d: int, heads: int, kv: int, q: int, nope: int, rope:
 
 
 @pytest.mark.parametrize("absorb", [False, True])
-@pytest.mark.parametrize("q_lora_rank", [0, 32])
-def test_mla_flops_and_cache_match_closed_forms(absorb, q_lora_rank):
+@pytest.mark.parametrize("q_lora_rank, shared", [(0, False), (32, False), (0, True)], ids=["q-direct", "q-latent", "shared-latent"])
+def test_mla_flops_and_cache_match_closed_forms(absorb, q_lora_rank, shared):
     seq_len = 96
-    call = f"mla(kv_lora_rank=32, q_lora_rank={q_lora_rank}, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, absorb={str(absorb).lower()})"
+    call = (f"mla(kv_lora_rank=32, q_lora_rank={q_lora_rank}, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, "
+            f"absorb={str(absorb).lower()}, shared_latent={str(shared).lower()})")
     compiled = nanollm.compile(TINY + f"{call} ffn=none")
     analysis = compiled.analyze(seq_len)
     head = 64 * 256  # the vocabulary projection (tied)
-    expected = mla_macs(seq_len, 64, 4, 32, q_lora_rank, 16, 8, 24, absorb) + seq_len * head
+    expected = mla_macs(seq_len, 64, 4, 32, q_lora_rank, 16, 8, 24, absorb, shared) + seq_len * head
     assert analysis.flops_per_token_fwd * seq_len == 2 * expected
     assert analysis.cache_bytes_per_token == (32 + 8) * 2  # the latent and the RoPE key, bf16
     # FlopCounterMode sees SDPA on meta as its math decomposition over the full T x T square; ours counts the triangle.
@@ -106,6 +121,7 @@ def test_mla_cache_at_deepseek_v3_sizes_is_576_per_token_and_layer():
     ("mla(kv_lora_rank=128)", "kv_lora_rank = 128 is larger than the width"),
     ("mla(kv_lora_rank=32, q_lora_rank=100)", "q_lora_rank = 100 is larger than the width"),
     ("mla(kv_lora_rank=32, qk_rope_head_dim=7)", "even"),
+    ("mla(kv_lora_rank=32, q_lora_rank=16, shared_latent=true)", "shared_latent takes the queries from the key/value latent"),
 ])
 def test_mla_bad_arguments_are_positioned_errors(text, message):
     with pytest.raises(nanollm.ArchError, match=message) as error:

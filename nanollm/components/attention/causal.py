@@ -29,6 +29,9 @@ from ...ir import MAX_WIDTH, QK_NORMS, Call, ModelConfig
 from ..position.rope import rotate
 
 GATES = ("none", "elementwise", "head")  # gated attention (Qiu et al. 2025): where the output's sigmoid gate acts
+# the paper's cheap other positions, on attention with its own value and output projections: after the value projection
+# (G2, per value channel) and after the output projection (G5, per model channel)
+ATTENTION_GATES = (*GATES, "value", "output")
 
 ATTENTION_PARAMS = (  # per-layer overrides of the model settings, by name only
     Param("heads", int, "query heads", setting="n_heads", minimum=1, maximum=MAX_WIDTH, positional=False),
@@ -39,8 +42,9 @@ ATTENTION_PARAMS = (  # per-layer overrides of the model settings, by name only
     Param("scale", float, "logit scale; 0 is 1/sqrt(head_dim)", setting="attn_scale", minimum=0, positional=False),
     Param("softcap", float, "logit soft-cap c tanh(s / c); 0 is off", setting="attn_softcap", minimum=0, positional=False),
     Param("bias", bool, "biases on the q, k, v and o projections (GPT-OSS)", default=False, positional=False),
-    Param("gate", str, "sigmoid gate on the output from the layer input: none, elementwise (per channel, Qwen3-Next) or head "
-                       "(one per head)", default="none", choices=GATES, positional=False),
+    Param("gate", str, "sigmoid gate from the layer input: on the attention output, elementwise (per channel, Qwen3-Next) or head "
+                       "(one per head); on the values (value); on o_proj's output (output); or none", default="none",
+          choices=ATTENTION_GATES, positional=False),
 )
 SINKS = Param("sinks", bool, "a learned per-head logit in every softmax, taking mass without a value (GPT-OSS)", default=False,
               positional=False)
@@ -212,8 +216,8 @@ class CausalAttention(Component):
         d, q_width, kv_width = config.d_model, heads * head_dim, kv_heads * head_dim
         # Qwen3-Next widens q_proj to carry the elementwise gate: per head [query | gate], so its weights load unchanged.
         self.q_proj = nn.Linear(d, q_width * (2 if gate == "elementwise" else 1), bias=bias)
-        if gate == "head":
-            self.gate_proj = nn.Linear(d, heads, bias=False)
+        if gate in ("head", "value", "output"):
+            self.gate_proj = nn.Linear(d, {"head": heads, "value": kv_width, "output": d}[gate], bias=False)
         self.k_proj = nn.Linear(d, kv_width, bias=bias)
         self.v_proj = nn.Linear(d, kv_width, bias=bias)
         self.o_proj = nn.Linear(q_width, d, bias=bias)
@@ -245,10 +249,13 @@ class CausalAttention(Component):
 
     def heads(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Queries (B, H, T, d), keys and values (B, H_kv, T, d), normed and rotated, and the output gate's logits (or None)."""
+        """Queries (B, H, T, d), keys and values (B, H_kv, T, d), normed and rotated (values gated if gate=value), and the
+        output gate's logits (or None)."""
         batch, length, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        gate = self.gate_proj(x) if self.gate == "head" else None
+        gate = self.gate_proj(x) if self.gate in ("head", "output") else None
+        if self.gate == "value":  # G2: each value channel scaled by its token's gate, before any query reads it
+            v = v * torch.sigmoid(self.gate_proj(x))
         if self.gate == "elementwise":
             q, gate = q.view(batch, length, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
             q, gate = q.flatten(2), gate.flatten(2)
@@ -276,9 +283,12 @@ class CausalAttention(Component):
         return {"sinks": VECTOR} if self.sinks is not None else {}
 
     def merge(self, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        """The output projection of the heads' outputs (B, H, T, d), gated first if the layer has a gate."""
+        """The output projection of the heads' outputs (B, H, T, d), gated before it (elementwise, head) or after it (output)."""
         batch, _, length, _ = out.shape
-        return self.o_proj(apply_gate(out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim), gate, self.n_heads))
+        out = out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
+        if self.gate == "output":  # G5: the projected output, per model channel
+            return self.o_proj(out) * torch.sigmoid(gate)
+        return self.o_proj(apply_gate(out, gate, self.n_heads))
 
     def state(self, batch: int, capacity: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Keys and values of every position (a sliding window's: a ring buffer of its last `window`), and the

@@ -49,6 +49,8 @@ MLA_PARAMS = (
           positional=False),
     Param("gate", str, "sigmoid gate on the output from the layer input: none, elementwise or head", default="none", choices=GATES,
           positional=False),
+    Param("shared_latent", bool, "queries decompressed from the key/value latent too, no query down-projection (q_lora_rank 0)",
+          default=False, positional=False),
     Param("absorb", bool, "attend over the latents, the up-projections folded into query and output (as decoding does)",
           default=False, positional=False),
     Param("latent_eps", float, "epsilon of the latents' norms (Kimi-Linear keeps 1e-6 whatever its rms_norm_eps)", setting="norm_eps",
@@ -87,10 +89,10 @@ class LatentAttention(Component):
     hf_module = "self_attn"
 
     def __init__(self, config: ModelConfig, heads: int, kv_lora_rank: int, q_lora_rank: int, qk_nope_head_dim: int,
-                 qk_rope_head_dim: int, v_head_dim: int, rope: Call, scale: float, gate: str, absorb: bool,
+                 qk_rope_head_dim: int, v_head_dim: int, rope: Call, scale: float, gate: str, shared_latent: bool, absorb: bool,
                  latent_eps: float) -> None:
         super().__init__()
-        self.n_heads, self.kv_lora_rank, self.q_lora_rank = heads, kv_lora_rank, q_lora_rank
+        self.n_heads, self.kv_lora_rank, self.q_lora_rank, self.shared_latent = heads, kv_lora_rank, q_lora_rank, shared_latent
         self.nope, self.rope_dim, self.v_head_dim, self.gate, self.absorb = qk_nope_head_dim, qk_rope_head_dim, v_head_dim, gate, absorb
         self.scale = logit_scale(scale, qk_nope_head_dim + qk_rope_head_dim, rope)
         d, q_width = config.d_model, heads * (qk_nope_head_dim + qk_rope_head_dim)
@@ -98,6 +100,8 @@ class LatentAttention(Component):
             self.q_a_proj = nn.Linear(d, q_lora_rank, bias=False)
             self.q_a_layernorm = make_norm(dataclasses.replace(config, norm_eps=latent_eps), q_lora_rank)
             self.q_b_proj = nn.Linear(q_lora_rank, q_width, bias=False)
+        elif shared_latent:  # one down-projection for queries, keys and values: q_b_proj reads the normed kv latent
+            self.q_b_proj = nn.Linear(kv_lora_rank, q_width, bias=False)
         else:
             self.q_proj = nn.Linear(d, q_width, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(d, kv_lora_rank + qk_rope_head_dim, bias=False)
@@ -114,23 +118,27 @@ class LatentAttention(Component):
         for rank in ("kv_lora_rank", "q_lora_rank"):
             if args[rank] > config.d_model:
                 return f"{rank} = {args[rank]} is larger than the width d_model = {config.d_model}: a latent compresses"
+        if args["shared_latent"] and args["q_lora_rank"]:
+            return f"shared_latent takes the queries from the key/value latent: q_lora_rank = {args['q_lora_rank']} must be 0"
         rope = args["rope"]
         return REGISTRY[rope.name].module.problem(args["qk_rope_head_dim"], **rope.kwargs())
 
     @classmethod
     def describe(cls, call: Call, config: ModelConfig) -> list[str]:
         args, shown = call.kwargs(), telling(call, config, always=("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
-        query = f"q latent {args['q_lora_rank']}" if args["q_lora_rank"] else "q from x"
+        query = f"q latent {args['q_lora_rank']}" if args["q_lora_rank"] else "q from kv latent" if args["shared_latent"] else "q from x"
         return ([shown] if shown else []) + [f"{args['heads']} heads, kv latent {args['kv_lora_rank']} + RoPE key {args['qk_rope_head_dim']}, {query}"]
 
     def inputs(self) -> tuple[Input, ...]:
         return (BRANCH, self.rotary) if self.rotary else (BRANCH,)
 
-    def queries(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Each head's query without and with RoPE (B, H, T, nope), (B, H, T, rope), and the normed query latent (None without one)."""
+    def queries(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, kv_latent: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Each head's query without and with RoPE (B, H, T, nope), (B, H, T, rope), and the normed query latent (None without one;
+        with shared_latent, the key/value latent (B, 1, T, r) `latents` made)."""
         batch, length, _ = x.shape
-        latent = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else None
-        q = self.q_b_proj(latent) if self.q_lora_rank else self.q_proj(x)
+        latent = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else kv_latent.squeeze(1) if self.shared_latent else None
+        q = self.q_b_proj(latent) if latent is not None else self.q_proj(x)
         q_nope, q_rope = q.view(batch, length, self.n_heads, self.nope + self.rope_dim).transpose(1, 2).split((self.nope, self.rope_dim), -1)
         return q_nope, rotate(q_rope, cos, sin, self.layout) if self.layout else q_rope, latent
 
@@ -140,8 +148,8 @@ class LatentAttention(Component):
         return self.kv_a_layernorm(latent), rotate(k_rope, cos, sin, self.layout) if self.layout else k_rope
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> torch.Tensor:
-        q_nope, q_rope, _ = self.queries(x, cos, sin)
         latent, k_rope = self.latents(x, cos, sin)
+        q_nope, q_rope, _ = self.queries(x, cos, sin, latent)
         return self.output(x, (self.attend_absorbed if self.absorb else self.attend_decompressed)(q_nope, q_rope, latent, k_rope))
 
     def output(self, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
@@ -178,19 +186,18 @@ class LatentAttention(Component):
         """The latent cache: per position the normed latent and the rotated shared RoPE key, side by side (B, 1, capacity, r + rope)."""
         return {"latents": torch.zeros(batch, 1, capacity, self.kv_lora_rank + self.rope_dim, device=device, dtype=dtype)}
 
-    def cache(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
-              ) -> torch.Tensor:
-        """Write the new tokens' latents and RoPE keys at start..; the cache up to the last of them (B, 1, end, r + rope)."""
-        latent, k_rope = self.latents(x, cos, sin)
-        end = start + x.shape[1]
+    def cache(self, state: dict[str, torch.Tensor], start: int, latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
+        """Write the new tokens' latents and RoPE keys (`latents`) at start..; the cache up to the last of them (B, 1, end, r + rope)."""
+        end = start + latent.shape[2]
         state["latents"][:, :, start:end] = torch.cat((latent, k_rope), dim=-1)
         return state["latents"][:, :, :end]
 
     def decode(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor, cos: torch.Tensor | None = None,
                sin: torch.Tensor | None = None) -> torch.Tensor:
         """The absorbed form over the latent cache: each head's query scores [latent | RoPE key] of every position so far."""
-        q_nope, q_rope, _ = self.queries(x, cos, sin)
-        cached = self.cache(state, start, x, cos, sin)
+        latent, k_rope = self.latents(x, cos, sin)
+        q_nope, q_rope, _ = self.queries(x, cos, sin, latent)
+        cached = self.cache(state, start, latent, k_rope)
         length, end = x.shape[1], cached.shape[2]
         positions = torch.arange(start, end, device=x.device)
         visible = None if length == 1 else positions[:, None] >= torch.arange(end, device=x.device)[None, :]
