@@ -32,9 +32,9 @@ def test_compile_json_follows_the_schema(capsys):
     assert report["seq_len"] == 1024 and report["n_layers"] == len(report["layers"]) == 12
     assert report["layers"][0]["mixer"].startswith("sliding(window=4096, heads=16, kv_heads=8, head_dim=128, qk_norm=head, rope=rope(")
     assert report["layers"][2]["ffn"] == (
-        "moe(top=2, experts=8, d_ff=3072, shared=0, shared_gate=false, router=softmax, norm_topk=true, scale=1.0, groups=1, top_groups=1, "
+        "moe(top=2, experts=8, d_ff=3072, shared=0, shared_gate=false, router=softmax, hash=false, norm_topk=true, scale=1.0, groups=1, top_groups=1, "
         "balance=aux, aux=0.01, bias_rate=0.001, z_loss=0.0, jitter=0.0, capacity=0.0, drop=score, router_bias=false, expert_bias=false, "
-        "alpha=1.0, limit=0.0, up_offset=0.0, layout=stacked)"
+        "alpha=1.0, limit=0.0, up_offset=0.0, layout=stacked, activation=swiglu)"
     )
     api = nanollm.compile(ROOT / "archs/hybrid_moe.arch").analyze(1024)
     assert report == api.to_json()
