@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from test_deepseek_v4 import V4
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -19,6 +20,8 @@ from transformers import (
     DeepseekV3ForCausalLM,
     DeepseekV32Config,
     DeepseekV32ForCausalLM,
+    DeepseekV4Config,
+    DeepseekV4ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     GptOssConfig,
@@ -86,6 +89,8 @@ ATTENTION_FAMILIES = {
     "deepseek_v3_q_direct": (DeepseekV3ForCausalLM, DeepseekV3Config, dict(LATENT, q_lora_rank=None, rope_interleave=False, first_k_dense_replace=2,
                                                                           rope_parameters=dict(YARN, mscale=0.8, mscale_all_dim=1.0))),
     "deepseek_v32": (DeepseekV32ForCausalLM, DeepseekV32Config, dict(LATENT, index_topk=7, index_n_heads=8, index_head_dim=16)),  # 7 < PROMPT
+    "deepseek_v4": (DeepseekV4ForCausalLM, DeepseekV4Config, dict(V4, vocab_size=TINY["vocab_size"], max_position_embeddings=128,
+                                                                  mlp_layer_types=["hash_moe", "moe", "moe"])),  # window, CSA, HCA under mHC
     "gpt_oss": (GptOssForCausalLM, GptOssConfig, {"sliding_window": WINDOW, "num_local_experts": 8, "num_experts_per_tok": 3, "swiglu_limit": 1.5,
                                                   "rope_parameters": YARN}),  # sinks, biases, sliding and full layers, YaRN past 16
 }
@@ -103,20 +108,18 @@ RECURRENT_FAMILIES = {  # the hybrids of recurrent mixers
                                                                n_groups=2, chunk_size=CHUNK, use_conv_bias=True, layers_block_type=[
                                                                    "linear_attention", "mlp", "full_attention", "linear_attention", "mlp"])),
     "lfm2": (Lfm2ForCausalLM, Lfm2Config, dict(layer_types=["conv", "full_attention", "conv", "conv"], block_multiple_of=32, conv_bias=True)),
-}
-FAMILIES = {**ATTENTION_FAMILIES, **RECURRENT_FAMILIES}  # each decodes as transformers does and exports as its own transformers model
-NOT_EXPORTED = {  # decodes as transformers does; no native export yet, so it exports as nanollm's remote code
     "kimi_linear": (KimiLinearForCausalLM, KimiLinearConfig, dict(num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
         v_head_dim=12, moe_intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, n_shared_experts=1,
         first_k_dense_replace=1, linear_attn_config={"num_heads": 4, "head_dim": 8, "short_conv_kernel_size": 4, "kda_layers": [1, 3, 4],
         "full_attn_layers": [2]})),
 }
+FAMILIES = {**ATTENTION_FAMILIES, **RECURRENT_FAMILIES}  # each decodes as transformers does and exports as its own transformers model
 
 
 def tiny(family: str, std: float = 0.2) -> Any:
     """A tiny random transformers model of a family, eager, fp32; weights drawn N(0, std), by default wide enough that
     greedy choices are decisive (no near-ties for rounding to flip)."""
-    model_class, config_class, overrides = {**FAMILIES, **NOT_EXPORTED}[family]
+    model_class, config_class, overrides = FAMILIES[family]
     torch.manual_seed(0)
     model = model_class(config_class(**{**TINY, **copy.deepcopy(overrides)}, attn_implementation="eager", experts_implementation="eager")).eval()
     with torch.no_grad():
@@ -144,7 +147,7 @@ def decoder_of(hf: Any) -> Decoder:
     return Decoder(model, arch_from_config(hf.config), context=hf.config.max_position_embeddings)
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, *NOT_EXPORTED])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_tokens_equal_transformers_generate(family: str) -> None:
     hf = tiny(family)
     torch.manual_seed(1)

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 from ..ir import Arch, Call, Layer, ModelConfig
-from . import Family, call, common_settings, family, refuse, rope_call
+from . import Family, call, common_settings, family, refuse, rope_call, rope_parameters
 
 LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 ROUTERS = {"sqrtsoftplus": "sqrt_softplus", "sigmoid": "sigmoid", "softmax": "softmax"}  # transformers' scoring_func -> router
@@ -54,4 +54,39 @@ def deepseek_v4(hf: Any) -> Arch:
     return Arch(config, layers)
 
 
-family("deepseek_v4", Family(("DeepseekV4ForCausalLM",), deepseek_v4))
+def deepseek_v4_config(arch: Arch) -> Any:
+    """A DeepseekV4Config of a model of `compressed` layers with the V4 MoE under `mhc` (the inverse of `deepseek_v4`), or None."""
+    from transformers import DeepseekV4Config
+
+    config = arch.config
+    if config.residual.name != "mhc" or not all(layer.mixer is not None and layer.mixer.name == "compressed" and layer.ffn is not None
+                                                and layer.ffn.name == "moe" and len(layer.sublayers) == 2 for layer in arch.layers):
+        return None
+    mixers, ffns = [layer.mixer.kwargs() for layer in arch.layers], [layer.ffn.kwargs() for layer in arch.layers]
+    kinds = ["sliding_attention" if m["rate"] == 0 else "compressed_sparse_attention" if m["topk"] else "heavily_compressed_attention"
+             for m in mixers]
+    first = {kind: mixer for kind, mixer in reversed(list(zip(kinds, mixers)))}  # each layer type's first
+    window, moe, mhc = mixers[0], ffns[0], config.residual.kwargs()
+    compressed = first.get("compressed_sparse_attention") or first.get("heavily_compressed_attention")
+    scoring = {router: name for name, router in ROUTERS.items()}
+    if moe["router"] not in scoring:
+        return None
+    main_rope, compress_rope = (first["sliding_attention"] if "sliding_attention" in first else window)["rope"], (compressed or window)["rope"]
+    csa = first.get("compressed_sparse_attention", {"topk": 1})
+    return DeepseekV4Config(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=len(arch.layers), num_attention_heads=window["heads"],
+        num_key_value_heads=1, head_dim=window["head_dim"], intermediate_size=config.d_ff, rms_norm_eps=config.norm_eps,
+        tie_word_embeddings=config.tie_embeddings, max_position_embeddings=config.seq_len, q_lora_rank=window["q_lora_rank"],
+        o_groups=window["o_groups"], o_lora_rank=window["o_lora_rank"], sliding_window=window["window"], index_n_heads=window["index_heads"],
+        index_head_dim=window["index_head_dim"], index_topk=csa["topk"], layer_types=kinds,
+        compress_rates={kind: first[kind]["rate"] for kind in LAYER_TYPES[1:] if kind in first},
+        partial_rotary_factor=main_rope.kwargs()["fraction"], rope_theta=main_rope.kwargs()["theta"],
+        compress_rope_theta=compress_rope.kwargs()["theta"],
+        rope_parameters={"main": rope_parameters(main_rope), "compress": rope_parameters(compress_rope)},
+        mlp_layer_types=["hash_moe" if ffn["hash"] else "moe" for ffn in ffns], n_routed_experts=moe["experts"],
+        num_experts_per_tok=moe["top"], moe_intermediate_size=moe["d_ff"], scoring_func=scoring[moe["router"]],
+        routed_scaling_factor=moe["scale"], swiglu_limit=moe["limit"], hc_mult=mhc["n"], hc_sinkhorn_iters=mhc["sinkhorn"], hc_eps=mhc["eps"],
+        pad_token_id=None, bos_token_id=None, eos_token_id=None)
+
+
+family("deepseek_v4", Family(("DeepseekV4ForCausalLM",), deepseek_v4, config_from_arch=deepseek_v4_config))

@@ -37,4 +37,30 @@ def kimi_linear(hf: Any) -> Arch:
     return Arch(config, layers)
 
 
-family("kimi_linear", Family(("KimiLinearForCausalLM",), kimi_linear))
+def kimi_linear_config(arch: Arch) -> Any:
+    """A KimiLinearConfig of a pre-norm model of `kda` and `mla` layers with SwiGLUs and the DeepSeek-V3 MoE, or None."""
+    from transformers import KimiLinearConfig
+
+    mixer_types, ffn_types = {"kda": "linear_attention", "mla": "full_attention"}, {"swiglu": "dense", "moe": "sparse"}
+    if not all(layer.residual.name == "prenorm" and layer.mixer is not None and layer.mixer.name in mixer_types and layer.ffn is not None
+               and layer.ffn.name in ffn_types and len(layer.sublayers) == 2 for layer in arch.layers):
+        return None
+    first = {sublayer.name: sublayer.kwargs() for layer in reversed(arch.layers) for sublayer in (layer.mixer, layer.ffn)}  # each kind's first
+    if "kda" not in first or "mla" not in first:
+        return None
+    config, mla, kda, moe = arch.config, first["mla"], first["kda"], first.get("moe")
+    experts = {} if moe is None else {
+        "num_local_experts": moe["experts"], "num_experts_per_tok": moe["top"], "moe_intermediate_size": moe["d_ff"], "n_shared_experts": moe["shared"],
+        "norm_topk_prob": moe["norm_topk"], "routed_scaling_factor": moe["scale"], "n_group": moe["groups"], "topk_group": moe["top_groups"]}
+    return KimiLinearConfig(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=len(arch.layers), num_attention_heads=mla["heads"],
+        num_key_value_heads=config.n_kv_heads, intermediate_size=first["swiglu"]["d_ff"] if "swiglu" in first else config.d_ff,
+        rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_embeddings, max_position_embeddings=config.seq_len,
+        kv_lora_rank=mla["kv_lora_rank"], q_lora_rank=mla["q_lora_rank"] or None, qk_nope_head_dim=mla["qk_nope_head_dim"],
+        qk_rope_head_dim=mla["qk_rope_head_dim"], v_head_dim=mla["v_head_dim"], linear_num_heads=kda["heads"], linear_head_dim=kda["head_dim"],
+        linear_conv_kernel_dim=kda["conv"], layer_types=[mixer_types[layer.mixer.name] for layer in arch.layers],
+        mlp_layer_types=[ffn_types[layer.ffn.name] for layer in arch.layers], pad_token_id=None, bos_token_id=None, eos_token_id=None,
+        **experts)
+
+
+family("kimi_linear", Family(("KimiLinearForCausalLM",), kimi_linear, config_from_arch=kimi_linear_config))
