@@ -11,7 +11,9 @@ weights on both sides (nanollm imports the transformers model with from_hf):
   layers from their fixed-size states, a prompt prefilled in the chunked form.
 
 Per model and batch (1 and 8): a 32-token prompt, N new tokens greedy, the prefill included on both sides;
-nanollm's `Decoder.generate` against `model.generate(do_sample=False)` with its default DynamicCache. Then each
+nanollm's `Decoder.generate`, eager and compiled (`Decoder(compiled=True)`, `nanollm generate --compile`; its one-time
+compilation is done before the rounds and reported apart), against `model.generate(do_sample=False)` with its default
+DynamicCache. Then each
 hybrid's per-token decode time after a 4,096-token context against a 256-token one (nanollm only; the ring buffers
 and recurrent states bound the sliding and DeltaNet layers' work, the global layers' keys grow). The ways run round-robin, so machine load falls
 on them alike; ratios are medians over rounds of ratios measured within a round. The fp32 matmul rate of the
@@ -47,9 +49,9 @@ SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_attent
 PROMPT = 32
 
 
-def model_pair(layer_types: list[str]) -> tuple[PreTrainedModel, Decoder]:
+def model_pair(layer_types: list[str]) -> tuple[PreTrainedModel, Decoder, Decoder]:
     """A random transformers model of these layer types (SDPA attention): Qwen3, or Qwen3.5 with linear_attention layers;
-    and nanollm's decoder of the same weights."""
+    and nanollm's decoders of the same weights, eager and compiled."""
     torch.manual_seed(0)
     sliding = "sliding_attention" in layer_types
     if "linear_attention" in layer_types:
@@ -61,7 +63,8 @@ def model_pair(layer_types: list[str]) -> tuple[PreTrainedModel, Decoder]:
                              sliding_window=128 if sliding else None, attn_implementation="sdpa")
         hf = Qwen3ForCausalLM(config).eval()
     hf.generation_config.eos_token_id = None
-    return hf, Decoder(nanollm.from_hf(hf).eval(), arch_from_config(config), context=SHAPE["max_position_embeddings"])
+    decoder = Decoder(nanollm.from_hf(hf).eval(), arch_from_config(config), context=SHAPE["max_position_embeddings"])
+    return hf, decoder, Decoder(decoder.model, decoder.arch, decoder.context, compiled=True)
 
 
 def seconds(run: Callable[[], object]) -> float:
@@ -101,29 +104,33 @@ def main() -> None:
     models = {"dense": model_pair(["full_attention"] * 4),
               "hybrid": model_pair(["sliding_attention"] * 5 + ["full_attention"]),
               "recurrent": model_pair((["linear_attention"] * 3 + ["full_attention"]) * 2)}
+    console = Console()
+    for name, (_, _, compiled) in models.items():  # the one-time compilation (prefill and step graphs, each batch size)
+        spent = sum(seconds(lambda batch=batch, way=compiled: generated(way, torch.zeros(batch, PROMPT, dtype=torch.long), 2)) for batch in (1, 8))
+        console.print(f"{name}: compiling the decoding step took {spent:.1f} s")
     rates, ratios, speeds = [matmul_rate()], {}, {}
     long_short: dict[str, list[float]] = {}
     for _ in range(args.rounds):
-        for name, (hf, decoder) in models.items():
+        for name, (hf, decoder, compiled) in models.items():
             for batch in (1, 8):
                 prompt = torch.randint(0, SHAPE["vocab_size"], (batch, PROMPT))
                 theirs = seconds(lambda hf=hf, prompt=prompt: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                                                                           max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens))
-                ours = seconds(lambda decoder=decoder, prompt=prompt: generated(decoder, prompt, args.new_tokens))
-                ratios.setdefault((name, batch), []).append(theirs / ours)
-                speeds.setdefault((name, batch), []).append((batch * args.new_tokens / ours, batch * args.new_tokens / theirs))
+                ours = [seconds(lambda way=way, prompt=prompt: generated(way, prompt, args.new_tokens)) for way in (decoder, compiled)]
+                ratios.setdefault((name, batch), []).append([theirs / t for t in ours])
+                speeds.setdefault((name, batch), []).append([batch * args.new_tokens / t for t in (*ours, theirs)])
         for name in ("hybrid", "recurrent"):
             decoder = models[name][1]
             long_short.setdefault(name, []).append(step_time(decoder, 4096)() / step_time(decoder, 256)())
         rates.append(matmul_rate(repeats=5))
 
     table = Table(title=f"decoding, fp32 CPU, {torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds", title_justify="left")
-    for column in ("model", "batch", "nanollm tokens/s", "transformers tokens/s", "nanollm / transformers"):
+    for column in ("model", "batch", "nanollm tokens/s", "compiled tokens/s", "transformers tokens/s", "nanollm / transformers",
+                   "compiled / transformers"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for (name, batch), values in ratios.items():
-        ours, theirs = (statistics.median(v[k] for v in speeds[name, batch]) for k in (0, 1))
-        table.add_row(name, str(batch), f"{ours:,.0f}", f"{theirs:,.0f}", f"{statistics.median(values):.2f}x")
-    console = Console()
+        rates_of = [f"{statistics.median(v[k] for v in speeds[name, batch]):,.0f}" for k in range(3)]
+        table.add_row(name, str(batch), *rates_of, *(f"{statistics.median(v[k] for v in values):.2f}x" for k in range(2)))
     console.print(table)
     for name, ratios_of_name in long_short.items():
         console.print(f"{name} per-token decode time, 4,096-token context / 256: {statistics.median(ratios_of_name):.2f}x (target <= 1.3x)")

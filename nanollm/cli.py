@@ -372,7 +372,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     prompts = read_prompts(args)
     trained = load_trained(args.path)
-    decoder = Decoder(trained.model, trained.arch, trained.context)
+    decoder = Decoder(trained.model, trained.arch, trained.context, compiled=args.compile)
     sampling = Sampling(args.temperature, args.top_k or 0, args.top_p)
     for i, prompt in enumerate(prompts):
         ids = torch.tensor([trained.tokenizer.encode(prompt)], dtype=torch.long)
@@ -508,6 +508,8 @@ def add_inference_commands(commands: argparse._SubParsersAction) -> None:
     generate_cmd.add_argument("--top-k", type=positive_int, help="sample among the k most likely tokens only")
     generate_cmd.add_argument("--top-p", type=probability, default=1.0, help="sample among the most likely tokens holding this much probability")
     generate_cmd.add_argument("--seed", type=int, help="seed of the sampling")
+    generate_cmd.add_argument("--compile", action="store_true", help="torch.compile the decoding step (a one-time cost of tens of seconds; "
+                              "faster per token after it)")
     generate_cmd.set_defaults(run=cmd_generate)
     export_cmd = commands.add_parser("export", help="write a run's model as a transformers model directory (config, safetensors, tokenizer)")
     export_cmd.add_argument("path", help="a run directory (its latest checkpoint) or a checkpoint folder")

@@ -99,9 +99,11 @@ class Sampling:
 class Decoder:
     """A model's decoding graph and the states it continues from; `generate` streams tokens."""
 
-    def __init__(self, model: fx.GraphModule, arch: Arch, context: int) -> None:
+    def __init__(self, model: fx.GraphModule, arch: Arch, context: int, compiled: bool = False) -> None:
         self.model, self.arch, self.context = model, arch, context
         self.graph = lower_decoding(arch, model)
+        if compiled:  # one graph for prefills and one for single tokens, lengths and positions symbolic: no recompiling per step
+            self.graph = torch.compile(self.graph, dynamic=True)
         self.stateful = stateful_sublayers(model, arch)
 
     def states(self, batch: int, capacity: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> States:

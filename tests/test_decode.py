@@ -283,6 +283,16 @@ def test_the_decoding_graph_runs_on_the_meta_device() -> None:
     assert logits.is_meta and logits.shape == (3, 1, TINY["vocab_size"])
 
 
+def test_a_compiled_decoder_generates_the_eager_decoders_tokens() -> None:
+    """`Decoder(compiled=True)` (`generate --compile`): torch.compile of the decoding step, one graph for the prefill and
+    one for single tokens at symbolic positions, chooses the eager decoder's tokens, ring buffers wrapping past their window."""
+    eager = decoder_of(tiny("qwen3"))
+    compiled = Decoder(eager.model, eager.arch, eager.context, compiled=True)
+    torch.manual_seed(3)
+    prompt = torch.randint(0, TINY["vocab_size"], (2, PROMPT))
+    assert torch.equal(generated(compiled, prompt, 12), generated(eager, prompt, 12))
+
+
 def test_sampling_keeps_only_the_top_k_and_top_p_tokens() -> None:
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(200, 1)
     generator = torch.Generator().manual_seed(0)

@@ -71,7 +71,7 @@ def deepseek_v4_config(arch: Arch) -> Any:
     scoring = {router: name for name, router in ROUTERS.items()}
     if moe["router"] not in scoring:
         return None
-    main_rope, compress_rope = (first["sliding_attention"] if "sliding_attention" in first else window)["rope"], (compressed or window)["rope"]
+    main_rope, compress_rope = first.get("sliding_attention", window)["rope"], (compressed or window)["rope"]
     csa = first.get("compressed_sparse_attention", {"topk": 1})
     return DeepseekV4Config(
         vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=len(arch.layers), num_attention_heads=window["heads"],
