@@ -266,9 +266,9 @@ def analysis_key(arch: Arch, model: fx.GraphModule, seq_len: int) -> str | None:
     for name, tensor in (*model.named_parameters(), *model.named_buffers()):
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\0".encode())
     sources = set(Path(__file__).parent.rglob("*.py"))
-    for module in model.modules():
+    for kind in {type(module) for module in model.modules()}:  # each class once, not each of its (many) instances
         try:
-            sources.add(Path(inspect.getsourcefile(type(module))))
+            sources.add(Path(inspect.getsourcefile(kind)))
         except (TypeError, OSError):  # a class without a source file (defined in a notebook): its code cannot be keyed
             return None
     for path in sorted(sources):

@@ -11,17 +11,17 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from test_deepseek_v4 import V4
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
-    DeepseekV32Config,
-    DeepseekV32ForCausalLM,
     DeepseekV4Config,
     DeepseekV4ForCausalLM,
+    DeepseekV32Config,
+    DeepseekV32ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     GptOssConfig,
@@ -157,19 +157,23 @@ def test_greedy_tokens_equal_transformers_generate(family: str) -> None:
     assert torch.equal(ours, theirs[:, PROMPT:])
 
 
+def assert_steps_give_the_full_forward(decoder: Decoder, sequence: torch.Tensor, second: int) -> None:
+    """A prefill of PROMPT tokens, a second chunk of `second` continuing it from the states (a ring buffer or a chunk met
+    mid-sequence), then tokens one by one: every step's logits equal the full forward pass's at its positions (1e-5)."""
+    with torch.no_grad():
+        full, _ = decoder.model(sequence)
+        states = decoder.states(sequence.shape[0], sequence.shape[1])
+        steps = [decoder.step(sequence[:, :PROMPT], 0, states), decoder.step(sequence[:, PROMPT:PROMPT + second], PROMPT, states)]
+        steps += [decoder.step(sequence[:, t:t + 1], t, states) for t in range(PROMPT + second, sequence.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "gemma3_text", "deepseek_v32"])
 def test_each_decoding_step_gives_the_full_forward_logits_at_its_position(family: str) -> None:
     hf = tiny(family, std=0.05)  # logits of order 1, where 1e-5 is a tolerance of rounding only
     decoder = decoder_of(hf)
     torch.manual_seed(2)
-    sequence = torch.randint(0, TINY["vocab_size"], (2, PROMPT + 16))
-    with torch.no_grad():
-        full, _ = decoder.model(sequence)
-        states = decoder.states(2, sequence.shape[1])
-        # a prefill chunk past the window, a second chunk continuing it (a ring buffer met mid-sequence), then tokens one by one
-        steps = [decoder.step(sequence[:, :PROMPT], 0, states), decoder.step(sequence[:, PROMPT:PROMPT + 7], PROMPT, states)]
-        steps += [decoder.step(sequence[:, t:t + 1], t, states) for t in range(PROMPT + 7, sequence.shape[1])]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+    assert_steps_give_the_full_forward(decoder, torch.randint(0, TINY["vocab_size"], (2, PROMPT + 16)), 7)
 
 
 MLA = "qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12"
@@ -194,13 +198,7 @@ def test_each_decoding_step_of_sinks_and_block_patterns_gives_the_full_forward_l
             if name.endswith("sinks"):
                 param.normal_(0, 2)  # sinks start at 0: give each head its own
     decoder = Decoder(model, compiled.arch, context=64)
-    sequence = torch.randint(0, 96, (2, PROMPT + 10))
-    with torch.no_grad():
-        full, _ = model(sequence)
-        states = decoder.states(2, sequence.shape[1])
-        steps = [decoder.step(sequence[:, :PROMPT], 0, states), decoder.step(sequence[:, PROMPT:PROMPT + 3], PROMPT, states)]
-        steps += [decoder.step(sequence[:, t:t + 1], t, states) for t in range(PROMPT + 3, sequence.shape[1])]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+    assert_steps_give_the_full_forward(decoder, torch.randint(0, 96, (2, PROMPT + 10)), 3)
 
 
 RECURRENT_PATTERNS = {  # every recurrent mixer and memory between attention layers; (settings, layers)
@@ -222,14 +220,7 @@ def recurrent_decoder(settings: str, layers: str) -> Decoder:
 @pytest.mark.parametrize("settings, layers", RECURRENT_PATTERNS.values(), ids=list(RECURRENT_PATTERNS))
 def test_each_decoding_step_of_recurrent_mixers_gives_the_full_forward_logits(settings: str, layers: str) -> None:
     decoder = recurrent_decoder(settings, layers)
-    sequence = torch.randint(0, 96, (2, PROMPT + 10))
-    with torch.no_grad():
-        full, _ = decoder.model(sequence)
-        states = decoder.states(2, sequence.shape[1])
-        # a prefill of chunks and a part, a second chunk from the carried states, then tokens one by one
-        steps = [decoder.step(sequence[:, :PROMPT], 0, states), decoder.step(sequence[:, PROMPT:PROMPT + 3], PROMPT, states)]
-        steps += [decoder.step(sequence[:, t:t + 1], t, states) for t in range(PROMPT + 3, sequence.shape[1])]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+    assert_steps_give_the_full_forward(decoder, torch.randint(0, 96, (2, PROMPT + 10)), 3)
 
 
 def test_recurrent_decoding_runs_on_the_meta_device() -> None:

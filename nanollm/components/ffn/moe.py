@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...ir import Call, ModelConfig
 from .. import (
     BRANCH,
     INIT_STD,
@@ -33,7 +34,6 @@ from .. import (
     telling,
     traced_shape,
 )
-from ...ir import Call, ModelConfig
 from .dispatch import DROPS, ExpertActivation, ExpertBank, capacity_limited, dropless, expert_counts
 from .relu2 import ReLU2
 from .router import BALANCES, ROUTERS, Router
@@ -153,7 +153,8 @@ class MoE(Component):
         super().__init__()
         self.top, self.experts, self.shared, self.balance = top, experts, shared, balance
         self.bias_rate, self.capacity, self.drop = bias_rate, capacity, drop
-        self.activation, self.layout, self.gated = ExpertActivation(alpha, limit, up_offset), layout, activation == "swiglu"
+        # the gated experts' activation (its slope, clamp and offset); not gated: relu2
+        self.glu, self.layout, self.gated = ExpertActivation(alpha, limit, up_offset), layout, activation == "swiglu"
         self.router = Router(config.d_model, experts, top, balance, vocab_size=config.vocab_size, **routing)
         d = config.d_model
         if activation == "relu2":  # up alone, (E, f, d), as transformers' NemotronHExperts
@@ -172,7 +173,7 @@ class MoE(Component):
         elif not self.gated:
             self.shared_experts = ReLU2(config, shared * d_ff, bias=False)
         else:
-            self.shared_experts = (GatedSharedExperts if shared_gate else SharedExperts)(config, shared * d_ff, self.activation)
+            self.shared_experts = (GatedSharedExperts if shared_gate else SharedExperts)(config, shared * d_ff, self.glu)
         if balance == "bias":
             # Persistent (checkpointed) and kept fp32 by _apply: its updates are ~1e-3 steps that bf16 would round away.
             self.register_buffer("selection_bias", torch.zeros(experts, dtype=torch.float32))
@@ -224,7 +225,7 @@ class MoE(Component):
         """The experts as the dispatch takes them: (E, out, in) views of the weights, biases, activation."""
         gpt_oss = self.layout == "gpt_oss"
         gate_up, down = (self.gate_up.transpose(1, 2), self.down.transpose(1, 2)) if gpt_oss else (self.gate_up, self.down)
-        return ExpertBank(gate_up, down, self.gate_up_bias, self.down_bias, gpt_oss, self.activation, self.gated)
+        return ExpertBank(gate_up, down, self.gate_up_bias, self.down_bias, gpt_oss, self.glu, self.gated)
 
     def inputs(self) -> tuple[Input, ...]:
         return (BRANCH, TOKEN_IDS) if self.router.token_experts is not None else (BRANCH,)
