@@ -182,9 +182,10 @@ PATTERNS = {  # attention patterns no family above has, each decoded against its
     "blocksparse": "blocksparse(4, 2, global=1); blocksparse(3, 1, global=0, stride=2)",
     "mla": f"mla(16, {MLA}); mla(16, 24, {MLA}, absorb=true, gate=head)",  # both forms decode over the latent cache
     "mla_nope": f"mla(16, 24, {MLA}, rope=nope, gate=elementwise); mla(16, {MLA}, rope=nope, absorb=true)",  # Kimi-Linear's
+    "key_query_gates": f"global(gate=key); sliding(5, gate=query); mla(16, 24, {MLA}, absorb=true, gate=query); mla(16, {MLA}, gate=output)",  # G3, G4, G5
     # 4 indexer heads: exact ties (every head's ReLU 0) fall at the top-k boundary
     "dsa": f"dsa(5, kv_lora_rank=16, q_lora_rank=24, {MLA}, index_heads=4, index_head_dim=16); "
-           f"dsa(3, kv_lora_rank=16, q_lora_rank=8, {MLA}, index_heads=2, index_head_dim=8, rope=rope(interleaved=false))",
+           f"dsa(3, kv_lora_rank=16, q_lora_rank=8, {MLA}, index_heads=2, index_head_dim=8, rope=rope(interleaved=false), gate=query)",
 }
 
 

@@ -1,10 +1,12 @@
 """Gated attention (Qiu et al. 2025): the elementwise gate against transformers' Qwen3NextAttention, the per-head gate, the
-gate on the values (G2) and on the projected output (G5) from their equations, and all counted exactly by the analysis."""
+gates on the values (G2), keys (G3), queries (G4) and on the projected output (G5) from their equations, and all counted
+exactly by the analysis (closed forms and FlopCounterMode)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from test_components import CONFIG, GEMMA_NORM, build, close, hf_attention, mix, settings
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import Qwen3NextConfig
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextAttention, Qwen3NextRotaryEmbedding
 
@@ -50,15 +52,15 @@ def test_head_gate_follows_its_equation(name):
     close(mix(gated, x), expected)
 
 
-class GatedValues(torch.nn.Module):
-    """G2 written out: v_proj(x) * sigmoid(x W_gate)."""
+class GatedProjection(torch.nn.Module):
+    """G2-G4 written out: a projection's output times sigmoid(x W_gate), e.g. v_proj(x) * sigmoid(x W_gate)."""
 
-    def __init__(self, value: torch.nn.Linear, gate: torch.nn.Linear) -> None:
+    def __init__(self, projection: torch.nn.Linear, gate: torch.nn.Linear) -> None:
         super().__init__()
-        self.value, self.gate = value, gate
+        self.projection, self.gate = projection, gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.value(x) * torch.sigmoid(self.gate(x))
+        return self.projection(x) * torch.sigmoid(self.gate(x))
 
 
 @pytest.mark.parametrize("name", ["global", "sliding"])
@@ -68,10 +70,27 @@ def test_value_gate_scales_each_value_channel_before_attention(name):
     gated = build(name, config, gate="value")
     plain = build(name, config)
     plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate_proj.weight"})
-    plain.v_proj = GatedValues(plain.v_proj, gated.gate_proj)
+    plain.v_proj = GatedProjection(plain.v_proj, gated.gate_proj)
     x = torch.randn(2, 9, 64)
     close(mix(gated, x), mix(plain, x))
     assert gated.gate_proj.weight.shape == (2 * 16, 64)
+
+
+@pytest.mark.parametrize("name", ["global", "sliding"])
+@pytest.mark.parametrize("gate, projection, width", [("key", "k_proj", 2 * 16), ("query", "q_proj", 4 * 16)])
+def test_key_and_query_gates_scale_each_projection_channel_before_the_norm_and_rope(name, gate, projection, width):
+    """G3 / G4: attention with keys k_proj(x) * sigmoid(x W_gate) (queries q_proj(x) * ...), gated per channel of the projection,
+    then per-head QK-norm'd and rotated as ever."""
+    config = settings(n_kv_heads=2)
+    gated = build(name, config, gate=gate)
+    plain = build(name, config)
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate_proj.weight"})
+    x = torch.randn(2, 9, 64)
+    ungated = mix(plain, x)
+    setattr(plain, projection, GatedProjection(getattr(plain, projection), gated.gate_proj))
+    close(mix(gated, x), mix(plain, x))
+    assert gated.gate_proj.weight.shape == (width, 64) and gated.q_norm.weight.shape == (16,)  # the norm acts after the gate
+    assert (mix(gated, x) - ungated).abs().max() > 1e-3  # the gate does something at this size
 
 
 @pytest.mark.parametrize("name", ["global", "sliding"])
@@ -84,15 +103,23 @@ def test_output_gate_scales_the_projected_output(name):
     close(mix(gated, x), mix(plain, x) * torch.sigmoid(x @ gated.gate_proj.weight.T))
 
 
-@pytest.mark.parametrize("gate, extra", [("elementwise", 4 * 16), ("head", 4), ("value", 2 * 16), ("output", 64)])
+@pytest.mark.parametrize("gate, extra", [("elementwise", 4 * 16), ("head", 4), ("value", 2 * 16), ("key", 2 * 16), ("query", 4 * 16),
+                                         ("output", 64)])
 def test_gate_matmuls_are_counted(gate, extra):
-    """The gate adds d_model x (its width) multiply-accumulates per token per layer, and nothing else."""
+    """The gate adds d_model x (its width) multiply-accumulates per token per layer, and nothing else: by its closed form, and
+    FlopCounterMode sees the same difference on the layer itself."""
     seq_len = 64
     base = nanollm.compile(TINY + "global").analyze(seq_len)
     gated = nanollm.compile(TINY + f"global(gate={gate})").analyze(seq_len)
     assert gated.flops_per_token_fwd - base.flops_per_token_fwd == 2 * 64 * extra
     assert gated.params_total - base.params_total == 64 * extra
     assert gated.cache_bytes_per_token == base.cache_bytes_per_token
+    counted = []
+    for layer in (build("global", settings(n_kv_heads=2)), build("global", settings(n_kv_heads=2), gate=gate)):
+        with FlopCounterMode(display=False) as counter:
+            mix(layer, torch.randn(1, seq_len, 64))
+        counted.append(counter.get_total_flops())
+    assert counted[1] - counted[0] == 2 * seq_len * 64 * extra
 
 
 def test_gate_names_its_choices():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_components import CONFIG, build, close, hf_attention, mix
+from test_gated_attention import GatedProjection
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
@@ -46,7 +47,7 @@ def test_mla_matches_deepseek_v3_attention(q_lora_rank, interleave, rope_paramet
 
 
 @pytest.mark.parametrize("q_lora_rank", [0, 24])
-@pytest.mark.parametrize("gate", ["none", "elementwise", "head"])
+@pytest.mark.parametrize("gate", ["none", "elementwise", "head", "query", "output"])
 def test_mla_absorbed_form_equals_training_form(q_lora_rank, gate):
     """Attending over the latent with kv_b_proj folded into query and output is the same function."""
     ours, _ = mla_pair(q_lora_rank, True, YARN, gate=gate)
@@ -65,6 +66,28 @@ def test_mla_gate_follows_its_equation():
     x = torch.randn(2, 9, 64)
     heads = mix(plain, x)[..., :48].unflatten(-1, (4, 12))
     close(mix(gated, x), gated.o_proj((heads * torch.sigmoid(x @ gated.gate_proj.weight.T)[..., None]).flatten(-2)))
+
+
+def test_mla_query_gate_scales_each_query_channel_before_rope():
+    """G4: queries q_proj(x) * sigmoid(x W_gate), per channel of every head's [no-RoPE | RoPE] query, then rotated."""
+    gated, _ = mla_pair(0, True, DEFAULT, gate="query")
+    plain, _ = mla_pair(0, True, DEFAULT)
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate_proj.weight"})
+    x = torch.randn(2, 9, 64)
+    ungated = mix(plain, x)
+    plain.q_proj = GatedProjection(plain.q_proj, gated.gate_proj)
+    close(mix(gated, x), mix(plain, x))
+    assert gated.gate_proj.weight.shape == (4 * (8 + 8), 64)
+    assert (mix(gated, x) - ungated).abs().max() > 1e-3
+
+
+def test_mla_output_gate_scales_the_projected_output():
+    """G5: o_proj(attention(x)) * sigmoid(x W_gate), one gate per model channel."""
+    gated, _ = mla_pair(24, True, DEFAULT, gate="output")
+    plain, _ = mla_pair(24, True, DEFAULT)
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate_proj.weight"})
+    x = torch.randn(2, 9, 64)
+    close(mix(gated, x), mix(plain, x) * torch.sigmoid(x @ gated.gate_proj.weight.T))
 
 
 @pytest.mark.parametrize("absorb", [False, True])

@@ -29,9 +29,10 @@ from ...ir import MAX_WIDTH, QK_NORMS, Call, ModelConfig
 from ..position.rope import rotate
 
 GATES = ("none", "elementwise", "head")  # gated attention (Qiu et al. 2025): where the output's sigmoid gate acts
-# the paper's cheap other positions, on attention with its own value and output projections: after the value projection
-# (G2, per value channel) and after the output projection (G5, per model channel)
-ATTENTION_GATES = (*GATES, "value", "output")
+# the paper's cheap other positions, on attention with its own projections: on the output of the value (G2), key (G3) or query
+# (G4) projection, per channel, and on the output projection's (G5, per model channel)
+PROJECTION_GATES = ("value", "key", "query")
+ATTENTION_GATES = (*GATES, *PROJECTION_GATES, "output")
 
 ATTENTION_PARAMS = (  # per-layer overrides of the model settings, by name only
     Param("heads", int, "query heads", setting="n_heads", minimum=1, maximum=MAX_WIDTH, positional=False),
@@ -43,7 +44,8 @@ ATTENTION_PARAMS = (  # per-layer overrides of the model settings, by name only
     Param("softcap", float, "logit soft-cap c tanh(s / c); 0 is off", setting="attn_softcap", minimum=0, positional=False),
     Param("bias", bool, "biases on the q, k, v and o projections (GPT-OSS)", default=False, positional=False),
     Param("gate", str, "sigmoid gate from the layer input: on the attention output, elementwise (per channel, Qwen3-Next) or head "
-                       "(one per head); on the values (value); on o_proj's output (output); or none", default="none",
+                       "(one per head); on the values (value), keys (key) or queries (query), per channel of the projection; on "
+                       "o_proj's output (output); or none", default="none",
           choices=ATTENTION_GATES, positional=False),
 )
 SINKS = Param("sinks", bool, "a learned per-head logit in every softmax, taking mass without a value (GPT-OSS)", default=False,
@@ -216,8 +218,9 @@ class CausalAttention(Component):
         d, q_width, kv_width = config.d_model, heads * head_dim, kv_heads * head_dim
         # Qwen3-Next widens q_proj to carry the elementwise gate: per head [query | gate], so its weights load unchanged.
         self.q_proj = nn.Linear(d, q_width * (2 if gate == "elementwise" else 1), bias=bias)
-        if gate in ("head", "value", "output"):
-            self.gate_proj = nn.Linear(d, {"head": heads, "value": kv_width, "output": d}[gate], bias=False)
+        if gate not in ("none", "elementwise"):
+            widths = {"head": heads, "value": kv_width, "key": kv_width, "query": q_width, "output": d}
+            self.gate_proj = nn.Linear(d, widths[gate], bias=False)
         self.k_proj = nn.Linear(d, kv_width, bias=bias)
         self.v_proj = nn.Linear(d, kv_width, bias=bias)
         self.o_proj = nn.Linear(q_width, d, bias=bias)
@@ -249,13 +252,15 @@ class CausalAttention(Component):
 
     def heads(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Queries (B, H, T, d), keys and values (B, H_kv, T, d), normed and rotated (values gated if gate=value), and the
-        output gate's logits (or None)."""
+        """Queries (B, H, T, d), keys and values (B, H_kv, T, d), normed and rotated (one of them gated if gate=query, key or
+        value), and the output gate's logits (or None)."""
         batch, length, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         gate = self.gate_proj(x) if self.gate in ("head", "output") else None
-        if self.gate == "value":  # G2: each value channel scaled by its token's gate, before any query reads it
-            v = v * torch.sigmoid(self.gate_proj(x))
+        if self.gate in PROJECTION_GATES:  # G2-G4: the projection's output, per channel, before QK-norm and RoPE (the cache holds it so)
+            projected = {"query": q, "key": k, "value": v}
+            projected[self.gate] = projected[self.gate] * torch.sigmoid(self.gate_proj(x))
+            q, k, v = projected["query"], projected["key"], projected["value"]
         if self.gate == "elementwise":
             q, gate = q.view(batch, length, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
             q, gate = q.flatten(2), gate.flatten(2)

@@ -33,6 +33,10 @@ from ..position.rope import rotate
 from ..position.yarn import mscale
 from .causal import GATES, apply_gate, attend, attend_visible, sdpa_handle
 
+# the output gates, G4 on the query projection and G5 on o_proj's output; no gate on keys or values: they are decompressed from
+# the cached latent, and a gate varying per key token would keep the absorbed form (and decoding) from attending over the latent
+MLA_GATES = (*GATES, "query", "output")
+
 MLA_PARAMS = (
     Param("heads", int, "query heads", setting="n_heads", minimum=1, maximum=MAX_WIDTH, positional=False),
     Param("kv_lora_rank", int, "width of the key/value latent (the cache)", default=512, minimum=1, maximum=MAX_WIDTH, width=True),
@@ -47,8 +51,9 @@ MLA_PARAMS = (
           positional=False),
     Param("scale", float, "logit scale; 0 is 1/sqrt(qk_nope_head_dim + qk_rope_head_dim)", setting="attn_scale", minimum=0,
           positional=False),
-    Param("gate", str, "sigmoid gate on the output from the layer input: none, elementwise or head", default="none", choices=GATES,
-          positional=False),
+    Param("gate", str, "sigmoid gate from the layer input: on the attention output, elementwise or head; on the queries (query); on "
+                       "o_proj's output (output); or none",
+          default="none", choices=MLA_GATES, positional=False),
     Param("shared_latent", bool, "queries decompressed from the key/value latent too, no query down-projection (q_lora_rank 0)",
           default=False, positional=False),
     Param("absorb", bool, "attend over the latents, the up-projections folded into query and output (as decoding does)",
@@ -109,7 +114,7 @@ class LatentAttention(Component):
         self.kv_b_proj = nn.Linear(kv_lora_rank, heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.o_proj = nn.Linear(heads * v_head_dim, d, bias=False)
         if gate != "none":
-            self.gate_proj = nn.Linear(d, heads * v_head_dim if gate == "elementwise" else heads, bias=False)
+            self.gate_proj = nn.Linear(d, {"elementwise": heads * v_head_dim, "head": heads, "query": q_width, "output": d}[gate], bias=False)
         self.layout = REGISTRY[rope.name].module.layout(qk_rope_head_dim, **rope.kwargs())
         self.rotary = Rotary(rope, qk_rope_head_dim) if self.layout else None  # nope: the shared key dims stay unrotated (Kimi-Linear)
 
@@ -139,6 +144,8 @@ class LatentAttention(Component):
         batch, length, _ = x.shape
         latent = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else kv_latent.squeeze(1) if self.shared_latent else None
         q = self.q_b_proj(latent) if latent is not None else self.q_proj(x)
+        if self.gate == "query":  # G4: the query projection's output, per channel, before RoPE (and before absorption)
+            q = q * torch.sigmoid(self.gate_proj(x))
         q_nope, q_rope = q.view(batch, length, self.n_heads, self.nope + self.rope_dim).transpose(1, 2).split((self.nope, self.rope_dim), -1)
         return q_nope, rotate(q_rope, cos, sin, self.layout) if self.layout else q_rope, latent
 
@@ -156,7 +163,9 @@ class LatentAttention(Component):
         """o_proj of the heads' outputs (B, H, T, v_head_dim), gated from the layer input x if the call says so."""
         batch, _, length, _ = heads.shape
         out = heads.transpose(1, 2).reshape(batch, length, self.n_heads * self.v_head_dim)
-        return self.o_proj(apply_gate(out, self.gate_proj(x) if self.gate != "none" else None, self.n_heads))
+        if self.gate == "output":  # G5: the projected output, per model channel
+            return self.o_proj(out) * torch.sigmoid(self.gate_proj(x))
+        return self.o_proj(apply_gate(out, self.gate_proj(x) if self.gate in ("elementwise", "head") else None, self.n_heads))
 
     def up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split per head into the key half (H, nope, r) and the value half (H, v, r)."""
