@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ...ir import MAX_WIDTH, Call, ModelConfig
 from .. import Param, register
@@ -32,7 +31,7 @@ from ..position.rope import Layout, rotate
 from .mla import MLA_PARAMS, LatentAttention
 
 INDEX_BLOCK = 256  # queries the indexer scores at once: (batch, block, heads, prefix) scores held
-ATTEND_BLOCK_KEYS = 1 << 15  # gathered key rows one block of queries holds in ChosenAttention
+ATTEND_BLOCK_KEYS = 1 << 13  # gathered key rows one block of queries holds: 3 MB at 96 wide, within the caches the products read
 
 
 def half_split(table: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -47,7 +46,14 @@ def highest(index: torch.Tensor, k: int) -> torch.Tensor:
     The tie rule makes the choice a function of the scores alone: ReLU makes exact ties common (every head's term 0),
     and topk breaks them by the row's length, which differs between a whole sequence and a decoding step's cache.
     """
-    return index.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+    # topk's k-th value, then the ties at it taken from the front: a full stable sort of every row costs several times more
+    kth = index.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above, ties = index > kth, index == kth
+    keep = above | (ties & (ties.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
+    # exactly k kept per row: the i-th to slot i (the others to a spare slot k, dropped), in position order
+    slots = torch.where(keep, keep.cumsum(-1) - 1, k)
+    positions = torch.arange(index.shape[-1], device=index.device).expand_as(slots)
+    return slots.new_empty(*index.shape[:-1], k + 1).scatter_(-1, slots, positions)[..., :k]
 
 
 class LightningIndexer(nn.Module):
@@ -105,14 +111,12 @@ class LightningIndexer(nn.Module):
                 target: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3.2's indexer loss from `project`'s outputs: KL(target || softmax of the index scores) over each query's
         visible chosen keys, averaged over queries."""
-        batch, length, topk = chosen.shape
+        batch, length = chosen.shape[:2]
         rows = (chosen + torch.arange(batch, device=k.device).view(-1, 1, 1) * length).flatten(0, 1)
         parts = (q.flatten(0, 1), k.flatten(0, 1), weights.flatten(0, 1), rows, visible.expand_as(chosen).flatten(0, 1), target.flatten(0, 1))
         if k.is_meta:  # the analysis: every product at its shape
             return chosen_kl(*parts) / (batch * length)
-        # by blocks of queries, each recomputed in backward: the gathered keys never all held at once
-        return sum(checkpoint(chosen_kl, *(part[block] if i != 1 else part for i, part in enumerate(parts)), use_reentrant=False)
-                   for block in query_blocks(batch * length, topk)) / (batch * length)
+        return ChosenIndexLoss.apply(*parts) / (batch * length)
 
 
 def lightning_scores(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -128,6 +132,43 @@ def chosen_kl(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, rows: tor
     index = LightningIndexer.score(q.unsqueeze(-3), k[rows], weights.unsqueeze(-2)).squeeze(-2)  # (N, k); backward: index_put_
     log_index = index.masked_fill(~visible, float("-inf")).log_softmax(-1).masked_fill(~visible, 0.0)
     return (torch.xlogy(target, target) - target * log_index).sum()
+
+
+class ChosenIndexLoss(torch.autograd.Function):
+    """`chosen_kl` by blocks of queries, its plain form: each block's chosen index keys gathered into one reused buffer, the
+    softmax of its scores kept for backward (N, k) and their products recomputed there, the keys' gradient added back to
+    their rows block by block."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, visible: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor:
+        probabilities, total = torch.empty_like(target), q.new_zeros(())
+        buffers = Buffers(q, k, rows)
+        for block in query_blocks(q.shape[0], rows.shape[1]):
+            picked = gather(k, rows[block], buffers.picked)
+            products = torch.bmm(q[block], picked.transpose(1, 2), out=buffers.scores[: len(picked)]).clamp_min_(0)
+            index = torch.bmm(weights[block].unsqueeze(1), products).squeeze(1)  # (block, k)
+            log_index = index.masked_fill_(~visible[block], float("-inf")).log_softmax(-1)
+            probabilities[block] = log_index.exp()
+            total += (torch.xlogy(target[block], target[block]) - target[block] * log_index.masked_fill_(~visible[block], 0.0)).sum()
+        ctx.save_for_backward(q, k, weights, rows, target, probabilities)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, weights, rows, target, probabilities = ctx.saved_tensors
+        grad_q, grad_k, grad_weights = torch.empty_like(q), torch.zeros_like(k), torch.empty_like(weights)
+        grad_index = (probabilities * target.sum(-1, keepdim=True) - target).mul_(grad_total)  # (N, k): zero where not visible
+        buffers = Buffers(q, k, rows)
+        for block in query_blocks(q.shape[0], rows.shape[1]):
+            picked = gather(k, rows[block], buffers.picked)
+            relu = torch.bmm(q[block], picked.transpose(1, 2), out=buffers.scores[: len(picked)]).clamp_min_(0)  # (block, h, k)
+            grad_weights[block] = torch.bmm(relu, grad_index[block].unsqueeze(-1)).squeeze(-1)
+            grad_products = relu.sign_().mul_(grad_index[block].unsqueeze(1)).mul_(weights[block].unsqueeze(-1))  # relu' is 0 at 0
+            grad_q[block] = grad_products @ picked
+            grad_picked = torch.bmm(grad_products.transpose(1, 2), q[block], out=buffers.grad_picked[: len(picked)])
+            grad_k.index_add_(0, rows[block].flatten(), grad_picked.flatten(0, 1))
+        return grad_q, grad_k, grad_weights, None, None, None
 
 
 def attend_gathered(q: torch.Tensor, keys: torch.Tensor, chosen: torch.Tensor, visible: torch.Tensor, scale: float, value_width: int
@@ -147,7 +188,7 @@ class ChosenAttention(torch.autograd.Function):
     All heads share a query's selection (the absorbed form has one key/value head), so a block's keys are gathered
     once, (block, k, W), and every head scores them in one batched matmul. Only each row's log-sum-exp is kept for
     backward, never the gathered keys: memory stays a block's worth, and the keys' gradient is added back to their
-    rows (index_put_, accumulating) block by block. q (N, H, W); keys (M, W), their first value_width channels the values; chosen
+    rows (index_add_) block by block. q (N, H, W); keys (M, W), their first value_width channels the values; chosen
     (N, k) rows of keys; visible (N, k) which of them count; returns (N, H, value_width) and, not differentiable, the
     heads' mean attention weight on each chosen key (N, k) (the indexer's training target).
     """
@@ -158,7 +199,7 @@ class ChosenAttention(torch.autograd.Function):
         out = q.new_empty(*q.shape[:2], value_width)
         lse, mean_weights = q.new_empty(q.shape[:2]), q.new_empty(chosen.shape)
         scaled = q * scale  # once, not on every block's scores
-        buffers = Buffers(q, keys, chosen, value_width)
+        buffers = Buffers(q, keys, chosen)
         for rows in query_blocks(q.shape[0], chosen.shape[1]):
             picked = gather(keys, chosen[rows], buffers.picked)
             scores = block_scores(scaled[rows], picked, visible[rows], buffers.scores)
@@ -174,20 +215,23 @@ class ChosenAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, _: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         scaled, keys, chosen, visible, out, lse = ctx.saved_tensors
-        value_width = ctx.value_width
+        heads, value_width = scaled.shape[1], ctx.value_width
         grad_q, grad_keys = torch.empty_like(scaled), torch.zeros_like(keys)
         row_dot = (grad_out * out).sum(-1, keepdim=True)  # (N, H, 1): softmax backward's sum_j p_j dp_j
-        buffers = Buffers(scaled, keys, chosen, value_width)
+        buffers = Buffers(scaled, keys, chosen)
         for rows in query_blocks(scaled.shape[0], chosen.shape[1]):
             picked = gather(keys, chosen[rows], buffers.picked)
-            scores = block_scores(scaled[rows], picked, visible[rows], buffers.scores)
-            weights = scores.sub_(lse[rows].unsqueeze(-1)).exp_()  # (block, H, k)
-            grad_values = torch.bmm(weights.transpose(1, 2), grad_out[rows], out=buffers.grad_values[: len(picked)])  # (block, k, value_width)
-            grad_scores = weights.mul_(grad_out[rows] @ picked[..., :value_width].transpose(1, 2) - row_dot[rows])
+            # the keys' gradient is one product, (k, 2H) x (2H, W): [score gradients | weights] against [queries | output
+            # gradients, zero-padded], the value part riding on the key part rather than a second product K = H deep
+            both, factors = buffers.both[: len(picked)], buffers.factors[: len(picked)]
+            weights = block_scores(scaled[rows], picked, visible[rows], both[:, heads:])
+            weights.sub_(lse[rows].unsqueeze(-1)).exp_()  # (block, H, k)
+            grad_scores = torch.bmm(grad_out[rows], picked[..., :value_width].transpose(1, 2), out=both[:, :heads])
+            grad_scores.sub_(row_dot[rows]).mul_(weights)
             grad_q[rows] = grad_scores @ picked
-            grad_picked = torch.bmm(grad_scores.transpose(1, 2), scaled[rows], out=buffers.grad_picked[: len(picked)])  # (block, k, W)
-            grad_picked[..., :value_width] += grad_values
-            grad_keys.index_put_((chosen[rows].flatten(),), grad_picked.flatten(0, 1), accumulate=True)  # CPU: 4x index_add_
+            factors[:, :heads], factors[:, heads:, :value_width] = scaled[rows], grad_out[rows]
+            grad_picked = torch.bmm(both.transpose(1, 2), factors, out=buffers.grad_picked[: len(picked)])  # (block, k, W)
+            grad_keys.index_add_(0, chosen[rows].flatten(), grad_picked.flatten(0, 1))
         return grad_q.mul_(ctx.scale), grad_keys, None, None, None, None
 
 
@@ -201,12 +245,14 @@ class Buffers:
     """One block's working tensors, allocated once per call and reused by every block: blocks of fresh multi-megabyte
     tensors each go to the OS and back (mmap, page faults) once anything larger has been freed, several times slower."""
 
-    def __init__(self, q: torch.Tensor, keys: torch.Tensor, chosen: torch.Tensor, value_width: int) -> None:
+    def __init__(self, q: torch.Tensor, keys: torch.Tensor, chosen: torch.Tensor) -> None:
         block, topk = min(q.shape[0], max(1, ATTEND_BLOCK_KEYS // chosen.shape[1])), chosen.shape[1]
         self.picked = keys.new_empty(block, topk, keys.shape[1])
         self.grad_picked = torch.empty_like(self.picked)
-        self.grad_values = keys.new_empty(block, topk, value_width)
         self.scores = q.new_empty(block, q.shape[1], topk)
+        # backward's: score gradients beside the weights (block, 2H, k), queries beside the output gradients (block, 2H, W)
+        self.both = q.new_empty(block, 2 * q.shape[1], topk)
+        self.factors = q.new_zeros(block, 2 * q.shape[1], keys.shape[1])
 
 
 def gather(keys: torch.Tensor, chosen: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
