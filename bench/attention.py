@@ -10,9 +10,11 @@ attention takes tens of seconds a step there:
 - `mla`: `mla` (training form, query latent) against transformers' DeepseekV3Attention, eager;
 - `dsa`: `dsa` keeping 1/8 of the keys (topk = T/8; its indexer's KL loss included) against full causal attention of the
   same shape: `mla(absorb=true)`, the same latent attention over every earlier key (and, for information, MLA's training
-  form). Beside its ratio it prints the bound the machine sets: the bytes DSA's gathers must move (each query's chosen
-  latents gathered in forward and again in backward, their gradients added back) at the gather bandwidth measured here,
-  and the products it keeps at the measured matmul rate, against full attention's measured time.
+  form). Beside its ratio it prints the floor the machine sets: every part of the work exact DSA must do, forward and
+  backward (the gathers of each query's chosen latents and index keys, their gradients added back, the products over the
+  kept keys at their own narrow batched shapes, the softmax's exponentials, the indexer's causal scoring and each row's
+  top-k, its KL loss), each timed in the same run on one block at its shape and scaled to the sequence, summed, over full
+  attention's measured time.
 
 Cases are a list (`CASES`): a case builds its ways for a length and names the ratio it reports with its target, so
 other components' cases sit beside these. The ways of a case run round-robin, so machine load hits them alike; ratios
@@ -36,7 +38,7 @@ from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextAttentio
 
 from nanollm.compiler import initialize, make_component, make_table
 from nanollm.components import complete
-from nanollm.components.attention.dsa import ATTEND_BLOCK_KEYS
+from nanollm.components.attention.dsa import ATTEND_BLOCK_KEYS, INDEX_BLOCK, LightningIndexer
 from nanollm.ir import Call, ModelConfig
 
 D_MODEL, HEADS = 512, 8
@@ -118,58 +120,105 @@ def mla(length: int) -> dict[str, Way]:
 INDEXER = {"index_heads": 4, "index_head_dim": 32}
 
 
+def dsa_call(length: int) -> Call:
+    """The DSA layer the case times: T/8 keys kept."""
+    return Call("dsa", (("topk", length // 8), *INDEXER.items(), *MLA.items(), ("rope", INTERLEAVED)))
+
+
 def dsa(length: int) -> dict[str, Way]:
     latent = (*MLA.items(), ("rope", INTERLEAVED))
-    return {f"nanollm dsa(topk={length // 8})": ours(Call("dsa", (("topk", length // 8), *INDEXER.items(), *latent)), length),
+    return {f"nanollm dsa(topk={length // 8})": ours(dsa_call(length), length),
             "full: mla(absorb=true)": ours(Call("mla", (*latent, ("absorb", True))), length),
             "full: mla (training form)": ours(Call("mla", latent), length)}
 
 
-def gather_rate(length: int) -> float:
-    """Bytes per second index_select moves gathering DSA's key rows (kv_lora_rank + qk_rope_head_dim wide, fp32) as its
-    blocks of queries do: ATTEND_BLOCK_KEYS random rows of a length-row table at a time; median of 20."""
-    keys = torch.randn(length, MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"])
-    rows = torch.randint(0, length, (ATTEND_BLOCK_KEYS,))
+def median_seconds(run: Callable[[], object], repeats: int = 10) -> float:
+    """Median seconds of one call of `run` over `repeats` calls, after a warm-up call."""
+    run()
     times = []
-    for _ in range(21):
+    for _ in range(repeats):
         start = time.perf_counter()
-        keys.index_select(0, rows)
+        run()
         times.append(time.perf_counter() - start)
-    return rows.numel() * keys.shape[1] * 4 / statistics.median(times[1:])
+    return statistics.median(times)
 
 
-def gathered_matmul_rate(length: int) -> float:
-    """FLOP/s of the products DSA's attention runs per block of queries: each query's HEADS rows against its own topk gathered
-    keys, (block, HEADS, W) x (block, W, topk) batched; median of 10. Only HEADS rows share a gathered key set, so this runs far
-    below the square matmul rate."""
-    topk, width = length // 8, MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"]
-    block = max(1, ATTEND_BLOCK_KEYS // topk)
-    q, picked = torch.randn(block, HEADS, width), torch.randn(block, topk, width)
-    times = []
-    for _ in range(11):
-        start = time.perf_counter()
-        torch.bmm(q, picked.transpose(1, 2))
-        times.append(time.perf_counter() - start)
-    return 2 * block * HEADS * width * topk / statistics.median(times[1:])
+def surroundings(length: int) -> Way:
+    """Forward + backward of the DSA layer's work outside its choice and attention over the chosen keys (which full attention
+    has too): its projections, latent norms, RoPE, the queries' absorption, the output projection, the indexer's projections;
+    one add stands in for the attention core."""
+    module = make_component(complete(dsa_call(length), "mixer", CONFIG), CONFIG)
+    initialize(module)
+    cos, sin = make_table(module.rotary)(torch.arange(length))
+    x, probe = torch.randn(1, length, D_MODEL, requires_grad=True), torch.randn(1, length, D_MODEL)
+
+    def run() -> None:
+        latent, k_rope = module.latents(x, cos, sin)
+        q_nope, q_rope, q_latent = module.queries(x, cos, sin, latent)
+        index_q, index_k, index_weights = module.indexer.project(x.detach(), q_latent.detach(), cos, sin, module.layout)
+        heads = module.absorbed_queries(q_nope, q_rope)[..., : module.kv_lora_rank] + latent  # (B, H, T, r): the core's shape
+        out = module.output(x, heads @ module.up_projections()[1].transpose(1, 2))
+        ((out * probe).sum() + index_q.sum() + index_k.sum() + index_weights.sum() + k_rope.sum()).backward()
+
+    return run
+
+
+def dsa_floor(length: int) -> dict[str, float]:
+    """Seconds of each part of the work exact DSA must do at this length, keeping length / 8 keys, forward and backward (the
+    kept scores recomputed in backward rather than held, T x heads x topk floats): each part timed here on one block of
+    queries at the shape the computation has, in its buffers, and scaled to the sequence. A part timed alone, on inputs its
+    previous call left in the caches, runs at its best, so their sum is a floor, not an estimate of DSA's time."""
+    topk, width, values = length // 8, MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"], MLA["kv_lora_rank"]
+    index_heads, index_dim = INDEXER["index_heads"], INDEXER["index_head_dim"]
+    block = max(1, ATTEND_BLOCK_KEYS // topk)  # queries per block
+    blocks = length / block
+    rows = torch.randint(0, length, (block * topk,))
+    parts = {"the layer around them: projections, norms, RoPE, absorption, indexer's projections": median_seconds(surroundings(length), 3)}
+    for name, wide in (("attention", width), ("indexer loss", index_dim)):  # each query's chosen rows: its latents, its index keys
+        table, picked = torch.randn(length, wide), torch.empty(block * topk, wide)
+        gather = median_seconds(lambda table=table, picked=picked: torch.index_select(table, 0, rows, out=picked))
+        parts[f"{name}: gathers, forward and backward"] = 2 * blocks * gather
+        parts[f"{name}: keys' gradient added back"] = blocks * median_seconds(lambda table=table, picked=picked: table.index_add_(0, rows, picked))
+    # attention over the kept keys: every head's row against the query's own gathered keys
+    q, picked, weights = torch.randn(block, HEADS, width), torch.randn(block, topk, width), torch.rand(block, HEADS, topk)
+    grad_out, both, factors = torch.randn(block, HEADS, values), torch.randn(block, 2 * HEADS, topk), torch.randn(block, 2 * HEADS, width)
+    scores = median_seconds(lambda: torch.bmm(q, picked.transpose(1, 2)))
+    parts["attention: products, forward (scores, values)"] = blocks * (scores + median_seconds(lambda: torch.bmm(weights, picked[..., :values])))
+    parts["attention: products, backward (scores again, their gradient, queries', keys' and values')"] = blocks * (
+        scores + median_seconds(lambda: torch.bmm(grad_out, picked[..., :values].transpose(1, 2)))
+        + median_seconds(lambda: torch.bmm(weights, picked)) + median_seconds(lambda: torch.bmm(both.transpose(1, 2), factors)))
+    parts["attention: softmax exponentials, forward and backward"] = 2 * blocks * median_seconds(lambda: weights.exp())
+    # the indexer: causal scoring by blocks of INDEX_BLOCK queries against their prefix, the top-k of each row
+    starts = range(topk, length, INDEX_BLOCK)
+    pairs = sum((min(start + INDEX_BLOCK, length) - start) * min(start + INDEX_BLOCK, length) for start in starts)
+    index_q, index_k = torch.randn(1, INDEX_BLOCK, index_heads, index_dim), torch.randn(1, length, index_dim)
+    index_weights = torch.randn(1, INDEX_BLOCK, index_heads)
+    per_pair = pairs / (INDEX_BLOCK * length)
+    parts["indexer: causal scoring"] = per_pair * median_seconds(lambda: LightningIndexer.score(index_q, index_k, index_weights))
+    index = torch.randn(INDEX_BLOCK, length)
+    parts["indexer: top-k of each row"] = per_pair * median_seconds(lambda: index.topk(topk, dim=-1, sorted=False))
+    # its KL loss over the chosen keys: scores forward, again in backward with the gradients of queries, keys and weights
+    loss_q, loss_k, loss_w = torch.randn(block, index_heads, index_dim), torch.randn(block, topk, index_dim), torch.rand(block, 1, index_heads)
+    relu = torch.rand(block, index_heads, topk)
+    loss_scores = median_seconds(lambda: torch.bmm(loss_q, loss_k.transpose(1, 2))) + median_seconds(lambda: torch.bmm(loss_w, relu))
+    parts["indexer loss: products, forward and backward"] = blocks * (
+        2 * loss_scores + median_seconds(lambda: torch.bmm(relu, loss_k)) + median_seconds(lambda: torch.bmm(relu.transpose(1, 2), loss_q))
+        + median_seconds(lambda: torch.bmm(relu, torch.rand(block, topk, 1))))
+    return parts
 
 
 def dsa_bound(length: int, seconds: dict[str, list[float]], matmul: float) -> str:
-    """What the machine allows DSA: its compulsory gathering and products at the rates measured here (the products at the rate
-    of their own batched shape), over full attention's time."""
+    """The floor the machine sets DSA: every part of its exact work (`dsa_floor`) at the speed measured here, in turn, over full
+    attention's measured time; the parts listed."""
+    parts = dsa_floor(length)
+    floor, full = sum(parts.values()), statistics.median(seconds["full: mla(absorb=true)"])
+    dsa_time = statistics.median(next(times for name, times in seconds.items() if name.startswith("nanollm dsa")))
     topk, width, values = length // 8, MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"], MLA["kv_lora_rank"]
-    moved = 3 * length * topk * width * 4  # gathered in forward, again in backward, and the gradients added back
-    rate = gather_rate(length)
-    index_width = INDEXER["index_heads"] * (INDEXER["index_head_dim"] + 1)
-    # attention over the kept keys (forward, and backward at twice it), the indexer's causal scoring (forward only), its loss
-    products = 2 * (3 * HEADS * length * topk * (width + values) + index_width * (length - topk) * (length + topk) // 2
-                    + 3 * length * topk * index_width)
-    gathered = gathered_matmul_rate(length)
-    gathering, computing = moved / rate, products / gathered
-    full = statistics.median(seconds["full: mla(absorb=true)"])
-    return (f"bound: gathers move {moved / 1e9:.1f} GB at {rate / 1e9:.1f} GB/s = {gathering:.2f} s; kept products {products / 1e9:.0f} "
-            f"GFLOP at {gathered / 1e9:.1f} GFLOP/s (their batched shape; {products / matmul:.2f} s at the square rate) = {computing:.2f} s; "
-            f"full attention measured {full:.2f} s: DSA can be no faster than {max(gathering, computing) / full:.2f}x (overlapped) to "
-            f"{(gathering + computing) / full:.2f}x (in turn) of it")
+    products = 2 * length * topk * HEADS * (5 * width + 2 * values)  # forward H (W + V), backward H (2 W + V) and 2H W per kept pair
+    listed = "".join(f"\n  {name}: {part:.3f} s" for name, part in sorted(parts.items(), key=lambda item: -item[1]))
+    return (f"bound: DSA's exact work timed part by part here sums to {floor:.2f} s (DSA measured {dsa_time:.2f} s, full attention "
+            f"{full:.2f} s): DSA can be no faster than {floor / full:.2f}x full attention on this machine; its attention products, "
+            f"{products / 1e9:.0f} GFLOP, would take {products / matmul:.2f} s at the square matmul rate{listed}")
 
 
 CASES = [

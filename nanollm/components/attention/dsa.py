@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...ir import MAX_WIDTH, Call, ModelConfig
@@ -46,8 +47,12 @@ def highest(index: torch.Tensor, k: int) -> torch.Tensor:
     The tie rule makes the choice a function of the scores alone: ReLU makes exact ties common (every head's term 0),
     and topk breaks them by the row's length, which differs between a whole sequence and a decoding step's cache.
     """
-    # topk's k-th value, then the ties at it taken from the front: a full stable sort of every row costs several times more
-    kth = index.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    # topk, then the ties at its k-th value taken from the front: a full stable sort of every row costs several times more
+    values, indices = index.topk(k, dim=-1, sorted=False)
+    kth = values.amin(-1, keepdim=True)
+    # no row with more than k scores at or above its k-th: topk's are the k highest (on the meta device, only shapes count)
+    if index.is_meta or bool(((index >= kth).sum(-1) == k).all()):
+        return indices
     above, ties = index > kth, index == kth
     keep = above | (ties & (ties.cumsum(-1) <= k - above.sum(-1, keepdim=True)))
     # exactly k kept per row: the i-th to slot i (the others to a spare slot k, dropped), in position order
@@ -149,7 +154,7 @@ class ChosenIndexLoss(torch.autograd.Function):
             products = torch.bmm(q[block], picked.transpose(1, 2), out=buffers.scores[: len(picked)]).clamp_min_(0)
             index = torch.bmm(weights[block].unsqueeze(1), products).squeeze(1)  # (block, k)
             log_index = index.masked_fill_(~visible[block], float("-inf")).log_softmax(-1)
-            probabilities[block] = log_index.exp()
+            torch.exp(log_index, out=probabilities[block])
             total += (torch.xlogy(target[block], target[block]) - target[block] * log_index.masked_fill_(~visible[block], 0.0)).sum()
         ctx.save_for_backward(q, k, weights, rows, target, probabilities)
         return total
@@ -163,9 +168,9 @@ class ChosenIndexLoss(torch.autograd.Function):
         for block in query_blocks(q.shape[0], rows.shape[1]):
             picked = gather(k, rows[block], buffers.picked)
             relu = torch.bmm(q[block], picked.transpose(1, 2), out=buffers.scores[: len(picked)]).clamp_min_(0)  # (block, h, k)
-            grad_weights[block] = torch.bmm(relu, grad_index[block].unsqueeze(-1)).squeeze(-1)
+            torch.bmm(relu, grad_index[block].unsqueeze(-1), out=grad_weights[block].unsqueeze(-1))
             grad_products = relu.sign_().mul_(grad_index[block].unsqueeze(1)).mul_(weights[block].unsqueeze(-1))  # relu' is 0 at 0
-            grad_q[block] = grad_products @ picked
+            torch.bmm(grad_products, picked, out=grad_q[block])
             grad_picked = torch.bmm(grad_products.transpose(1, 2), q[block], out=buffers.grad_picked[: len(picked)])
             grad_k.index_add_(0, rows[block].flatten(), grad_picked.flatten(0, 1))
         return grad_q, grad_k, grad_weights, None, None, None
@@ -203,10 +208,13 @@ class ChosenAttention(torch.autograd.Function):
         for rows in query_blocks(q.shape[0], chosen.shape[1]):
             picked = gather(keys, chosen[rows], buffers.picked)
             scores = block_scores(scaled[rows], picked, visible[rows], buffers.scores)
-            lse[rows] = scores.logsumexp(-1)
-            weights = scores.sub_(lse[rows].unsqueeze(-1)).exp_()
-            out[rows] = weights @ picked[..., :value_width]
-            mean_weights[rows] = weights.mean(1)
+            peak = scores.amax(-1, keepdim=True)
+            weights = scores.sub_(peak).exp_()  # each score's exponential once
+            total = weights.sum(-1, keepdim=True)
+            torch.add(peak, total.log(), out=lse[rows].unsqueeze(-1))
+            weights.div_(total)
+            torch.bmm(weights, picked[..., :value_width], out=out[rows])
+            torch.mean(weights, 1, out=mean_weights[rows])
         ctx.save_for_backward(scaled, keys, chosen, visible, out, lse)
         ctx.scale, ctx.value_width = scale, value_width
         ctx.mark_non_differentiable(mean_weights)
@@ -218,19 +226,19 @@ class ChosenAttention(torch.autograd.Function):
         heads, value_width = scaled.shape[1], ctx.value_width
         grad_q, grad_keys = torch.empty_like(scaled), torch.zeros_like(keys)
         row_dot = (grad_out * out).sum(-1, keepdim=True)  # (N, H, 1): softmax backward's sum_j p_j dp_j
+        # the keys' gradient is one product per block, (k, 2H) x (2H, W): [score gradients | weights] against [queries | output
+        # gradients, zero-padded], the value part riding on the key part rather than a second product only H deep
+        factors = torch.cat((scaled, F.pad(grad_out, (0, keys.shape[1] - value_width))), dim=1)  # (N, 2H, W)
         buffers = Buffers(scaled, keys, chosen)
         for rows in query_blocks(scaled.shape[0], chosen.shape[1]):
             picked = gather(keys, chosen[rows], buffers.picked)
-            # the keys' gradient is one product, (k, 2H) x (2H, W): [score gradients | weights] against [queries | output
-            # gradients, zero-padded], the value part riding on the key part rather than a second product K = H deep
-            both, factors = buffers.both[: len(picked)], buffers.factors[: len(picked)]
+            both = buffers.both[: len(picked)]
             weights = block_scores(scaled[rows], picked, visible[rows], both[:, heads:])
             weights.sub_(lse[rows].unsqueeze(-1)).exp_()  # (block, H, k)
-            grad_scores = torch.bmm(grad_out[rows], picked[..., :value_width].transpose(1, 2), out=both[:, :heads])
-            grad_scores.sub_(row_dot[rows]).mul_(weights)
-            grad_q[rows] = grad_scores @ picked
-            factors[:, :heads], factors[:, heads:, :value_width] = scaled[rows], grad_out[rows]
-            grad_picked = torch.bmm(both.transpose(1, 2), factors, out=buffers.grad_picked[: len(picked)])  # (block, k, W)
+            grad_scores = torch.baddbmm(row_dot[rows], grad_out[rows], picked[..., :value_width].transpose(1, 2), beta=-1,
+                                        out=both[:, :heads]).mul_(weights)
+            torch.bmm(grad_scores, picked, out=grad_q[rows])
+            grad_picked = torch.bmm(both.transpose(1, 2), factors[rows], out=buffers.grad_picked[: len(picked)])  # (block, k, W)
             grad_keys.index_add_(0, chosen[rows].flatten(), grad_picked.flatten(0, 1))
         return grad_q.mul_(ctx.scale), grad_keys, None, None, None, None
 
@@ -250,9 +258,7 @@ class Buffers:
         self.picked = keys.new_empty(block, topk, keys.shape[1])
         self.grad_picked = torch.empty_like(self.picked)
         self.scores = q.new_empty(block, q.shape[1], topk)
-        # backward's: score gradients beside the weights (block, 2H, k), queries beside the output gradients (block, 2H, W)
-        self.both = q.new_empty(block, 2 * q.shape[1], topk)
-        self.factors = q.new_zeros(block, 2 * q.shape[1], keys.shape[1])
+        self.both = q.new_empty(block, 2 * q.shape[1], topk)  # backward's score gradients beside the weights
 
 
 def gather(keys: torch.Tensor, chosen: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
