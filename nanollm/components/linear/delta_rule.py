@@ -72,8 +72,8 @@ def recurrent_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
 
 
 def next_power_of_two(size: int) -> int:
-    """The smallest power of two >= size."""
-    return 1 << (size - 1).bit_length()
+    """The smallest power of two >= size (an int, also when tracing hands sizes over as tensors)."""
+    return 1 << (int(size) - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=64)
