@@ -189,16 +189,17 @@ def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
         to_end = (G[..., -1:] - G).exp()[..., None]
         chunk_decay = G[..., -1:].exp()[..., None]  # (..., 1, 1)
         from_start = G.exp()[..., None]
-    # (I + strictly lower keys_keys) [u | w] = [beta v | beta k decayed from the chunk's start]
+    # the delta rule's writes in a chunk, past what the state entering it predicts: (I + strictly lower keys_keys)^-1 times
+    # (beta v - beta k decayed from the chunk's start times that state)
     inverse = unit_lower_inverse(keys_keys)
-    u, w = inverse @ (v * beta), inverse @ (k_beta * from_start)
     written = (k * to_end).transpose(-1, -2)
     S = starting_state(k, v, state)
     entering, fresh = [], []
     # unbind, not indexing: its backward stacks the chunks' gradients instead of adding each into a zero-filled whole
-    for n, (w_n, u_n, decay_n, written_n) in enumerate(zip(*(x.unbind(2) for x in (w, u, chunk_decay, written)))):
+    for n, (inverse_n, values_n, keys_n, decay_n, written_n) in enumerate(
+            zip(*(x.unbind(2) for x in (inverse, v * beta, k_beta * from_start, chunk_decay, written)))):
         entering.append(S)
-        fresh.append(u_n - w_n @ S)  # the values the delta rule writes, past what the state predicts
+        fresh.append(inverse_n @ (values_n - keys_n @ S))
         S = S * decay_n + written_n @ fresh[-1] if final_state or n < chunks - 1 else None
     # the queries read the state entering their chunk and the chunk's own writes: one product each over all chunks
     out = (q * from_start) @ torch.stack(entering, dim=2) + queries_keys @ torch.stack(fresh, dim=2)
