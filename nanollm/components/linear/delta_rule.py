@@ -210,7 +210,7 @@ FORMS = {"chunked": chunked_delta_rule, "recurrent": recurrent_delta_rule, "naiv
 
 
 def vecdot_handle(inputs: list, outputs: list) -> int:
-    """fvcore handle for torch.linalg.vecdot (the in-chunk scores' diagonal): one multiply-accumulate per element of an input."""
+    """fvcore handle for torch.linalg.vecdot (the in-chunk scores' diagonal): d multiply-accumulates per output element."""
     return math.prod(traced_shape(outputs[0])) * traced_shape(inputs[0])[-1]
 
 
