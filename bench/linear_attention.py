@@ -13,6 +13,10 @@ layer on one sequence in fp32, input gradient included:
 - gated_deltanet: Qwen3-Next's `Qwen3NextGatedDeltaNet` on `torch_chunk_gated_delta_rule` against `gdn` (chunk 64);
 - kda: Kimi-Linear's `KimiLinearDeltaAttention` on `chunk_kimi_delta_attention` against `kda` (chunk 64).
 
+For gdn and kda, also the kernels the layer must run whatever its recurrence, alone at the same shapes: the input
+projections and gates, the short convolution and the output projection, forward + backward; transformers' time over
+theirs is the ceiling of any speed-up (printed as "<= Nx").
+
 Then, per nanollm case, the cost per token at the longest length over the shortest (flat in T: within 1.2x), and the
 recurrent form: the time of one decoding step (the layer's `decode` of one token) at the end of each length, the tokens
 before it prefilled by `decode` in the chunked form (independent of the context: the state has one size). The ways
@@ -54,6 +58,7 @@ from nanollm.compiler import make_component
 from nanollm.components import complete
 
 D_MODEL = 512
+FLOOR = "proj + conv floor"
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Case:
     name: str
     theirs: Callable[[], torch.nn.Module]
     ours: dict[str, nanollm.Call]
+    floor: bool = False  # also time the layer's projections and convolution alone (a delta-rule mixer's `project`)
 
 
 def minimax_config() -> MiniMaxConfig:
@@ -114,9 +120,25 @@ CASES = [
           "mamba2 (chunk 64)": call("mamba2", heads=16, head_dim=64, state=64, groups=2, conv=4, chunk=64)}),
     Case("shortconv", lambda: Called(Lfm2ShortConv(lfm2_config(), layer_idx=0)), {"shortconv": call("shortconv", kernel=3)}),
     Case("gated_deltanet", lambda: Called(Qwen3NextGatedDeltaNet(qwen3_next_config(), layer_idx=0)),
-         {"gdn (chunk 64)": call("gdn", heads=8, key_heads=4, head_dim=64, value_dim=64, layout="qwen3_next")}),
-    Case("kda", lambda: Called(KimiLinearDeltaAttention(kimi_config(), layer_idx=0)), {"kda (chunk 64)": call("kda", heads=4, head_dim=64, gate_eps=1e-5)}),
+         {"gdn (chunk 64)": call("gdn", heads=8, key_heads=4, head_dim=64, value_dim=64, layout="qwen3_next")}, floor=True),
+    Case("kda", lambda: Called(KimiLinearDeltaAttention(kimi_config(), layer_idx=0)), {"kda (chunk 64)": call("kda", heads=4, head_dim=64, gate_eps=1e-5)},
+         floor=True),
 ]
+
+
+class Unavoidable(torch.nn.Module):
+    """What a delta-rule layer must run whatever its recurrence: its input projections and gates (`project`), the short
+    convolution, and the output projection (fed the values and the output gate), forward and backward at the same shapes."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv, gates = self.layer.project(x)
+        values = self.layer.conv1d(qkv)[..., -self.layer.value_width:]
+        out = self.layer.o_proj(values + gates.output.reshape(values.shape))
+        return out + (gates.decay.flatten(2).sum(-1) + gates.beta.sum(-1))[..., None]
 
 
 def train_step(module: torch.nn.Module, x: torch.Tensor, probe: torch.Tensor) -> Callable[[], None]:
@@ -189,6 +211,8 @@ def main() -> None:
                 for module in ours.values():
                     torch.testing.assert_close(module(x[:, :600]), expected, atol=1e-4, rtol=1e-4)
             ways = {"transformers": train_step(theirs, x, probe), **{name: train_step(m, x, probe) for name, m in ours.items()}}
+            if case.floor:
+                ways[FLOOR] = train_step(Unavoidable(next(iter(ours.values()))), x, probe)
             seconds = measure(ways, args.rounds)
             for name in ours:
                 ratio = statistics.median(t / o for t, o in zip(seconds["transformers"], seconds[name]))
@@ -196,6 +220,9 @@ def main() -> None:
                 per_token.setdefault(name, {})[length] = ours_time / length
                 table.add_row(name, str(length), f"{1e3 * statistics.median(seconds['transformers']):.1f}", f"{1e3 * ours_time:.1f}",
                               f"{ratio:.2f}x", f"{1e9 * ours_time / length:.0f}")
+            if case.floor:  # no implementation of the layer beats transformers by more than this ceiling
+                ceiling = statistics.median(t / f for t, f in zip(seconds["transformers"], seconds[FLOOR]))
+                table.add_row(f"  {FLOOR}", str(length), "", f"{1e3 * statistics.median(seconds[FLOOR]):.1f}", f"<= {ceiling:.2f}x", "")
     console.print(table)
     short, long = min(args.lengths), max(args.lengths)
     flat = Table(title=f"nanollm per token at T = {long} over T = {short} (target <= 1.2), and one decoding step at the end of each")

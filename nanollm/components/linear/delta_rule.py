@@ -19,8 +19,6 @@ from torch import nn
 
 from .. import VECTOR, Component, traced_shape
 
-SUB_BLOCK = 16  # KDA's in-chunk products run in blocks of this many rows, each decayed from its own first row
-
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """x / sqrt(|x|^2 + 1e-6) over the last dimension, as fla normalises queries and keys."""
@@ -73,38 +71,98 @@ def recurrent_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     return torch.stack(outputs, dim=2), S
 
 
-def decayed_scores(x: torch.Tensor, k: torch.Tensor, G: torch.Tensor, strict: bool) -> torch.Tensor:
-    """(..., C, C): sum_c x_ic k_jc exp(G_ic - G_jc) for j <= i (j < i if strict), zeros above, for a cumulative log decay
-    G (..., C, d_k) per channel; every exponent taken is <= 0, so nothing overflows however strong the decay.
+def next_power_of_two(size: int) -> int:
+    """The smallest power of two >= size (an int, also when tracing hands sizes over as tensors)."""
+    return 1 << (int(size) - 1).bit_length()
 
-    Rows go in sub-blocks: the columns before a block are decayed to the block's first row by one matmul; within the
-    block, the products are formed pair by pair.
+
+@functools.lru_cache(maxsize=64)
+def halving_layout(size: int) -> torch.Tensor:
+    """Where each entry of a (size, size) lower-triangular matrix sits in the flat buffer `decayed_scores` builds:
+    [the diagonal | each halving level's blocks, as they come out of the matmul | one zero for the rest]."""
+    place = torch.full((size, size), -1, dtype=torch.long)
+    place[range(size), range(size)] = torch.arange(size)
+    offset, half = size, 1
+    while half < size:  # blocks of 2 half rows: their lower half's rows against their upper half's columns
+        for block in range(size // (2 * half)):
+            rows, columns = block * 2 * half + half, block * 2 * half
+            place[rows:rows + half, columns:columns + half] = offset + torch.arange(half * half).view(half, half)
+            offset += half * half
+        half *= 2
+    return place.masked_fill(place < 0, offset).flatten()
+
+
+def decayed_scores(x: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """(R, ..., C, C): sum_c x_ic k_jc exp(G_ic - G_jc) for j <= i, zeros above, for R kinds of rows x (R, ..., C, d_k)
+    against the keys k and a cumulative log decay G (..., C, d_k) per channel; every exponent taken is <= 0, so nothing
+    overflows however strong the decay.
+
+    By halving: the pair (i, j) is formed at the level where i and j first fall in different halves of a block, as a
+    matmul of x decayed down to the lower half's first row and k decayed from there; the diagonal needs no decay. The
+    chunk is padded to a power of two (rows past the end are dropped).
     """
     size = x.shape[-2]
-    block = math.gcd(size, SUB_BLOCK)
-    inside = torch.ones(block, block, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
-    rows = []
-    for start in range(0, size, block):
-        end = start + block
-        x_b, k_b, G_b = x[..., start:end, :], k[..., start:end, :], G[..., start:end, :]
-        pair_decay = (G_b[..., :, None, :] - G_b[..., None, :, :]).masked_fill(~inside[..., None], float("-inf")).exp()
-        # sum over channels as a matmul per (i, j) pair, which fvcore counts exactly (its einsum count is rounded)
-        parts = [((x_b[..., :, None, :] * pair_decay)[..., None, :] @ k_b[..., None, :, :, None]).flatten(-3)]
-        if start:
-            first = G_b[..., :1, :]
-            parts.insert(0, (x_b * (G_b - first).exp()) @ (k[..., :start, :] * (first - G[..., :start, :]).exp()).transpose(-1, -2))
-        if end < size:
-            parts.append(x.new_zeros(*x.shape[:-2], block, size - end))
-        rows.append(torch.cat(parts, dim=-1))
-    return torch.cat(rows, dim=-2)
+    padded = next_power_of_two(size)
+    if padded != size:  # zero rows; the decay held at its last value, so the padded rows' exponents stay <= 0
+        x, k = (F.pad(t, (0, 0, 0, padded - size)) for t in (x, k))
+        G = torch.cat([G, G[..., -1:, :].expand(*G.shape[:-2], padded - size, G.shape[-1])], dim=-2)
+    lead = x.shape[:-2]
+    parts = [torch.linalg.vecdot(x, k)]
+    half = 1
+    while half < padded:
+        shape = (*k.shape[:-2], padded // (2 * half), 2, half, k.shape[-1])
+        x_low, k_up, G_blocks = x.reshape(x.shape[:1] + shape)[..., 1, :, :], k.reshape(shape)[..., 0, :, :], G.reshape(shape)
+        anchor = G_blocks[..., 1, :1, :]  # each block's lower half's first row
+        rows = x_low * (G_blocks[..., 1, :, :] - anchor).exp()
+        columns = k_up * (anchor - G_blocks[..., 0, :, :]).exp()
+        parts.append((rows @ columns.transpose(-1, -2)).flatten(-3))
+        half *= 2
+    parts.append(x.new_zeros(*lead, 1))
+    flat = torch.cat(parts, dim=-1)
+    scores = flat.index_select(-1, halving_layout(padded).to(x.device)).view(*lead, padded, padded)
+    return scores[..., :size, :size]
+
+
+INVERSE_BASE = 8  # unit_lower_inverse inverts diagonal blocks of this many rows directly, then joins them
+
+
+def unit_lower_inverse(lower: torch.Tensor) -> torch.Tensor:
+    """(I + L)^-1 for L (..., C, C) strictly lower triangular (its diagonal and above are ignored), in matmuls: each
+    diagonal block of INVERSE_BASE rows as (I - L)(I + L^2)(I + L^4) (L is nilpotent), then blocks joined pairwise,
+    [[A, 0], [B, D]]^-1 = [[A^-1, 0], [-D^-1 B A^-1, D^-1]], until one block is left."""
+    size = lower.shape[-1]
+    padded = next_power_of_two(size)
+    if padded != size:  # identity rows and columns past the end: the leading block's inverse is unchanged
+        lower = F.pad(lower, (0, padded - size, 0, padded - size))
+    base = min(INVERSE_BASE, padded)
+    blocks = padded // base
+    tiles = lower.unflatten(-1, (blocks, base)).unflatten(-3, (blocks, base))  # (..., block row, row, block column, column)
+    strictly_lower = torch.ones(base, base, dtype=torch.bool, device=lower.device).tril(-1)
+    power = -tiles.diagonal(dim1=-4, dim2=-2).movedim(-1, -3).masked_fill(~strictly_lower, 0)  # (..., blocks, base, base)
+    inverse = power + torch.eye(base, dtype=lower.dtype, device=lower.device)
+    span = 2
+    while span < base:
+        power = power @ power
+        inverse = inverse + inverse @ power
+        span *= 2
+    size_now = base
+    while size_now < padded:
+        tiles = lower.unflatten(-1, (padded // size_now, size_now)).unflatten(-3, (padded // size_now, size_now))
+        below = tiles.diagonal(offset=-1, dim1=-4, dim2=-2)[..., 0::2].movedim(-1, -3)  # block 2i + 1's rows, block 2i's columns
+        first, second = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
+        joined_below = -(second @ below @ first)
+        inverse = torch.cat([torch.cat([first, torch.zeros_like(first)], dim=-1), torch.cat([joined_below, second], dim=-1)], dim=-2)
+        size_now *= 2
+    return inverse[..., 0, :size, :size]
 
 
 def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                        state: torch.Tensor | None = None, chunk: int = 64, final_state: bool = True
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The training form: within each chunk of `chunk` tokens as matrices (the WY/UT transform of the delta updates,
-    one triangular solve), between chunks through the state. Any length: the last chunk is padded with tokens that
-    neither decay nor write the state. Without `final_state` (training), the last chunk's write is skipped: None."""
+    """The training form: within each chunk of `chunk` tokens as matrices (the WY/UT transform of the delta updates, one
+    unit-triangular inverse), between chunks through the state. Only the state pass runs chunk by chunk; everything else is
+    one batched product over all chunks. Any length: the last chunk is padded with tokens that neither decay nor write the
+    state. Without `final_state` (training), the last chunk's write is skipped: None."""
     batch, heads, length, _ = k.shape
     per_channel = channelwise(g, k)
     pad = -length % chunk
@@ -118,8 +176,7 @@ def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
     G = g.reshape(batch, heads, chunks, chunk, *g.shape[3:]).cumsum(3)  # log decay from the chunk's start, inclusive
     k_beta = k * beta
     if per_channel:
-        keys_keys = decayed_scores(k_beta, k, G, strict=True)
-        queries_keys = decayed_scores(q, k, G, strict=False)
+        keys_keys, queries_keys = decayed_scores(torch.stack([k_beta, q]), k, G)  # keys_keys' diagonal is never read
         last = G[..., -1:, :]
         to_end = (last - G).exp()  # decay from each token to the chunk's end, per channel
         chunk_decay = last.exp().transpose(-1, -2)  # (..., d_k, 1)
@@ -132,30 +189,29 @@ def chunked_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: tor
         to_end = (G[..., -1:] - G).exp()[..., None]
         chunk_decay = G[..., -1:].exp()[..., None]  # (..., 1, 1)
         from_start = G.exp()[..., None]
-    # (I + strictly lower keys_keys) [u | w] = [beta v | beta k decayed from the chunk's start]
-    solved = torch.linalg.solve_triangular(keys_keys, torch.cat([v * beta, k_beta * from_start], dim=-1), upper=False, unitriangular=True)
-    u, w = solved.split([v.shape[-1], k.shape[-1]], dim=-1)
-    reads = torch.cat([w, q * from_start], dim=-2)  # both read the state carried into the chunk: one matmul per chunk
+    # the delta rule's writes in a chunk, past what the state entering it predicts: (I + strictly lower keys_keys)^-1 times
+    # (beta v - beta k decayed from the chunk's start times that state)
+    inverse = unit_lower_inverse(keys_keys)
     written = (k * to_end).transpose(-1, -2)
     S = starting_state(k, v, state)
-    outputs = []
+    entering, fresh = [], []
     # unbind, not indexing: its backward stacks the chunks' gradients instead of adding each into a zero-filled whole
-    for n, (reads_n, u_n, scores_n, decay_n, written_n) in enumerate(zip(*(x.unbind(2) for x in (reads, u, queries_keys, chunk_decay, written)))):
-        read = reads_n @ S
-        fresh = u_n - read[..., :chunk, :]  # the values the delta rule writes, past what the state predicts
-        outputs.append(read[..., chunk:, :] + scores_n @ fresh)
-        S = S * decay_n + written_n @ fresh if final_state or n < chunks - 1 else None
-    return torch.stack(outputs, dim=2).reshape(batch, heads, chunks * chunk, -1)[:, :, :length], S
+    for n, (inverse_n, values_n, keys_n, decay_n, written_n) in enumerate(
+            zip(*(x.unbind(2) for x in (inverse, v * beta, k_beta * from_start, chunk_decay, written)))):
+        entering.append(S)
+        fresh.append(inverse_n @ (values_n - keys_n @ S))
+        S = S * decay_n + written_n @ fresh[-1] if final_state or n < chunks - 1 else None
+    # the queries read the state entering their chunk and the chunk's own writes: one product each over all chunks
+    out = (q * from_start) @ torch.stack(entering, dim=2) + queries_keys @ torch.stack(fresh, dim=2)
+    return out.reshape(batch, heads, chunks * chunk, -1)[:, :, :length], S
 
 
 FORMS = {"chunked": chunked_delta_rule, "recurrent": recurrent_delta_rule, "naive": naive_delta_rule}
 
 
-def solve_triangular_handle(inputs: list, outputs: list) -> int:
-    """fvcore handle for a unit-triangular solve of (..., C, C) against (..., C, R): C (C - 1) / 2 R multiply-accumulates."""
-    matrix, right = traced_shape(inputs[0]), traced_shape(inputs[1])
-    size = matrix[-1]
-    return math.prod(right[:-2]) * size * (size - 1) // 2 * right[-1]
+def vecdot_handle(inputs: list, outputs: list) -> int:
+    """fvcore handle for torch.linalg.vecdot (the in-chunk scores' diagonal): d multiply-accumulates per output element."""
+    return math.prod(traced_shape(outputs[0])) * traced_shape(inputs[0])[-1]
 
 
 def init_decay(A_log: torch.Tensor, dt_bias: torch.Tensor) -> None:
@@ -252,7 +308,7 @@ class DeltaRuleMixer(Component):
         return self.n_heads * self.head_dim * self.value_dim + self.conv1d.in_channels * (self.conv1d.span - 1)
 
     def flop_handles(self, seq_len: int) -> dict[str, Callable]:
-        return {"aten::linalg_solve_triangular": solve_triangular_handle}
+        return {"aten::linalg_vecdot": vecdot_handle}
 
     def extra_repr(self) -> str:
         return f"heads={self.n_heads}, key_heads={self.key_heads}, head_dim={self.head_dim}, value_dim={self.value_dim}, chunk={self.chunk}"
