@@ -49,7 +49,8 @@ def test_scalar_decay_chunked_recurrent_and_naive_forms_agree(length: int, chunk
 
 def test_scalar_decay_chunked_gradients_equal_the_naive_forms() -> None:
     inputs = scan_inputs(29)
-    weights = torch.randn(2, 3, 29, 5), torch.randn(2, 3, 6, 5)
+    generator = torch.Generator().manual_seed(1)  # seeded: the loss weights decide how close the gradients of g come
+    weights = torch.randn(2, 3, 29, 5, generator=generator), torch.randn(2, 3, 6, 5, generator=generator)
     grads = []
     for form in (scalar_decay.chunked, scalar_decay.naive):
         out, final = form(*inputs[:4], 8, inputs[4])

@@ -15,8 +15,10 @@ log-decays <= 0 and the state (B, H, dk, dv):
 """
 from __future__ import annotations
 
-import torch
+from typing import Any
 
+import torch
+import torch.nn.functional as F
 
 FLUSHED = 30.0  # e^-30 ~ 1e-13: decay factors below it count as 0 in the chunked form
 
@@ -30,6 +32,53 @@ def factor(log_decay: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """exp(log_decay) in `dtype`, factors below e^-FLUSHED set to 0: beneath the resolution of the sums they join, and
     products of such factors underflow to denormals, which slow CPU matmuls and multiplications several times over."""
     return log_decay.masked_fill(log_decay < -FLUSHED, float("-inf")).exp().to(dtype)
+
+
+def decay_matrix(cumulative: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """D[i, j] = exp(G_i - G_j) for j <= i within each chunk, 0 above the diagonal, (..., C) -> (..., C, C): built in one
+    buffer (-inf added above the diagonal before exp, where the differences are positive and could overflow)."""
+    chunk = cumulative.shape[-1]
+    above = torch.full((chunk, chunk), float("-inf"), device=cumulative.device, dtype=cumulative.dtype).triu(1)
+    log_decay = (cumulative[..., :, None] - cumulative[..., None, :]).add_(above)
+    return F.threshold_(log_decay, -FLUSHED, float("-inf")).exp_().to(dtype)
+
+
+def intra_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cumulative: torch.Tensor) -> torch.Tensor:
+    """((Q K^T) * D) V per chunk, Q K^T once per group: q, k (B, G, n, C, dk), v (B, G, shared, n, C, dv), cumulative
+    (B, G, shared, n or 1, C) -> (B, G, shared, n, C, dv); as plain products (`IntraChunk` is the fast form)."""
+    causal = torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool, device=q.device).tril()
+    decay = factor((cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(~causal, float("-inf")), q.dtype)
+    return ((q @ k.transpose(-1, -2))[:, :, None] * decay) @ v
+
+
+class IntraChunk(torch.autograd.Function):
+    """`intra_chunk` with its backward written out: the (heads, n, C, C) tensors are the decays, the weights and their
+    gradient (autograd's masks, negations and broadcast reductions made a dozen). With W = (Q K^T) * D, the log-decay
+    differences' gradient is dW * W, whose row sums minus column sums are the cumulative log-decay's gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cumulative: torch.Tensor) -> torch.Tensor:
+        scores = q @ k.transpose(-1, -2)
+        decay = decay_matrix(cumulative, q.dtype)
+        weights = scores[:, :, None] * decay
+        ctx.save_for_backward(q, k, v, decay, weights)
+        ctx.constant = cumulative.shape[-2] != v.shape[-3]  # one decay for all chunks (lightning's)
+        return weights @ v
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, decay, weights = ctx.saved_tensors
+        grad_weights = grad @ v.transpose(-1, -2)
+        grad_v = weights.transpose(-1, -2) @ grad
+        grad_scores = (grad_weights * decay).sum(2)
+        grad_q, grad_k = grad_scores @ k, grad_scores.transpose(-1, -2) @ q
+        grad_cumulative = None
+        if ctx.needs_input_grad[3]:
+            grad_log_decay = grad_weights.mul_(weights)
+            grad_cumulative = (grad_log_decay.sum(-1) - grad_log_decay.sum(-2)).to(torch.promote_types(q.dtype, torch.float32))
+            if ctx.constant:
+                grad_cumulative = grad_cumulative.sum(-2, keepdim=True)
+        return grad_q, grad_k, grad_v, grad_cumulative
 
 
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, chunk: int, state: torch.Tensor | None = None
@@ -53,10 +102,8 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, 
     # a decay constant along T (lightning's, an expanded tensor) is the same in every chunk: its matrices are built once
     constant = g.stride(-1) == 0
     cumulative = cumulative_log_decay((g[..., :chunk] if constant else g).reshape(batch, groups, shared, 1 if constant else n, chunk))
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    # masked before exp: above the diagonal the differences are positive and could overflow
-    decay = factor((cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(~causal, float("-inf")), q.dtype)
-    out = ((q @ k.transpose(-1, -2))[:, :, None] * decay) @ v  # (B, G, shared, n, C, dv)
+    intra = intra_chunk if q.is_meta else IntraChunk.apply  # on meta, the plain products fvcore counts
+    out = intra(q, k, v, cumulative)  # (B, G, shared, n, C, dv)
     last = cumulative[..., -1:]
     # (k w)^T v = k^T (w v) for the per-token weights w = decay to the chunk's end: one product per group, heads as columns
     weighted = (v * factor(last - cumulative, v.dtype)[..., None]).permute(0, 1, 3, 4, 2, 5).reshape(batch, groups, n, chunk, -1)
