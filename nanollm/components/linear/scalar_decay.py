@@ -54,24 +54,30 @@ def intra_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cumulative: t
 class IntraChunk(torch.autograd.Function):
     """`intra_chunk` with its backward written out: the (heads, n, C, C) tensors are the decays, the weights and their
     gradient (autograd's masks, negations and broadcast reductions made a dozen). With W = (Q K^T) * D, the log-decay
-    differences' gradient is dW * W, whose row sums minus column sums are the cumulative log-decay's gradient."""
+    differences' gradient is dW * W, whose row sums minus column sums are the cumulative log-decay's gradient. Products
+    are 3-d bmm on contiguous operands, transposes as strides (matmul's batch folding copied each transposed operand)."""
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cumulative: torch.Tensor) -> torch.Tensor:
-        scores = q @ k.transpose(-1, -2)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        scores = torch.bmm(q.flatten(0, -3), k.flatten(0, -3).transpose(1, 2)).view(*q.shape[:-1], q.shape[-2])
         decay = decay_matrix(cumulative, q.dtype)
         weights = scores[:, :, None] * decay
         ctx.save_for_backward(q, k, v, decay, weights)
         ctx.constant = cumulative.shape[-2] != v.shape[-3]  # one decay for all chunks (lightning's)
-        return weights @ v
+        return torch.bmm(weights.flatten(0, -3), v.flatten(0, -3)).view(v.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, decay, weights = ctx.saved_tensors
-        grad_weights = grad @ v.transpose(-1, -2)
-        grad_v = weights.transpose(-1, -2) @ grad
-        grad_scores = (grad_weights * decay).sum(2)
-        grad_q, grad_k = grad_scores @ k, grad_scores.transpose(-1, -2) @ q
+        flat_grad, flat_v = grad.contiguous().flatten(0, -3), v.flatten(0, -3)
+        grad_weights = torch.bmm(flat_grad, flat_v.transpose(1, 2)).view(weights.shape)
+        grad_v = torch.bmm(weights.flatten(0, -3).transpose(1, 2), flat_grad).view(v.shape)
+        grad_scores = grad_weights * decay
+        grad_scores = grad_scores.sum(2) if grad_scores.shape[2] > 1 else grad_scores.squeeze(2)  # over a group's heads
+        flat_scores = grad_scores.flatten(0, -3)
+        grad_q = torch.bmm(flat_scores, k.flatten(0, -3)).view(q.shape)
+        grad_k = torch.bmm(flat_scores.transpose(1, 2), q.flatten(0, -3)).view(k.shape)
         grad_cumulative = None
         if ctx.needs_input_grad[3]:
             grad_log_decay = grad_weights.mul_(weights)
