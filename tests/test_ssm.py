@@ -59,6 +59,21 @@ def test_scalar_decay_chunked_gradients_equal_the_naive_forms() -> None:
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
 
 
+def test_scalar_decay_chunked_form_in_segments_equals_the_naive_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = scan_inputs(45)
+    monkeypatch.setattr(scalar_decay, "SEGMENT_BYTES", 2 * 3 * 4 * 4 * 4 * 2)  # segments of 2 chunks of 4 for 2 x 3 heads in fp32
+    assert scalar_decay.segment_length(2 * 3, 4, 4) == 8
+    generator = torch.Generator().manual_seed(1)
+    weights = torch.randn(2, 3, 45, 5, generator=generator), torch.randn(2, 3, 6, 5, generator=generator)
+    results = []
+    for form in (scalar_decay.chunked, scalar_decay.naive):
+        out, final = form(*inputs[:4], 4, inputs[4])
+        loss = (out * weights[0]).sum() + (final * weights[1]).sum()
+        results.append((out, final, *torch.autograd.grad(loss, inputs)))
+    for ours, reference in zip(*results, strict=True):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+
+
 def test_scalar_decay_chunked_prefill_then_steps_equal_one_pass() -> None:
     q, k, v, g, state = scan_inputs(23)
     whole, _ = scalar_decay.chunked(q, k, v, g, 8, state)

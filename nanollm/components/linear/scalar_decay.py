@@ -8,7 +8,8 @@ log-decays <= 0 and the state (B, H, dk, dv):
   for j <= i (G the in-chunk cumulative log-decay); across chunks, the state each chunk starts from, carried by
   one elementwise recurrence per chunk. A length not a multiple of C ends with one shorter chunk. Work per token is
   O(C (dk + dv) + dk dv) whatever T; only (C, C) decay matrices are built, never (T, T). Decay factors below e^-30
-  are taken as 0 (`factor`): as denormal floats they made the CPU's products several times slower.
+  are taken as 0 (`factor`): as denormal floats they made the CPU's products several times slower. Long sequences
+  run in segments of whole chunks, the state carried between them (`SEGMENT_BYTES`).
 - `recurrent`: one token at a time through `step`, what decoding runs.
 - `naive`: the paper's equation written out over the whole sequence, o_t = sum_{s<=t} exp(G_t - G_s)(q_t . k_s) v_s
   + exp(G_t) q_t S_0 with G the cumulative log-decay, a (T, T) matrix: the reference the others are tested against.
@@ -21,6 +22,10 @@ import torch
 import torch.nn.functional as F
 
 FLUSHED = 30.0  # e^-30 ~ 1e-13: decay factors below it count as 0 in the chunked form
+# The chunked form runs long sequences in segments of whole chunks, the state carried, so that its (heads, n, C, C)
+# tensors stay below 32 MiB: glibc maps larger blocks afresh at every allocation (and unmaps them at free), every page
+# faulted in and zeroed again, which made the same work per token ~1.3-1.6x dearer at 8192 tokens than at 2048.
+SEGMENT_BYTES = 16 << 20
 
 
 def cumulative_log_decay(g: torch.Tensor) -> torch.Tensor:
@@ -32,6 +37,11 @@ def factor(log_decay: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """exp(log_decay) in `dtype`, factors below e^-FLUSHED set to 0: beneath the resolution of the sums they join, and
     products of such factors underflow to denormals, which slow CPU matmuls and multiplications several times over."""
     return log_decay.masked_fill(log_decay < -FLUSHED, float("-inf")).exp().to(dtype)
+
+
+def segment_length(heads: int, chunk: int, itemsize: int) -> int:
+    """Tokens per segment of the chunked form: the most whole chunks whose (heads, n, C, C) tensors fit SEGMENT_BYTES."""
+    return chunk * max(1, SEGMENT_BYTES // (heads * chunk * chunk * itemsize))
 
 
 def decay_matrix(cumulative: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -62,7 +72,8 @@ class IntraChunk(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         scores = torch.bmm(q.flatten(0, -3), k.flatten(0, -3).transpose(1, 2)).view(*q.shape[:-1], q.shape[-2])
         decay = decay_matrix(cumulative, q.dtype)
-        weights = scores[:, :, None] * decay
+        # one head per group (lightning's): the weights overwrite the scores, which backward does not need
+        weights = scores[:, :, None].mul_(decay) if v.shape[2] == 1 else scores[:, :, None] * decay
         ctx.save_for_backward(q, k, v, decay, weights)
         ctx.constant = cumulative.shape[-2] != v.shape[-3]  # one decay for all chunks (lightning's)
         return torch.bmm(weights.flatten(0, -3), v.flatten(0, -3)).view(v.shape)
@@ -93,6 +104,14 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, 
     dividing v's H (Mamba-2's groups: heads h*G/H .. share them): each group's Q K^T is computed once, and the state
     products of a group's heads are one matrix product with the heads side by side in the columns."""
     length = q.shape[-2]
+    span = segment_length(v.shape[0] * v.shape[1], chunk, q.element_size())
+    if length > span and not q.is_meta:  # on meta (the analysis) one pass: the same products, a shorter trace
+        outs, carried = [], state
+        for start in range(0, length, span):
+            piece = slice(start, start + span)
+            out, carried = chunked(q[..., piece, :], k[..., piece, :], v[..., piece, :], g[..., piece], chunk, carried)
+            outs.append(out)
+        return torch.cat(outs, dim=-2), carried
     tail = length % chunk
     if tail and length > chunk:  # the last partial chunk as a chunk of its own size: no padding, exact final state
         main = length - tail
