@@ -12,7 +12,7 @@ from nanollm.cli import main
 from nanollm.compiler import initialize
 from nanollm.components.linear import scalar_decay
 from nanollm.components.linear.lightning import LightningAttention
-from nanollm.components.ssm import shortconv
+from nanollm.components.ssm import mamba2, shortconv
 from nanollm.components.ssm.mamba2 import Mamba2
 from nanollm.components.ssm.shortconv import ShortConv
 from nanollm.errors import ArchError
@@ -124,6 +124,21 @@ def test_mixer_parameter_gradients_of_the_chunked_form_equal_the_naive_forms(nam
              (scalar_decay.chunked, scalar_decay.naive)]
     for ours, reference in zip(*grads):
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mamba2", "mamba2_one_group"])
+def test_mamba2_training_forward_in_segments_equals_one_naive_pass(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    mixer = built(MIXERS[name]())
+    x = torch.randn(2, 45, CONFIG.d_model, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    reference = mixer.scan(x, mixer.conv1d, scalar_decay.naive, None)[0]
+    monkeypatch.setattr(mamba2, "LAYER_SEGMENT_BYTES", 1)  # one chunk per segment: 45 tokens in 3 to 6 segments
+    assert mixer.segment_length(x) == mixer.chunk
+    out = mixer(x)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+    grads = [torch.autograd.grad((y * weights).sum(), [x, *mixer.parameters()]) for y in (out, reference)]
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kernel, bias", [(3, False), (4, True), (1, True)])
