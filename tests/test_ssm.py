@@ -10,9 +10,10 @@ import torch
 import nanollm
 from nanollm.cli import main
 from nanollm.compiler import initialize
+from nanollm.components import ssm
 from nanollm.components.linear import scalar_decay
 from nanollm.components.linear.lightning import LightningAttention
-from nanollm.components.ssm import mamba2, shortconv
+from nanollm.components.ssm import shortconv
 from nanollm.components.ssm.mamba2 import Mamba2
 from nanollm.components.ssm.shortconv import ShortConv
 from nanollm.errors import ArchError
@@ -131,11 +132,25 @@ def test_mamba2_training_forward_in_segments_equals_one_naive_pass(name: str, mo
     mixer = built(MIXERS[name]())
     x = torch.randn(2, 45, CONFIG.d_model, generator=torch.Generator().manual_seed(5), requires_grad=True)
     reference = mixer.scan(x, mixer.conv1d, scalar_decay.naive, None)[0]
-    monkeypatch.setattr(mamba2, "LAYER_SEGMENT_BYTES", 1)  # one chunk per segment: 45 tokens in 3 to 6 segments
-    assert mixer.segment_length(x) == mixer.chunk
+    monkeypatch.setattr(ssm, "LAYER_SEGMENT_BYTES", 1)  # one chunk per segment: 45 tokens in 3 to 6 segments
+    assert ssm.segment_length(x, mixer.in_proj.out_features, mixer.chunk) == mixer.chunk
     out = mixer(x)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+    grads = [torch.autograd.grad((y * weights).sum(), [x, *mixer.parameters()]) for y in (out, reference)]
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [4, 1])
+def test_short_conv_training_forward_in_segments_equals_one_naive_pass(kernel: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    mixer = built(ShortConv(CONFIG, kernel=kernel, bias=True))
+    x = torch.randn(2, 13, CONFIG.d_model, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    reference = mixer.mix(x, lambda gated: shortconv.naive(gated, mixer.conv.weight, mixer.conv.bias))
+    monkeypatch.setattr(ssm, "LAYER_SEGMENT_BYTES", 1)  # one token per segment, shorter than the kernel's reach
+    out = mixer(x)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
     grads = [torch.autograd.grad((y * weights).sum(), [x, *mixer.parameters()]) for y in (out, reference)]
     for ours, theirs in zip(*grads, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

@@ -52,6 +52,13 @@ class CausalConv1d(nn.Conv1d):
         out = (windows[..., None, :] @ self.weight[:, 0, :, None]).flatten(-3)
         return out + self.bias if self.bias is not None else out
 
+    def continuing(self, pasts: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The outputs of x (B, T, C) continuing from the inputs pasts[-1] (B, at most span - 1, C), gradients flowing
+        through both (a training forward in segments; `decode` keeps its state in place); appends the last span - 1 inputs."""
+        extended = torch.cat([pasts[-1], x], dim=1)
+        pasts.append(extended[:, max(0, extended.shape[1] - (self.span - 1)):])
+        return self(extended)[:, pasts[-2].shape[1]:]
+
     def state(self, batch: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         """The decoding state before the first token: the last span - 1 inputs (B, span - 1, C), zeros (the padding)."""
         return torch.zeros(batch, self.span - 1, self.in_channels, device=device, dtype=dtype)

@@ -20,9 +20,9 @@ from ...ir import MAX_WIDTH, Call, ModelConfig
 from .. import Component, Param, register, telling
 from ..conv import CausalConv1d
 from ..linear import scalar_decay
+from . import segment_length
 
 DT_INIT = (1e-3, 1e-1)  # Mamba's initial time steps, log-uniform in this range
-LAYER_SEGMENT_BYTES = 24 << 20  # in_proj's output per segment of the training forward, under glibc's 32 MiB mmap threshold
 
 
 class GroupGatedRMSNorm(nn.Module):
@@ -119,28 +119,15 @@ class Mamba2(Component):
         return self.out_proj(self.norm(y.flatten(-2), z))
 
     def forward(self, x: torch.Tensor, form: Any = scalar_decay.chunked) -> torch.Tensor:
-        span = self.segment_length(x)
+        span = segment_length(x, self.in_proj.out_features, self.chunk)
         if x.shape[1] <= span or x.is_meta:  # on meta (the analysis) one pass: the same products, a shorter trace
             return self.scan(x, self.conv1d, form, None)[0]
-        # Segments of whole chunks, the convolution's inputs and the SSM state carried: the layer's (T, width) tensors
-        # stay under glibc's 32 MiB mmap threshold (see scalar_decay.SEGMENT_BYTES), the same work per token at any T.
+        # segments of whole chunks (LAYER_SEGMENT_BYTES), the convolution's inputs and the SSM state carried
         outs, state, pasts = [], None, [x.new_zeros(x.shape[0], 0, self.conv_width)]
         for start in range(0, x.shape[1], span):
-            out, state = self.scan(x[:, start:start + span], functools.partial(self.convolve_after, pasts), form, state)
+            out, state = self.scan(x[:, start:start + span], functools.partial(self.conv1d.continuing, pasts), form, state)
             outs.append(out)
         return torch.cat(outs, dim=1)
-
-    def convolve_after(self, pasts: list[torch.Tensor], xbc: torch.Tensor) -> torch.Tensor:
-        """The convolution of xbc (B, T, C) continuing from the inputs pasts[-1], whose successor (the last span - 1 inputs
-        so far) it appends."""
-        extended = torch.cat([pasts[-1], xbc], dim=1)
-        pasts.append(extended[:, max(0, extended.shape[1] - (self.conv1d.span - 1)):])
-        return self.conv1d(extended)[:, pasts[-2].shape[1]:]
-
-    def segment_length(self, x: torch.Tensor) -> int:
-        """Tokens per segment of the training forward: whole chunks whose in_proj output fits LAYER_SEGMENT_BYTES."""
-        per_token = x.shape[0] * self.in_proj.out_features * x.element_size()
-        return self.chunk * max(1, LAYER_SEGMENT_BYTES // (per_token * self.chunk))
 
     def scan(self, x: torch.Tensor, convolve: Any, form: Any, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The mixer's output over x (B, T, d_model), xBC through `convolve`, the scan in `form` from `state` (None: zeros);
