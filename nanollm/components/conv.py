@@ -74,7 +74,6 @@ class CausalConv1d(nn.Conv1d):
         return {name: VECTOR for name, _ in self.named_parameters(recurse=False)}
 
 
-
 def shifted_taps(kernel: int, dilation: int, length: int) -> list[tuple[int, int]]:
     """(tap j, its shift (K-1-j) dilations) of the taps before the last that reach into a sequence of `length`."""
     return [(j, (kernel - 1 - j) * dilation) for j in range(kernel - 1) if (kernel - 1 - j) * dilation < length]
