@@ -20,7 +20,9 @@ theirs is the ceiling of any speed-up (printed as "<= Nx").
 Then, per nanollm case, the cost per token at the longest length over the shortest (flat in T: within 1.2x), and the
 recurrent form: the time of one decoding step (the layer's `decode` of one token) at the end of each length, the tokens
 before it prefilled by `decode` in the chunked form (independent of the context: the state has one size). The ways
-run round-robin, so load on a shared machine falls on all alike; ratios are medians of per-round ratios. The fp32
+run round-robin, so load on a shared machine falls on all alike; ratios are medians of per-round ratios. Beside them, the
+layer's linear maps' matrix products alone at the same shapes (forward, input and weight gradients), timed in the same rounds,
+and the ceiling they set: transformers' time over theirs, the most any implementation of the layer could gain. The fp32
 matmul rate of the machine is printed with them. Target: nanollm at least 1.5x faster than transformers' torch path at
 every length.
 """
@@ -59,6 +61,7 @@ from nanollm.components import complete
 
 D_MODEL = 512
 FLOOR = "proj + conv floor"
+GEMMS = "the layer's GEMMs alone"
 
 
 @dataclass
@@ -170,6 +173,21 @@ def pair(case: Case) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
     return theirs, ours
 
 
+def projection_gemms(module: torch.nn.Module, length: int) -> Callable[[], None]:
+    """The matrix products of the layer's linear maps alone, at its shapes: per map (in -> out) on `length` tokens, the
+    forward x W^T, the input gradient dy W and the weight gradient dy^T x: what the layer must do at least, whatever its
+    mixing (the inputs of every map need gradients in this benchmark)."""
+    operands = []
+    for linear in (m for m in module.modules() if isinstance(m, torch.nn.Linear)):
+        operands.append((torch.randn(length, linear.in_features), torch.randn(length, linear.out_features), linear.weight.detach()))
+
+    def run() -> None:
+        for x, grad, weight in operands:
+            x @ weight.T, grad @ weight, grad.T @ x
+
+    return run
+
+
 @torch.no_grad()
 def step_seconds(module: torch.nn.Module, x: torch.Tensor, timed: int = 64) -> float:
     """Median time of one decoding step (`decode` of one token, as generation runs it) over the last `timed` tokens of x,
@@ -198,7 +216,7 @@ def main() -> None:
     console = Console()
     console.print(f"fp32 matmul rate (1024^3): {matmul_rate() / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads")
     table = Table(title=f"forward + backward of one layer, d_model {D_MODEL}, fp32, batch 1 (ratio: transformers' time / nanollm's)")
-    for column in ("layer", "T", "transformers ms", "nanollm ms", "speed-up", "ns/token"):
+    for column in ("layer", "T", "transformers ms", "nanollm ms", "speed-up", "ns/token", "bound ms", "ceiling"):
         table.add_column(column, justify="right" if column != "layer" else "left")
     per_token: dict[str, dict[int, float]] = {}
     for case in cases:
@@ -210,19 +228,23 @@ def main() -> None:
                 expected = theirs(x[:, :600])
                 for module in ours.values():
                     torch.testing.assert_close(module(x[:, :600]), expected, atol=1e-4, rtol=1e-4)
-            ways = {"transformers": train_step(theirs, x, probe), **{name: train_step(m, x, probe) for name, m in ours.items()}}
+            ways = {"transformers": train_step(theirs, x, probe), **{name: train_step(m, x, probe) for name, m in ours.items()},
+                    GEMMS: projection_gemms(next(iter(ours.values())), length)}
             if case.floor:
                 ways[FLOOR] = train_step(Unavoidable(next(iter(ours.values()))), x, probe)
             seconds = measure(ways, args.rounds)
+            # the most any layer doing these products could gain on transformers: their time over the products' alone
+            ceiling = statistics.median(t / g for t, g in zip(seconds["transformers"], seconds[GEMMS]))
             for name in ours:
                 ratio = statistics.median(t / o for t, o in zip(seconds["transformers"], seconds[name]))
                 ours_time = statistics.median(seconds[name])
                 per_token.setdefault(name, {})[length] = ours_time / length
                 table.add_row(name, str(length), f"{1e3 * statistics.median(seconds['transformers']):.1f}", f"{1e3 * ours_time:.1f}",
-                              f"{ratio:.2f}x", f"{1e9 * ours_time / length:.0f}")
-            if case.floor:  # no implementation of the layer beats transformers by more than this ceiling
-                ceiling = statistics.median(t / f for t, f in zip(seconds["transformers"], seconds[FLOOR]))
-                table.add_row(f"  {FLOOR}", str(length), "", f"{1e3 * statistics.median(seconds[FLOOR]):.1f}", f"<= {ceiling:.2f}x", "")
+                              f"{ratio:.2f}x", f"{1e9 * ours_time / length:.0f}", f"{1e3 * statistics.median(seconds[GEMMS]):.1f}",
+                              f"{ceiling:.2f}x")
+            if case.floor:  # the projections, gates and convolution alone: a tighter ceiling than the GEMMs'
+                floor = statistics.median(t / f for t, f in zip(seconds["transformers"], seconds[FLOOR]))
+                table.add_row(f"  {FLOOR}", str(length), "", "", "", "", f"{1e3 * statistics.median(seconds[FLOOR]):.1f}", f"{floor:.2f}x")
     console.print(table)
     short, long = min(args.lengths), max(args.lengths)
     flat = Table(title=f"nanollm per token at T = {long} over T = {short} (target <= 1.2), and one decoding step at the end of each")

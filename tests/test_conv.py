@@ -40,7 +40,7 @@ def test_causal_conv_equals_transformers_padded_and_truncated_convolution() -> N
     conv = CausalConv1d(5, 4, bias=True)
     x = torch.randn(1, 9, 5)
     theirs = F.conv1d(x.transpose(1, 2), conv.weight, conv.bias, padding=3, groups=5)[..., :9].transpose(1, 2)
-    for form in (conv.by_windows, conv.by_convolution):
+    for form in (conv.by_taps, conv.by_windows, conv.by_convolution):
         torch.testing.assert_close(form(x), theirs, atol=1e-6, rtol=0)
 
 
@@ -48,14 +48,16 @@ def test_causal_conv_taps_are_vectors_for_the_optimiser() -> None:
     assert set(param_roles(CausalConv1d(4, 3, bias=True)).values()) == {VECTOR}
 
 
-@pytest.mark.parametrize("kernel, dilation, bias", [(4, 1, True), (3, 2, False)])
-def test_causal_conv_window_and_convolution_forms_agree_in_values_and_gradients(kernel: int, dilation: int, bias: bool) -> None:
+@pytest.mark.parametrize("kernel, dilation, bias", [(4, 1, True), (3, 2, False), (4, 4, True)])
+def test_causal_conv_tap_window_and_convolution_forms_agree_in_values_and_gradients(kernel: int, dilation: int, bias: bool) -> None:
     torch.manual_seed(0)
-    conv = CausalConv1d(6, kernel, bias=bias, dilation=dilation)
+    conv = CausalConv1d(6, kernel, bias=bias, dilation=dilation)  # (4, 4): the first tap reaches past the start of all 11
     x = torch.randn(2, 11, 6, requires_grad=True)
     probe = torch.randn(2, 11, 6)
-    outs = [form(x) for form in (conv.by_windows, conv.by_convolution)]
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)
-    grads = [torch.autograd.grad((out * probe).sum(), [x, *conv.parameters()]) for out in outs]
-    for ours, reference in zip(*grads, strict=True):
-        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    reference = conv.by_convolution(x)
+    reference_grads = torch.autograd.grad((reference * probe).sum(), [x, *conv.parameters()])
+    for form in (conv.by_taps, conv.by_windows):
+        out = form(x)
+        torch.testing.assert_close(out, reference, atol=1e-6, rtol=0)
+        for ours, theirs in zip(torch.autograd.grad((out * probe).sum(), [x, *conv.parameters()]), reference_grads, strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)

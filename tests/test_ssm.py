@@ -10,6 +10,7 @@ import torch
 import nanollm
 from nanollm.cli import main
 from nanollm.compiler import initialize
+from nanollm.components import ssm
 from nanollm.components.linear import scalar_decay
 from nanollm.components.linear.lightning import LightningAttention
 from nanollm.components.ssm import shortconv
@@ -49,12 +50,28 @@ def test_scalar_decay_chunked_recurrent_and_naive_forms_agree(length: int, chunk
 
 def test_scalar_decay_chunked_gradients_equal_the_naive_forms() -> None:
     inputs = scan_inputs(29)
-    weights = torch.randn(2, 3, 29, 5), torch.randn(2, 3, 6, 5)
+    generator = torch.Generator().manual_seed(1)  # seeded: the loss weights decide how close the gradients of g come
+    weights = torch.randn(2, 3, 29, 5, generator=generator), torch.randn(2, 3, 6, 5, generator=generator)
     grads = []
     for form in (scalar_decay.chunked, scalar_decay.naive):
         out, final = form(*inputs[:4], 8, inputs[4])
         grads.append(torch.autograd.grad((out * weights[0]).sum() + (final * weights[1]).sum(), inputs))
     for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+
+
+def test_scalar_decay_chunked_form_in_segments_equals_the_naive_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = scan_inputs(45)
+    monkeypatch.setattr(scalar_decay, "SEGMENT_BYTES", 2 * 3 * 4 * 4 * 4 * 2)  # segments of 2 chunks of 4 for 2 x 3 heads in fp32
+    assert scalar_decay.segment_length(2 * 3, 4, 4) == 8
+    generator = torch.Generator().manual_seed(1)
+    weights = torch.randn(2, 3, 45, 5, generator=generator), torch.randn(2, 3, 6, 5, generator=generator)
+    results = []
+    for form in (scalar_decay.chunked, scalar_decay.naive):
+        out, final = form(*inputs[:4], 4, inputs[4])
+        loss = (out * weights[0]).sum() + (final * weights[1]).sum()
+        results.append((out, final, *torch.autograd.grad(loss, inputs)))
+    for ours, reference in zip(*results, strict=True):
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
 
 
@@ -108,6 +125,35 @@ def test_mixer_parameter_gradients_of_the_chunked_form_equal_the_naive_forms(nam
              (scalar_decay.chunked, scalar_decay.naive)]
     for ours, reference in zip(*grads):
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mamba2", "mamba2_one_group"])
+def test_mamba2_training_forward_in_segments_equals_one_naive_pass(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    mixer = built(MIXERS[name]())
+    x = torch.randn(2, 45, CONFIG.d_model, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    reference = mixer.scan(x, mixer.conv1d, scalar_decay.naive, None)[0]
+    monkeypatch.setattr(ssm, "LAYER_SEGMENT_BYTES", 1)  # one chunk per segment: 45 tokens in 3 to 6 segments
+    assert ssm.segment_length(x, mixer.in_proj.out_features, mixer.chunk) == mixer.chunk
+    out = mixer(x)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+    grads = [torch.autograd.grad((y * weights).sum(), [x, *mixer.parameters()]) for y in (out, reference)]
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [4, 1])
+def test_short_conv_training_forward_in_segments_equals_one_naive_pass(kernel: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    mixer = built(ShortConv(CONFIG, kernel=kernel, bias=True))
+    x = torch.randn(2, 13, CONFIG.d_model, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    reference = mixer.mix(x, lambda gated: shortconv.naive(gated, mixer.conv.weight, mixer.conv.bias))
+    monkeypatch.setattr(ssm, "LAYER_SEGMENT_BYTES", 1)  # one token per segment, shorter than the kernel's reach
+    out = mixer(x)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
+    grads = [torch.autograd.grad((y * weights).sum(), [x, *mixer.parameters()]) for y in (out, reference)]
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kernel, bias", [(3, False), (4, True), (1, True)])

@@ -8,17 +8,24 @@ log-decays <= 0 and the state (B, H, dk, dv):
   for j <= i (G the in-chunk cumulative log-decay); across chunks, the state each chunk starts from, carried by
   one elementwise recurrence per chunk. A length not a multiple of C ends with one shorter chunk. Work per token is
   O(C (dk + dv) + dk dv) whatever T; only (C, C) decay matrices are built, never (T, T). Decay factors below e^-30
-  are taken as 0 (`factor`): as denormal floats they made the CPU's products several times slower.
+  are taken as 0 (`factor`): as denormal floats they made the CPU's products several times slower. Long sequences
+  run in segments of whole chunks, the state carried between them (`SEGMENT_BYTES`).
 - `recurrent`: one token at a time through `step`, what decoding runs.
 - `naive`: the paper's equation written out over the whole sequence, o_t = sum_{s<=t} exp(G_t - G_s)(q_t . k_s) v_s
   + exp(G_t) q_t S_0 with G the cumulative log-decay, a (T, T) matrix: the reference the others are tested against.
 """
 from __future__ import annotations
 
-import torch
+from typing import Any
 
+import torch
+import torch.nn.functional as F
 
 FLUSHED = 30.0  # e^-30 ~ 1e-13: decay factors below it count as 0 in the chunked form
+# The chunked form runs long sequences in segments of whole chunks, the state carried, so that its (heads, n, C, C)
+# tensors stay below 32 MiB: glibc maps larger blocks afresh at every allocation (and unmaps them at free), every page
+# faulted in and zeroed again, which made the same work per token ~1.3-1.6x dearer at 8192 tokens than at 2048.
+SEGMENT_BYTES = 16 << 20
 
 
 def cumulative_log_decay(g: torch.Tensor) -> torch.Tensor:
@@ -32,12 +39,79 @@ def factor(log_decay: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return log_decay.masked_fill(log_decay < -FLUSHED, float("-inf")).exp().to(dtype)
 
 
+def segment_length(heads: int, chunk: int, itemsize: int) -> int:
+    """Tokens per segment of the chunked form: the most whole chunks whose (heads, n, C, C) tensors fit SEGMENT_BYTES."""
+    return chunk * max(1, SEGMENT_BYTES // (heads * chunk * chunk * itemsize))
+
+
+def decay_matrix(cumulative: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """D[i, j] = exp(G_i - G_j) for j <= i within each chunk, 0 above the diagonal, (..., C) -> (..., C, C): built in one
+    buffer (-inf added above the diagonal before exp, where the differences are positive and could overflow)."""
+    chunk = cumulative.shape[-1]
+    above = torch.full((chunk, chunk), float("-inf"), device=cumulative.device, dtype=cumulative.dtype).triu(1)
+    log_decay = (cumulative[..., :, None] - cumulative[..., None, :]).add_(above)
+    return F.threshold_(log_decay, -FLUSHED, float("-inf")).exp_().to(dtype)
+
+
+def intra_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cumulative: torch.Tensor) -> torch.Tensor:
+    """((Q K^T) * D) V per chunk, Q K^T once per group: q, k (B, G, n, C, dk), v (B, G, shared, n, C, dv), cumulative
+    (B, G, shared, n or 1, C) -> (B, G, shared, n, C, dv); as plain products (`IntraChunk` is the fast form)."""
+    causal = torch.ones(q.shape[-2], q.shape[-2], dtype=torch.bool, device=q.device).tril()
+    decay = factor((cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(~causal, float("-inf")), q.dtype)
+    return ((q @ k.transpose(-1, -2))[:, :, None] * decay) @ v
+
+
+class IntraChunk(torch.autograd.Function):
+    """`intra_chunk` with its backward written out: the (heads, n, C, C) tensors are the decays, the weights and their
+    gradient (autograd's masks, negations and broadcast reductions made a dozen). With W = (Q K^T) * D, the log-decay
+    differences' gradient is dW * W, whose row sums minus column sums are the cumulative log-decay's gradient. Products
+    are 3-d bmm on contiguous operands, transposes as strides (matmul's batch folding copied each transposed operand)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cumulative: torch.Tensor) -> torch.Tensor:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        scores = torch.bmm(q.flatten(0, -3), k.flatten(0, -3).transpose(1, 2)).view(*q.shape[:-1], q.shape[-2])
+        decay = decay_matrix(cumulative, q.dtype)
+        # one head per group (lightning's): the weights overwrite the scores, which backward does not need
+        weights = scores[:, :, None].mul_(decay) if v.shape[2] == 1 else scores[:, :, None] * decay
+        ctx.save_for_backward(q, k, v, decay, weights)
+        ctx.constant = cumulative.shape[-2] != v.shape[-3]  # one decay for all chunks (lightning's)
+        return torch.bmm(weights.flatten(0, -3), v.flatten(0, -3)).view(v.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, decay, weights = ctx.saved_tensors
+        flat_grad, flat_v = grad.contiguous().flatten(0, -3), v.flatten(0, -3)
+        grad_weights = torch.bmm(flat_grad, flat_v.transpose(1, 2)).view(weights.shape)
+        grad_v = torch.bmm(weights.flatten(0, -3).transpose(1, 2), flat_grad).view(v.shape)
+        grad_scores = grad_weights * decay
+        grad_scores = grad_scores.sum(2) if grad_scores.shape[2] > 1 else grad_scores.squeeze(2)  # over a group's heads
+        flat_scores = grad_scores.flatten(0, -3)
+        grad_q = torch.bmm(flat_scores, k.flatten(0, -3)).view(q.shape)
+        grad_k = torch.bmm(flat_scores.transpose(1, 2), q.flatten(0, -3)).view(k.shape)
+        grad_cumulative = None
+        if ctx.needs_input_grad[3]:
+            grad_log_decay = grad_weights.mul_(weights)
+            grad_cumulative = (grad_log_decay.sum(-1) - grad_log_decay.sum(-2)).to(torch.promote_types(q.dtype, torch.float32))
+            if ctx.constant:
+                grad_cumulative = grad_cumulative.sum(-2, keepdim=True)
+        return grad_q, grad_k, grad_v, grad_cumulative
+
+
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, chunk: int, state: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-parallel form: intra-chunk as (C, C) matrices, inter-chunk through the state. q and k may have G heads
     dividing v's H (Mamba-2's groups: heads h*G/H .. share them): each group's Q K^T is computed once, and the state
     products of a group's heads are one matrix product with the heads side by side in the columns."""
     length = q.shape[-2]
+    span = segment_length(v.shape[0] * v.shape[1], chunk, q.element_size())
+    if length > span and not q.is_meta:  # on meta (the analysis) one pass: the same products, a shorter trace
+        outs, carried = [], state
+        for start in range(0, length, span):
+            piece = slice(start, start + span)
+            out, carried = chunked(q[..., piece, :], k[..., piece, :], v[..., piece, :], g[..., piece], chunk, carried)
+            outs.append(out)
+        return torch.cat(outs, dim=-2), carried
     tail = length % chunk
     if tail and length > chunk:  # the last partial chunk as a chunk of its own size: no padding, exact final state
         main = length - tail
@@ -53,10 +127,8 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, 
     # a decay constant along T (lightning's, an expanded tensor) is the same in every chunk: its matrices are built once
     constant = g.stride(-1) == 0
     cumulative = cumulative_log_decay((g[..., :chunk] if constant else g).reshape(batch, groups, shared, 1 if constant else n, chunk))
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    # masked before exp: above the diagonal the differences are positive and could overflow
-    decay = factor((cumulative[..., :, None] - cumulative[..., None, :]).masked_fill(~causal, float("-inf")), q.dtype)
-    out = ((q @ k.transpose(-1, -2))[:, :, None] * decay) @ v  # (B, G, shared, n, C, dv)
+    intra = intra_chunk if q.is_meta else IntraChunk.apply  # on meta, the plain products fvcore counts
+    out = intra(q, k, v, cumulative)  # (B, G, shared, n, C, dv)
     last = cumulative[..., -1:]
     # (k w)^T v = k^T (w v) for the per-token weights w = decay to the chunk's end: one product per group, heads as columns
     weighted = (v * factor(last - cumulative, v.dtype)[..., None]).permute(0, 1, 3, 4, 2, 5).reshape(batch, groups, n, chunk, -1)

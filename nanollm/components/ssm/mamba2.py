@@ -20,6 +20,7 @@ from ...ir import MAX_WIDTH, Call, ModelConfig
 from .. import Component, Param, register, telling
 from ..conv import CausalConv1d
 from ..linear import scalar_decay
+from . import segment_length
 
 DT_INIT = (1e-3, 1e-1)  # Mamba's initial time steps, log-uniform in this range
 
@@ -118,7 +119,15 @@ class Mamba2(Component):
         return self.out_proj(self.norm(y.flatten(-2), z))
 
     def forward(self, x: torch.Tensor, form: Any = scalar_decay.chunked) -> torch.Tensor:
-        return self.scan(x, self.conv1d, form, None)[0]
+        span = segment_length(x, self.in_proj.out_features, self.chunk)
+        if x.shape[1] <= span or x.is_meta:  # on meta (the analysis) one pass: the same products, a shorter trace
+            return self.scan(x, self.conv1d, form, None)[0]
+        # segments of whole chunks (LAYER_SEGMENT_BYTES), the convolution's inputs and the SSM state carried
+        outs, state, pasts = [], None, [x.new_zeros(x.shape[0], 0, self.conv_width)]
+        for start in range(0, x.shape[1], span):
+            out, state = self.scan(x[:, start:start + span], functools.partial(self.conv1d.continuing, pasts), form, state)
+            outs.append(out)
+        return torch.cat(outs, dim=1)
 
     def scan(self, x: torch.Tensor, convolve: Any, form: Any, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The mixer's output over x (B, T, d_model), xBC through `convolve`, the scan in `form` from `state` (None: zeros);

@@ -6,12 +6,16 @@ decoding form `CausalConv1d.decode`, its reference `naive` below.
 """
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 from torch import nn
 
 from ...ir import ModelConfig
 from .. import Component, Param, register
 from ..conv import CausalConv1d
+from . import segment_length
 
 
 def naive(gated: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -44,16 +48,24 @@ class ShortConv(Component):
         self.out_proj = nn.Linear(d, d, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        span = segment_length(x, self.in_proj.out_features)
+        if x.shape[1] <= span or x.is_meta:  # on meta (the analysis) one pass: the same products, a shorter trace
+            return self.mix(x, self.conv)
+        pasts = [x.new_zeros(x.shape[0], 0, self.conv.in_channels)]  # segments (LAYER_SEGMENT_BYTES), the conv's inputs carried
+        return torch.cat([self.mix(x[:, start:start + span], functools.partial(self.conv.continuing, pasts))
+                          for start in range(0, x.shape[1], span)], dim=1)
+
+    def mix(self, x: torch.Tensor, convolve: Any) -> torch.Tensor:
+        """out_proj(C * convolve(B * x)) of x (B, T, d_model)."""
         b, c, x = self.in_proj(x).chunk(3, dim=-1)
-        return self.out_proj(c * self.conv(b * x))
+        return self.out_proj(c * convolve(b * x))
 
     def state(self, batch: int, capacity: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The convolution's last kernel - 1 gated inputs, whatever the capacity."""
         return {"conv": self.conv.state(batch, device, dtype)}
 
     def decode(self, state: dict[str, torch.Tensor], start: int, x: torch.Tensor) -> torch.Tensor:
-        b, c, x = self.in_proj(x).chunk(3, dim=-1)
-        return self.out_proj(c * self.conv.decode(b * x, state["conv"]))
+        return self.mix(x, functools.partial(self.conv.decode, past=state["conv"]))
 
     def cache_elements(self, seq_len: int) -> int:
         return self.conv.in_channels * (self.conv.span - 1)
