@@ -15,7 +15,7 @@ layer on one sequence in fp32, input gradient included:
 
 For gdn and kda, also the kernels the layer must run whatever its recurrence, alone at the same shapes: the input
 projections and gates, the short convolution and the output projection, forward + backward; transformers' time over
-theirs is the ceiling of any speed-up (printed as "<= Nx").
+theirs is the ceiling of any speed-up (their own row, tighter than the GEMMs' below).
 
 Then, per nanollm case, the cost per token at the longest length over the shortest (flat in T: within 1.2x), and the
 recurrent form: the time of one decoding step (the layer's `decode` of one token) at the end of each length, the tokens
