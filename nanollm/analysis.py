@@ -15,9 +15,10 @@ import inspect
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -26,6 +27,7 @@ from .cache import cache_dir
 from .compiler import layer_of
 from .components import Component
 from .ir import Arch
+from .shapes import MetaShapes
 
 CACHE_BYTES = 2  # bf16 cache entries
 _MACS: dict[tuple, int] = {}  # fvcore counts by call key, shared by every analysis in the process
@@ -193,7 +195,7 @@ def count_macs(module: nn.Module, args: tuple, handles: dict[str, Callable]) -> 
     # Imported here: an analysis read back from the cache never needs fvcore.
     from fvcore.nn import FlopCountAnalysis
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), MetaShapes():
         warnings.simplefilter("ignore")
         analysis = FlopCountAnalysis(module, args).set_op_handle(**handles)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
@@ -203,7 +205,7 @@ def count_macs(module: nn.Module, args: tuple, handles: dict[str, Callable]) -> 
 def analyze(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
     """Analyse a meta-device model built from `arch` for one sequence of `seq_len` tokens (batch 1)."""
     recorder = _Recorder(model, seq_len)
-    with torch.autograd.graph.saved_tensors_hooks(recorder.save, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(recorder.save, lambda t: t), MetaShapes():
         recorder.run(torch.zeros(1, seq_len, dtype=torch.long, device="meta"))
 
     node_macs: dict[str, int] = {}

@@ -1,0 +1,354 @@
+"""Output shapes of the common aten ops on the meta device, without torch's Python meta kernels.
+
+torch 2.13 registers Python meta kernels (torch._refs, torch._decomp, torch._meta_registrations) over the C++ ones
+of most ops. They check shapes with torch._check, which imports sympy, and their type-promotion wrapper is
+_disable_dynamo, which imports torch._dynamo on its first call: the first analysis in a process would pay over
+a second for imports its figures never use. Under `MetaShapes`, the ops below get their empty meta outputs from
+these rules (shapes; dtypes by torch's own promotion, torch.result_type; the layout torch's kernels give); any
+other op, or a case a rule leaves out (a CPU operand, an integer result, an input torch would refuse), runs torch's
+own kernel as before. tests/test_analysis.py holds every rule to torch's kernels, output by output.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+Rule = Callable[..., Any]
+
+
+class Unhandled(Exception):
+    """A case the rules leave to torch's own kernel."""
+
+
+def meta_operands(args: tuple, contiguous: bool = False) -> list[torch.Tensor]:
+    """The tensor operands, all on the meta device (and contiguous if asked); any other case is left to torch."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not all(t.device.type == "meta" and (t.is_contiguous() or not contiguous) for t in tensors):
+        raise Unhandled
+    return tensors
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Whether the tensor's elements fill its storage span without gaps or overlaps (in any dimension order)."""
+    expected = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def pointwise_layout(shape: tuple[int, ...], operands: list[torch.Tensor]) -> tuple[int, ...]:
+    """The strides torch's pointwise meta kernels give their output: one dense operand's own strides; else the
+    contiguous (or channels-last) layout when every operand, broadcast to `shape`, has it; else dense strides that
+    order the dimensions as the operands' strides do (the first operand that orders two dimensions decides; a
+    broadcast dimension orders nothing)."""
+    if len(shape) <= 1:
+        return (1,) * len(shape)
+    if len(operands) == 1 and dense(operands[0]):
+        return tuple(operands[0].stride())
+    broadcast_operands = [t.expand(shape) for t in operands]
+    contiguous = all(t.is_contiguous() for t in broadcast_operands)
+    channels_last = len(shape) == 4 and all(t.is_contiguous(memory_format=torch.channels_last) for t in broadcast_operands)
+    if contiguous != channels_last:
+        order = list(range(len(shape))) if contiguous else [0, 2, 3, 1]
+    else:
+        order = outer_to_inner(shape, [t.stride() for t in broadcast_operands])
+    strides, step = [0] * len(shape), 1
+    for dim in reversed(order):
+        strides[dim] = step
+        step *= max(shape[dim], 1)
+    return tuple(strides)
+
+
+def outer_to_inner(shape: tuple[int, ...], operand_strides: list[tuple[int, ...]]) -> list[int]:
+    """Dimensions from the outermost to the innermost by the operands' strides: an insertion sort from the last
+    dimension, where a pair the operands leave undecided (strides of 0, or equal strides of a larger inner size)
+    keeps its order."""
+    def inner_first(inner: int, outer: int) -> int:  # 1: swap the pair, -1: keep it and stop, 0: undecided
+        for strides in operand_strides:
+            a, b = strides[inner], strides[outer]
+            if a == 0 or b == 0:
+                continue
+            if a == b:
+                if shape[outer] >= shape[inner]:
+                    continue
+                return 1
+            return -1 if b > a else 1
+        return 0
+
+    order = list(reversed(range(len(shape))))  # innermost first while sorting
+    for i in range(1, len(order)):
+        moving = i
+        for j in reversed(range(i)):
+            decision = inner_first(order[j], order[moving])
+            if decision > 0:
+                order[j], order[moving] = order[moving], order[j]
+                moving = j
+            elif decision < 0:
+                break
+    return list(reversed(order))
+
+
+def pointwise(shape: tuple[int, ...], dtype: torch.dtype, operands: list[torch.Tensor], compute: torch.dtype) -> torch.Tensor:
+    """An empty meta result of a pointwise op computed in `compute`, laid out as torch's meta kernels lay it out.
+
+    torch first converts each operand not already in `compute` (and every half-precision one, computed in fp32);
+    a converted copy of an operand with gaps or overlaps is laid out anew, which these rules leave to torch."""
+    if any((t.dtype != compute or t.dtype in HALF) and not dense(t) for t in operands):
+        raise Unhandled
+    return torch.empty_strided(shape, pointwise_layout(shape, operands), dtype=dtype, device="meta")
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...]:
+    """The broadcast shape; shapes that do not broadcast are left to torch (which raises its own error)."""
+    ndim = max(len(shape) for shape in shapes)
+    padded = [(1,) * (ndim - len(shape)) + tuple(shape) for shape in shapes]
+    out = []
+    for sizes in zip(*padded):
+        others = set(sizes) - {1}
+        if len(others) > 1:
+            raise Unhandled
+        out.append(others.pop() if others else 1)
+    return tuple(out)
+
+
+def empty(shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous meta tensor (aten.empty has a C++ meta kernel)."""
+    return torch.empty(tuple(shape), dtype=dtype, device="meta")
+
+
+def shape_of(value: Any) -> tuple[int, ...]:
+    """An operand's shape: a Python number's is ()."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+
+
+def arithmetic(a: Any, b: Any, *alpha: Any, **kwargs: Any) -> torch.Tensor:
+    """A binary arithmetic op (add, sub, mul, pow by a number) of floating-point result: the operands' broadcast shape,
+    in the dtype torch.result_type promotes them to. Integer and bool results (where torch refuses some cases) are torch's."""
+    operands = meta_operands((a, b))
+    dtype = torch.result_type(a, b)
+    if not dtype.is_floating_point:
+        raise Unhandled
+    return pointwise(broadcast(shape_of(a), shape_of(b)), dtype, operands, dtype)
+
+
+def in_place(a: torch.Tensor, b: Any, *rest: Any, **kwargs: Any) -> torch.Tensor:
+    """`a op= b`: `a` itself, when `b` broadcasts to it and the result keeps `a`'s dtype."""
+    meta_operands((a, b))
+    overlapping = any(stride == 0 and size > 1 for size, stride in zip(a.shape, a.stride()))
+    if overlapping or not a.is_floating_point() or broadcast(tuple(a.shape), shape_of(b)) != tuple(a.shape) or torch.result_type(a, b) != a.dtype:
+        raise Unhandled
+    return a
+
+
+def floating_unary(x: torch.Tensor, *rest: Any, **kwargs: Any) -> torch.Tensor:
+    """A pointwise op on floating-point input (rsqrt, silu, neg, ...): same shape and dtype."""
+    meta_operands((x,))
+    if not x.is_floating_point() or kwargs.get("approximate", "none") not in ("none", "tanh"):
+        raise Unhandled  # integers promote to float, bools differ per op: torch decides
+    return pointwise(tuple(x.shape), x.dtype, [x], x.dtype)
+
+
+def triangle(x: torch.Tensor, diagonal: int = 0) -> torch.Tensor:
+    """tril/triu of a contiguous matrix (or batch of them): contiguous, same shape and dtype."""
+    meta_operands((x,), contiguous=True)
+    if x.dim() < 2:
+        raise Unhandled
+    return empty(x.shape, x.dtype)
+
+
+def comparison(a: Any, b: Any) -> torch.Tensor:
+    """A comparison: the broadcast shape, bool (computed in the operands' promoted dtype)."""
+    operands = meta_operands((a, b))
+    return pointwise(broadcast(shape_of(a), shape_of(b)), torch.bool, operands, torch.result_type(a, b))
+
+
+def in_range(dim: int, ndim: int) -> int:
+    """A dimension index counted from the front; one out of range is left to torch."""
+    if not -max(ndim, 1) <= dim < max(ndim, 1):
+        raise Unhandled
+    return dim % max(ndim, 1)
+
+
+def mean(x: torch.Tensor, dim: list[int] | None, keepdim: bool = False, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """mean over dims of floating-point input: a contiguous result."""
+    meta_operands((x,), contiguous=True)
+    if not (dtype or x.dtype).is_floating_point or not dim:
+        raise Unhandled
+    dims = {in_range(d, x.dim()) for d in dim}
+    if len(dims) != len(dim):
+        raise Unhandled
+    shape = [1 if i in dims else n for i, n in enumerate(x.shape) if keepdim or i not in dims]
+    return empty(shape, dtype or x.dtype)
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n, k) @ (k, m)."""
+    meta_operands((a, b))  # a new contiguous result, whatever the operands' strides
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or a.dtype != b.dtype:
+        raise Unhandled
+    return empty((a.shape[0], b.shape[1]), a.dtype)
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(batch, n, k) @ (batch, k, m)."""
+    meta_operands((a, b))
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1] or a.dtype != b.dtype:
+        raise Unhandled
+    return empty((a.shape[0], a.shape[1], b.shape[2]), a.dtype)
+
+
+def cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """Tensors of one rank joined along `dim`, in their promoted dtype: contiguous unless an input is laid out
+    channels-last (torch's own kernel decides that case)."""
+    meta_operands(tuple(tensors))
+    if any(t.dim() in (4, 5) and channels_last_like(t) for t in tensors):
+        raise Unhandled
+    first = tensors[0]
+    dim = in_range(dim, first.dim())
+    if any(t.dim() != first.dim() or t.numel() == 0 for t in tensors) or first.dim() == 0:
+        raise Unhandled  # empty legacy tensors and scalars: torch's special cases
+    if any(t.shape[:dim] != first.shape[:dim] or t.shape[dim + 1:] != first.shape[dim + 1:] for t in tensors):
+        raise Unhandled
+    dtype = first.dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return empty((*first.shape[:dim], sum(t.shape[dim] for t in tensors), *first.shape[dim + 1:]), dtype)
+
+
+def channels_last_like(t: torch.Tensor) -> bool:
+    """Whether a 4-D or 5-D tensor's strides put the channel dimension (1) innermost, the others in reverse order."""
+    order = [1, 3, 2, 0] if t.dim() == 4 else [1, 4, 3, 2, 0]
+    if t.stride(1) == 0:
+        return False
+    least = 0
+    for dim in order:
+        if t.shape[dim] == 0 or t.stride(dim) < least or (dim == 0 and least == t.stride(1)):
+            return False
+        least = t.stride(dim) * t.shape[dim]
+    return True
+
+
+def embedding(weight: torch.Tensor, indices: torch.Tensor, *rest: Any) -> torch.Tensor:
+    """Rows of `weight` looked up by integer indices."""
+    meta_operands((weight, indices))
+    if weight.dim() != 2 or indices.dtype not in (torch.long, torch.int32):
+        raise Unhandled
+    return empty((*indices.shape, weight.shape[1]), weight.dtype)
+
+
+def where(condition: torch.Tensor, a: Any, b: Any) -> torch.Tensor:
+    """`a` where `condition`, else `b`: the three broadcast, in `a` and `b`'s promoted dtype."""
+    operands = meta_operands((condition, a, b))
+    if condition.dtype != torch.bool:
+        raise Unhandled
+    dtype = torch.result_type(a, b)
+    return pointwise(broadcast(shape_of(condition), shape_of(a), shape_of(b)), dtype, operands, dtype)
+
+
+def factory(size: list[int], *, dtype: torch.dtype | None = None, layout: Any = None, device: Any = None,
+            pin_memory: Any = None) -> torch.Tensor:
+    """zeros/ones on the meta device."""
+    if torch.device(device or "cpu").type != "meta" or layout not in (None, torch.strided):
+        raise Unhandled
+    return empty(size, dtype or torch.get_default_dtype())
+
+
+def new_factory(x: torch.Tensor, size: list[int], *, dtype: torch.dtype | None = None, layout: Any = None, device: Any = None,
+                pin_memory: Any = None) -> torch.Tensor:
+    """x.new_zeros / x.new_empty: `x`'s dtype and device unless given."""
+    meta_operands((x,))
+    return factory(size, dtype=dtype or x.dtype, layout=layout, device=device or x.device)
+
+
+def arange(end: Any, *, dtype: torch.dtype | None = None, layout: Any = None, device: Any = None, pin_memory: Any = None) -> torch.Tensor:
+    """arange(end) of a non-negative integer end: int64 unless given."""
+    if not isinstance(end, int) or isinstance(end, bool) or end < 0:
+        raise Unhandled
+    return factory([end], dtype=dtype or torch.long, layout=layout, device=device)
+
+
+def scalar_tensor(value: Any, *, dtype: torch.dtype | None = None, layout: Any = None, device: Any = None,
+                  pin_memory: Any = None) -> torch.Tensor:
+    """A 0-dim tensor of a real number (the default dtype unless given, integer or not)."""
+    if not isinstance(value, (int, float)):
+        raise Unhandled
+    return factory([], dtype=dtype, layout=layout, device=device)
+
+
+def unsafe_view(x: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """A contiguous tensor's data under another shape: a view of it, as torch's own meta kernel gives."""
+    meta_operands((x,), contiguous=True)
+    return aten.view.default(x, size)
+
+
+def clone(x: torch.Tensor, *, memory_format: torch.memory_format | None = None) -> torch.Tensor:
+    """A copy laid out contiguously: asked for (`.contiguous()`), or kept from a contiguous input."""
+    meta_operands((x,))
+    if not (memory_format == torch.contiguous_format or x.is_contiguous() and memory_format in (None, torch.preserve_format)):
+        raise Unhandled
+    return empty(x.shape, x.dtype)
+
+
+def safe_softmax(x: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """softmax that gives zeros on fully masked rows, of a contiguous input: its shape, in `dtype` if given."""
+    meta_operands((x,), contiguous=True)
+    in_range(dim, x.dim())
+    if not (dtype or x.dtype).is_floating_point or not x.is_floating_point():
+        raise Unhandled
+    return empty(x.shape, dtype or x.dtype)
+
+
+RULES: dict[Any, Rule] = {
+    **{op: arithmetic for op in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.pow.Tensor_Scalar)},
+    **{op: comparison for op in (aten.eq.Scalar, aten.eq.Tensor, aten.ne.Scalar, aten.ne.Tensor, aten.lt.Scalar, aten.lt.Tensor,
+                                  aten.le.Tensor, aten.gt.Scalar)},
+    **{op: in_place for op in (aten.add_.Tensor, aten.add_.Scalar, aten.mul_.Tensor, aten.mul_.Scalar)},
+    **{op: floating_unary for op in (aten.rsqrt.default, aten.silu.default, aten.sigmoid.default, aten.exp.default, aten.sqrt.default,
+                                      aten.gelu.default, aten.softplus.default, aten.relu.default, aten.neg.default)},
+    aten.tril.default: triangle,
+    aten.triu.default: triangle,
+    aten.mean.dim: mean,
+    aten.mm.default: mm,
+    aten.bmm.default: bmm,
+    aten.cat.default: cat,
+    aten.embedding.default: embedding,
+    aten.where.self: where,
+    aten.zeros.default: factory,
+    aten.ones.default: factory,
+    aten.new_zeros.default: new_factory,
+    aten.new_empty.default: new_factory,
+    aten.arange.default: arange,
+    aten.scalar_tensor.default: scalar_tensor,
+    aten._safe_softmax.default: safe_softmax,
+    aten._unsafe_view.default: unsafe_view,
+    aten.clone.default: clone,
+}
+
+
+class MetaShapes(TorchDispatchMode):
+    """Runs the ops in RULES on meta tensors by their rules, every other op by torch's own kernel."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """False: torch would wrap __torch_dispatch__ in _disable_dynamo, whose first call imports torch._dynamo;
+        nothing compiles the analysis, so there is nothing for dynamo to skip."""
+        return False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        rule = RULES.get(func)
+        if rule is not None:
+            try:
+                return rule(*args, **(kwargs or {}))
+            except Unhandled:
+                pass
+        return func(*args, **(kwargs or {}))
+
