@@ -98,8 +98,9 @@ def pointwise(shape: tuple[int, ...], dtype: torch.dtype, operands: list[torch.T
     """An empty meta result of a pointwise op computed in `compute`, laid out as torch's meta kernels lay it out.
 
     torch first converts each operand not already in `compute` (and every half-precision one, computed in fp32);
-    a converted copy of an operand with gaps or overlaps is laid out anew, which these rules leave to torch."""
-    if any((t.dtype != compute or t.dtype in HALF) and not dense(t) for t in operands):
+    a converted copy of an operand with gaps or overlaps is laid out anew, densely in its own order: the order this
+    layout gives a single operand anyway, but beside others these rules leave that case to torch."""
+    if len(operands) > 1 and any((t.dtype != compute or t.dtype in HALF) and not dense(t) for t in operands):
         raise Unhandled
     return torch.empty_strided(shape, pointwise_layout(shape, operands), dtype=dtype, device="meta")
 

@@ -1,6 +1,7 @@
 """Static analysis against closed-form formulas, FlopCounterMode, and fvcore on the whole graph."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,112 @@ def test_per_call_attention_overrides_change_exactly_their_layer():
     assert wide.layers[0].cache_bytes_per_token == 2 * (2 * kv * hd)
     capped = nanollm.compile(TINY + "attn_softcap = 50.0\nattn_scale = 0.1\nglobal; global").analyze(seq_len)
     assert capped.flops_per_token_fwd == base.flops_per_token_fwd
+
+
+def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An empty meta tensor."""
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+aten = torch.ops.aten
+# (op, arguments, keyword arguments): operands laid out as a model's are (transposed heads, slices of them, broadcast
+# weights, size-1 dimensions, channels-last, half precision beside fp32), for every rule of nanollm.shapes.
+SHAPE_CASES = {
+    "transposed times contiguous": (aten.mul.Tensor, lambda: (meta(2, 3, 4, 5).transpose(1, 2), meta(2, 4, 3, 5)), {}),
+    "contiguous times transposed": (aten.mul.Tensor, lambda: (meta(2, 4, 3, 5), meta(2, 3, 4, 5).transpose(1, 2)), {}),
+    "slice of transposed heads plus a broadcast vector": (aten.add.Tensor, lambda: (meta(2, 5, 3, 8).transpose(1, 2)[..., :4], meta(4)), {"alpha": 2}),
+    "size-1 dimensions of equal strides": (aten.mul.Tensor, lambda: (meta(1, 6, 4).unsqueeze(2), meta(6, 1, 1)), {}),
+    "an expanded operand first": (aten.sub.Tensor, lambda: (meta(3, 1, 5).expand(3, 4, 5), meta(4, 3, 5).transpose(0, 1)), {}),
+    "channels-last operands": (aten.add.Tensor, lambda: (meta(2, 3, 4, 5).contiguous(memory_format=torch.channels_last),) * 2, {}),
+    "bf16 times fp32": (aten.mul.Tensor, lambda: (meta(2, 5, 3, 8, dtype=torch.bfloat16).transpose(1, 2), meta(5, 8)), {}),
+    "bf16 times a number": (aten.mul.Scalar, lambda: (meta(4, 6, dtype=torch.bfloat16).t(), 0.5), {}),
+    "integers times a float": (aten.mul.Tensor, lambda: (meta(5, dtype=torch.long), meta(3, 1)), {}),
+    "power of a transposed matrix": (aten.pow.Tensor_Scalar, lambda: (meta(4, 6).t(), 2), {}),
+    "negated bf16 slice of transposed heads": (aten.neg.default, lambda: (meta(1, 5, 3, 8, dtype=torch.bfloat16).transpose(1, 2)[..., 4:],), {}),
+    "rsqrt": (aten.rsqrt.default, lambda: (meta(3, 4, 1),), {}),
+    "silu of a transposed matrix": (aten.silu.default, lambda: (meta(4, 6).t(),), {}),
+    "sigmoid": (aten.sigmoid.default, lambda: (meta(2, 3),), {}),
+    "exp of a slice": (aten.exp.default, lambda: (meta(4, 6)[:, 1:3],), {}),
+    "sqrt": (aten.sqrt.default, lambda: (meta(5),), {}),
+    "tanh gelu": (aten.gelu.default, lambda: (meta(2, 7),), {"approximate": "tanh"}),
+    "softplus": (aten.softplus.default, lambda: (meta(2, 7), 1.0, 20.0), {}),
+    "relu": (aten.relu.default, lambda: (meta(2, 7, dtype=torch.bfloat16),), {}),
+    "integers below a number": (aten.lt.Scalar, lambda: (meta(6, dtype=torch.long), 3), {}),
+    "equal tensors of two dtypes": (aten.eq.Tensor, lambda: (meta(6, dtype=torch.long), meta(2, 1)), {}),
+    "greater than a number": (aten.gt.Scalar, lambda: (meta(4, 6).t(), 0.0), {}),
+    "at most": (aten.le.Tensor, lambda: (meta(4, 1, dtype=torch.long), meta(5, dtype=torch.long)), {}),
+    "not equal to a number": (aten.ne.Scalar, lambda: (meta(3, 3), 0), {}),
+    "in-place add": (aten.add_.Tensor, lambda: (meta(3, 4), meta(4)), {}),
+    "in-place add of a number": (aten.add_.Scalar, lambda: (meta(3, 4), 1e-6), {}),
+    "in-place scale": (aten.mul_.Tensor, lambda: (meta(3, 4).t(), meta(3)), {}),
+    "in-place scale by a number": (aten.mul_.Scalar, lambda: (meta(3, 4), 2), {}),
+    "mean over the last dimension": (aten.mean.dim, lambda: (meta(2, 5, 8), [-1], True), {}),
+    "mean over two dimensions": (aten.mean.dim, lambda: (meta(2, 5, 8), [0, 2]), {}),
+    "matmul by a transposed weight": (aten.mm.default, lambda: (meta(6, 4), meta(5, 4).t()), {}),
+    "batched matmul of transposed keys": (aten.bmm.default, lambda: (meta(3, 6, 4), meta(3, 6, 4).transpose(1, 2)), {}),
+    "cat of slices of transposed heads": (aten.cat.default, lambda: ([meta(1, 5, 3, 8).transpose(1, 2)[..., 4:], meta(1, 5, 3, 8).transpose(1, 2)[..., :4]], -1), {}),
+    "cat promoting dtypes": (aten.cat.default, lambda: ([meta(2, 3, dtype=torch.bfloat16), meta(4, 3)],), {}),
+    "embedding": (aten.embedding.default, lambda: (meta(10, 4), meta(2, 5, dtype=torch.long)), {}),
+    "where with a broadcast mask": (aten.where.self, lambda: (meta(5, 5, dtype=torch.bool), meta(2, 5, 3, 5).transpose(1, 2), meta()), {}),
+    "tril": (aten.tril.default, lambda: (meta(3, 5, 5),), {}),
+    "triu above the diagonal": (aten.triu.default, lambda: (meta(5, 5, dtype=torch.bool), 1), {}),
+    "zeros": (aten.zeros.default, lambda: ([2, 3],), {"device": torch.device("meta")}),
+    "ones of a dtype": (aten.ones.default, lambda: ([4],), {"dtype": torch.bool, "device": torch.device("meta")}),
+    "new zeros": (aten.new_zeros.default, lambda: (meta(2, dtype=torch.bfloat16), [3, 1]), {}),
+    "new empty of a dtype": (aten.new_empty.default, lambda: (meta(2), [5]), {"dtype": torch.float32}),
+    "arange": (aten.arange.default, lambda: (7,), {"device": torch.device("meta")}),
+    "scalar tensor": (aten.scalar_tensor.default, lambda: (3,), {"device": torch.device("meta")}),
+    "safe softmax": (aten._safe_softmax.default, lambda: (meta(2, 4, 4), -1), {}),
+    "unsafe view": (aten._unsafe_view.default, lambda: (meta(2, 3, 4), [6, 4]), {}),
+    "contiguous copy of transposed heads": (aten.clone.default, lambda: (meta(2, 5, 3, 8).transpose(1, 2),), {"memory_format": torch.contiguous_format}),
+    "copy of a contiguous tensor": (aten.clone.default, lambda: (meta(2, 5),), {}),
+}
+
+
+@pytest.mark.parametrize("case", SHAPE_CASES)
+def test_each_meta_shape_rule_gives_the_output_torchs_kernel_gives(case):
+    from nanollm.shapes import RULES
+
+    op, arguments, kwargs = SHAPE_CASES[case]
+    ours, torchs = RULES[op](*arguments(), **kwargs), op(*arguments(), **kwargs)
+    assert (ours.shape, ours.stride(), ours.dtype, ours.device) == (torchs.shape, torchs.stride(), torchs.dtype, torchs.device)
+
+
+@pytest.mark.parametrize("op, arguments", [
+    (aten.mm.default, lambda: (meta(6, 4), meta(5, 4))),  # inner sizes differ
+    (aten.sub.Tensor, lambda: (meta(3, dtype=torch.bool), meta(3, dtype=torch.bool))),  # torch refuses bool subtraction
+    (aten.neg.default, lambda: (meta(3, dtype=torch.bool),)),
+    (aten.add.Tensor, lambda: (meta(3, 4), meta(5))),  # shapes that do not broadcast
+    (aten.add_.Tensor, lambda: (meta(3, dtype=torch.long), meta(3))),  # a float result written into integers
+    (aten.mean.dim, lambda: (meta(3, 4), [2])),  # no such dimension
+    (aten.cat.default, lambda: ([meta(2, 3), meta(2, 4)],)),
+])
+def test_meta_shapes_refuse_what_torch_refuses(op, arguments):
+    from nanollm.shapes import MetaShapes
+
+    with pytest.raises((RuntimeError, IndexError)), MetaShapes():  # the error torch raises
+        op(*arguments())
+
+
+def layouts(value):
+    """Shape, strides, dtype and device of a node's output (each output of a node that gives several)."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.stride(), value.dtype, value.device
+    return tuple(layouts(v) for v in value) if isinstance(value, (tuple, list)) else None
+
+
+@pytest.mark.parametrize("name", ["qwen3_0_6b.arch", "qwen3_tiny_hybrid.arch", "qwen3_tiny_moe.arch", "gemma3_1b.arch", "deltanet_hybrid.arch",
+                                  "hybrid_ssm.arch", "deepseek_v3.arch", "phase3/mhc.arch", "phase3/engram.arch"])
+def test_analysis_under_meta_shapes_equals_the_analysis_on_torchs_meta_kernels(name, monkeypatch):
+    """Every node's output (shape, strides, dtype) and every figure, for models of every family of component."""
+    record = nanollm.analysis._Recorder.run_call
+
+    def analysed():
+        monkeypatch.setattr(nanollm.analysis, "_MACS", {})
+        compiled, outputs = nanollm.compile(ROOT / "archs" / name), {}
+        monkeypatch.setattr(nanollm.analysis._Recorder, "run_call", lambda self, node: outputs.setdefault(node.name, record(self, node)))
+        return compiled.analyze(64), {node: layouts(output) for node, output in outputs.items()}
+
+    ours = analysed()
+    monkeypatch.setattr(nanollm.analysis, "MetaShapes", contextlib.nullcontext)
+    assert ours == analysed()
