@@ -24,12 +24,17 @@ class Unhandled(Exception):
     """A case the rules leave to torch's own kernel."""
 
 
-def meta_operands(args: tuple, contiguous: bool = False) -> list[torch.Tensor]:
-    """The tensor operands, all on the meta device (and contiguous if asked); any other case is left to torch."""
+def meta_operands(args: tuple, contiguous: bool = False, scalars: bool = False) -> list[torch.Tensor]:
+    """The tensor operands on the meta device (contiguous if asked), which must be all of them but, with `scalars`,
+    0-dim CPU tensors (a pointwise op takes them as numbers); any other case is left to torch."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if not all(t.device.type == "meta" and (t.is_contiguous() or not contiguous) for t in tensors):
+    on_meta = [t for t in tensors if t.device.type == "meta"]
+    others_are_scalars = all(t.device.type == "cpu" and t.dim() == 0 for t in tensors if t.device.type != "meta")
+    if not on_meta or len(on_meta) < len(tensors) and not (scalars and others_are_scalars):
         raise Unhandled
-    return tensors
+    if contiguous and not all(t.is_contiguous() for t in on_meta):
+        raise Unhandled
+    return on_meta
 
 
 def dense(t: torch.Tensor) -> bool:
@@ -132,11 +137,30 @@ def shape_of(value: Any) -> tuple[int, ...]:
 
 
 def arithmetic(a: Any, b: Any, *alpha: Any, **kwargs: Any) -> torch.Tensor:
-    """A binary arithmetic op (add, sub, mul, pow by a number) of floating-point result: the operands' broadcast shape,
-    in the dtype torch.result_type promotes them to. Integer and bool results (where torch refuses some cases) are torch's."""
-    operands = meta_operands((a, b))
+    """add, sub or mul: the operands' broadcast shape, in the dtype torch.result_type promotes them to. Bool results,
+    and a float alpha of integers, which torch refuses or treats apart, are left to it."""
+    operands = meta_operands((a, b), scalars=True)
     dtype = torch.result_type(a, b)
-    if not dtype.is_floating_point:
+    alpha = (*alpha, *kwargs.values())
+    if dtype == torch.bool or dtype.is_complex or not dtype.is_floating_point and any(isinstance(x, float) for x in alpha):
+        raise Unhandled
+    return pointwise(broadcast(shape_of(a), shape_of(b)), dtype, operands, dtype)
+
+
+def power(x: torch.Tensor, exponent: Any) -> torch.Tensor:
+    """A floating-point tensor to a number's power: its shape and dtype (integer powers, refused when negative, are torch's)."""
+    operands = meta_operands((x,))
+    dtype = torch.result_type(x, exponent)
+    if not x.is_floating_point() or dtype != x.dtype:
+        raise Unhandled
+    return pointwise(tuple(x.shape), dtype, operands, dtype)
+
+
+def bitwise(a: Any, b: Any) -> torch.Tensor:
+    """and / or / xor of bool or integer tensors: the broadcast shape, in their promoted dtype."""
+    operands = meta_operands((a, b), scalars=True)
+    dtype = torch.result_type(a, b)
+    if dtype.is_floating_point or dtype.is_complex:
         raise Unhandled
     return pointwise(broadcast(shape_of(a), shape_of(b)), dtype, operands, dtype)
 
@@ -168,7 +192,7 @@ def triangle(x: torch.Tensor, diagonal: int = 0) -> torch.Tensor:
 
 def comparison(a: Any, b: Any) -> torch.Tensor:
     """A comparison: the broadcast shape, bool (computed in the operands' promoted dtype)."""
-    operands = meta_operands((a, b))
+    operands = meta_operands((a, b), scalars=True)
     return pointwise(broadcast(shape_of(a), shape_of(b)), torch.bool, operands, torch.result_type(a, b))
 
 
@@ -248,7 +272,7 @@ def embedding(weight: torch.Tensor, indices: torch.Tensor, *rest: Any) -> torch.
 
 def where(condition: torch.Tensor, a: Any, b: Any) -> torch.Tensor:
     """`a` where `condition`, else `b`: the three broadcast, in `a` and `b`'s promoted dtype."""
-    operands = meta_operands((condition, a, b))
+    operands = meta_operands((condition, a, b), scalars=True)
     if condition.dtype != torch.bool:
         raise Unhandled
     dtype = torch.result_type(a, b)
@@ -309,7 +333,9 @@ def safe_softmax(x: torch.Tensor, dim: int, dtype: torch.dtype | None = None) ->
 
 
 RULES: dict[Any, Rule] = {
-    **{op: arithmetic for op in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.mul.Scalar, aten.pow.Tensor_Scalar)},
+    **{op: arithmetic for op in (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.mul.Scalar)},
+    aten.pow.Tensor_Scalar: power,
+    **{op: bitwise for op in (aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.bitwise_xor.Tensor)},
     **{op: comparison for op in (aten.eq.Scalar, aten.eq.Tensor, aten.ne.Scalar, aten.ne.Tensor, aten.lt.Scalar, aten.lt.Tensor,
                                   aten.le.Tensor, aten.gt.Scalar)},
     **{op: in_place for op in (aten.add_.Tensor, aten.add_.Scalar, aten.mul_.Tensor, aten.mul_.Scalar)},

@@ -201,6 +201,13 @@ SHAPE_CASES = {
     "bf16 times fp32": (aten.mul.Tensor, lambda: (meta(2, 5, 3, 8, dtype=torch.bfloat16).transpose(1, 2), meta(5, 8)), {}),
     "bf16 times a number": (aten.mul.Scalar, lambda: (meta(4, 6, dtype=torch.bfloat16).t(), 0.5), {}),
     "integers times a float": (aten.mul.Tensor, lambda: (meta(5, dtype=torch.long), meta(3, 1)), {}),
+    "positions minus positions": (aten.sub.Tensor, lambda: (meta(6, 1, dtype=torch.long), meta(6, dtype=torch.long)), {}),
+    "integers plus integers twice": (aten.add.Tensor, lambda: (meta(6, dtype=torch.int32), meta(6, dtype=torch.long)), {"alpha": 2}),
+    "bf16 times a CPU scalar tensor": (aten.mul.Tensor, lambda: (meta(3, 4, dtype=torch.bfloat16).t(), torch.tensor(2.5)), {}),
+    "a CPU scalar tensor times a slice": (aten.mul.Tensor, lambda: (torch.tensor(3), meta(4, 6)[:, :3]), {}),
+    "masks and masks": (aten.bitwise_and.Tensor, lambda: (meta(5, 1, dtype=torch.bool), meta(5, dtype=torch.bool)), {}),
+    "masks or masks": (aten.bitwise_or.Tensor, lambda: (meta(5, 5, dtype=torch.bool).t(), meta(5, 5, dtype=torch.bool)), {}),
+    "integers xor integers": (aten.bitwise_xor.Tensor, lambda: (meta(5, dtype=torch.int32), meta(2, 1, dtype=torch.long)), {}),
     "power of a transposed matrix": (aten.pow.Tensor_Scalar, lambda: (meta(4, 6).t(), 2), {}),
     "negated bf16 slice of transposed heads": (aten.neg.default, lambda: (meta(1, 5, 3, 8, dtype=torch.bfloat16).transpose(1, 2)[..., 4:],), {}),
     "rsqrt": (aten.rsqrt.default, lambda: (meta(3, 4, 1),), {}),
@@ -256,6 +263,8 @@ def test_each_meta_shape_rule_gives_the_output_torchs_kernel_gives(case):
     (aten.mm.default, lambda: (meta(6, 4), meta(5, 4))),  # inner sizes differ
     (aten.sub.Tensor, lambda: (meta(3, dtype=torch.bool), meta(3, dtype=torch.bool))),  # torch refuses bool subtraction
     (aten.neg.default, lambda: (meta(3, dtype=torch.bool),)),
+    (aten.add.Tensor, lambda: (meta(3, dtype=torch.long), meta(3, dtype=torch.long), 0.5)),  # a float alpha of integers
+    (aten.mul.Tensor, lambda: (meta(3), torch.ones(3))),  # a CPU tensor that is not a scalar
     (aten.add.Tensor, lambda: (meta(3, 4), meta(5))),  # shapes that do not broadcast
     (aten.add_.Tensor, lambda: (meta(3, dtype=torch.long), meta(3))),  # a float result written into integers
     (aten.mean.dim, lambda: (meta(3, 4), [2])),  # no such dimension
@@ -275,7 +284,7 @@ def layouts(value):
     return tuple(layouts(v) for v in value) if isinstance(value, (tuple, list)) else None
 
 
-@pytest.mark.parametrize("name", ["qwen3_0_6b.arch", "qwen3_tiny_hybrid.arch", "qwen3_tiny_moe.arch", "gemma3_1b.arch", "deltanet_hybrid.arch",
+@pytest.mark.parametrize("name", ["qwen3_0_6b.arch", "gemma3_1b.arch", "qwen3_tiny_hybrid.arch", "qwen3_tiny_moe.arch", "deltanet_hybrid.arch",
                                   "hybrid_ssm.arch", "deepseek_v3.arch", "phase3/mhc.arch", "phase3/engram.arch"])
 def test_analysis_under_meta_shapes_equals_the_analysis_on_torchs_meta_kernels(name, monkeypatch):
     """Every node's output (shape, strides, dtype) and every figure, for models of every family of component."""
