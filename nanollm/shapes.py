@@ -102,12 +102,11 @@ def outer_to_inner(shape: tuple[int, ...], operand_strides: list[tuple[int, ...]
 def pointwise(shape: tuple[int, ...], dtype: torch.dtype, operands: list[torch.Tensor], compute: torch.dtype) -> torch.Tensor:
     """An empty meta result of a pointwise op computed in `compute`, laid out as torch's meta kernels lay it out.
 
-    torch first converts each operand not already in `compute` (and every half-precision one, computed in fp32);
-    a converted copy of an operand with gaps or overlaps is laid out anew, densely in its own order: the order this
-    layout gives a single operand anyway, but beside others these rules leave that case to torch."""
-    if len(operands) > 1 and any((t.dtype != compute or t.dtype in HALF) and not dense(t) for t in operands):
-        raise Unhandled
-    return torch.empty_strided(shape, pointwise_layout(shape, operands), dtype=dtype, device="meta")
+    torch first converts each operand not already in `compute` (and every half-precision one, computed in fp32): the
+    copy keeps a dense operand's strides, and lays one with gaps or overlaps out densely in its own dimension order."""
+    converted = [torch.empty_strided(t.shape, pointwise_layout(tuple(t.shape), [t]), dtype=compute, device="meta")
+                 if (t.dtype != compute or t.dtype in HALF) and not dense(t) else t for t in operands]
+    return torch.empty_strided(shape, pointwise_layout(shape, converted), dtype=dtype, device="meta")
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -323,6 +322,165 @@ def clone(x: torch.Tensor, *, memory_format: torch.memory_format | None = None) 
     return empty(x.shape, x.dtype)
 
 
+def true_division(a: Any, b: Any) -> torch.Tensor:
+    """a / b: the broadcast shape, in the promoted dtype (the default float dtype for integers)."""
+    operands = meta_operands((a, b), scalars=True)
+    dtype = torch.result_type(a, b)
+    if dtype.is_complex:
+        raise Unhandled
+    dtype = dtype if dtype.is_floating_point else torch.get_default_dtype()
+    return pointwise(broadcast(shape_of(a), shape_of(b)), dtype, operands, dtype)
+
+
+def floor_division(a: Any, b: Any) -> torch.Tensor:
+    """a // b of numbers (not bools): the broadcast shape, in the promoted dtype."""
+    operands = meta_operands((a, b), scalars=True)
+    dtype = torch.result_type(a, b)
+    if dtype == torch.bool or dtype.is_complex:
+        raise Unhandled
+    return pointwise(broadcast(shape_of(a), shape_of(b)), dtype, operands, dtype)
+
+
+def accumulated(x: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a sum accumulates in: the one asked for, else int64 for bools and integers, else the input's."""
+    if dtype is not None:
+        return dtype
+    return x.dtype if x.is_floating_point() or x.is_complex() else torch.long
+
+
+def total(x: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """sum of every element: a 0-dim tensor."""
+    meta_operands((x,))
+    return empty((), accumulated(x, dtype))
+
+
+def summed(x: torch.Tensor, dim: list[int] | None, keepdim: bool = False, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """sum over dims: a contiguous result."""
+    meta_operands((x,))
+    if not dim:
+        raise Unhandled  # None or []: every dimension, torch's case
+    dims = {in_range(d, x.dim()) for d in dim}
+    if len(dims) != len(dim):
+        raise Unhandled
+    return empty([1 if i in dims else n for i, n in enumerate(x.shape) if keepdim or i not in dims], accumulated(x, dtype))
+
+
+def cumulative_sum(x: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """cumsum along a dim of a contiguous tensor: its shape, contiguous."""
+    meta_operands((x,), contiguous=True)
+    in_range(dim, x.dim())
+    return empty(x.shape, accumulated(x, dtype))
+
+
+def softmax(x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
+    """softmax of a contiguous floating-point tensor along a dim: its shape, contiguous."""
+    meta_operands((x,), contiguous=True)
+    in_range(dim, x.dim())
+    if not x.is_floating_point() or half_to_float:
+        raise Unhandled
+    return empty(x.shape, x.dtype)
+
+
+def top(x: torch.Tensor, k: int, dim: int = -1, largest: bool = True, sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest (or smallest) along a dim, and their int64 indices: contiguous."""
+    meta_operands((x,))
+    dim = in_range(dim, x.dim())
+    if x.dim() == 0 or not 0 <= k <= x.shape[dim]:
+        raise Unhandled
+    shape = (*x.shape[:dim], k, *x.shape[dim + 1:])
+    return empty(shape, x.dtype), empty(shape, torch.long)
+
+
+def stable_sort(x: torch.Tensor, *, stable: bool | None = None, dim: int = -1, descending: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A contiguous tensor sorted along a dim, and the int64 indices: contiguous."""
+    meta_operands((x,), contiguous=True)
+    in_range(dim, x.dim())
+    return empty(x.shape, x.dtype), empty(x.shape, torch.long)
+
+
+def gather(x: torch.Tensor, dim: int, index: torch.Tensor, *, sparse_grad: bool = False) -> torch.Tensor:
+    """x's values at int64 indices along a dim: the index's shape, contiguous."""
+    meta_operands((x, index))
+    dim = in_range(dim, x.dim())
+    if index.dtype != torch.long or index.dim() != x.dim() or any(index.shape[d] > x.shape[d] for d in range(x.dim()) if d != dim):
+        raise Unhandled
+    return empty(index.shape, x.dtype)
+
+
+def index_select(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """x's slices at int64 indices along a dim: contiguous."""
+    meta_operands((x, index))
+    dim = in_range(dim, x.dim())
+    if index.dtype != torch.long or index.dim() > 1 or x.dim() == 0:
+        raise Unhandled
+    return empty((*x.shape[:dim], index.numel(), *x.shape[dim + 1:]), x.dtype)
+
+
+def index_add(x: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tensor, *, alpha: Any = 1) -> torch.Tensor:
+    """x with source's slices added at int64 indices along a dim, in place: x itself."""
+    meta_operands((x, index, source))
+    dim = in_range(dim, x.dim())
+    expected = (*x.shape[:dim], index.numel(), *x.shape[dim + 1:])
+    if index.dtype != torch.long or index.dim() > 1 or source.dtype != x.dtype or tuple(source.shape) != expected or not dense(x):
+        raise Unhandled
+    return x
+
+
+def scatter_add(x: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """x with source's values added at int64 indices along a dim, in place: x itself."""
+    meta_operands((x, index, source))
+    dim = in_range(dim, x.dim())
+    fits = index.dim() == x.dim() == source.dim() and all(
+        index.shape[d] <= source.shape[d] and (d == dim or index.shape[d] <= x.shape[d]) for d in range(x.dim()))
+    if index.dtype != torch.long or source.dtype != x.dtype or not fits or not dense(x):
+        raise Unhandled
+    return x
+
+
+def filled_like(x: torch.Tensor, *, dtype: torch.dtype | None = None, layout: Any = None, device: Any = None, pin_memory: Any = None,
+                memory_format: torch.memory_format | None = None) -> torch.Tensor:
+    """zeros_like / ones_like of a dense tensor on meta: its shape and strides (the layout kept)."""
+    meta_operands((x,))
+    if not dense(x) or memory_format not in (None, torch.preserve_format) or layout not in (None, torch.strided) \
+            or torch.device(device or "meta").type != "meta":
+        raise Unhandled
+    return torch.empty_strided(x.shape, x.stride(), dtype=dtype or x.dtype, device="meta")
+
+
+def stack(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """Contiguous tensors of one shape stacked along a new dim, in their promoted dtype: contiguous."""
+    meta_operands(tuple(tensors), contiguous=True)
+    first = tensors[0]
+    dim = in_range(dim, first.dim() + 1)
+    if any(t.shape != first.shape for t in tensors):
+        raise Unhandled
+    dtype = first.dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return empty((*first.shape[:dim], len(tensors), *first.shape[dim:]), dtype)
+
+
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None = None, bias: Any = None,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """bf16 rows (n, k) each multiplied by one of a stack of matrices (groups, k, m), groups ending at int32 offsets:
+    (n, m), contiguous (a CUDA build of torch pads the rows, left to it)."""
+    meta_operands((a, b, offs))
+    if torch.version.cuda or offs is None or bias is not None or out_dtype not in (None, a.dtype) or a.dim() != 2 or b.dim() != 3 \
+            or offs.dtype != torch.int32 or offs.dim() != 1 or offs.shape[0] != b.shape[0] or a.shape[1] != b.shape[1] \
+            or a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16:
+        raise Unhandled
+    return empty((a.shape[0], b.shape[2]), a.dtype)
+
+
+def index_rows(x: torch.Tensor, indices: list[torch.Tensor | None]) -> torch.Tensor:
+    """x[rows] of a contiguous x by one int64 index tensor: the index's shape, then x's other dims, contiguous."""
+    meta_operands((x,), contiguous=True)
+    if len(indices) != 1 or not isinstance(indices[0], torch.Tensor) or indices[0].device.type != "meta" or indices[0].dtype != torch.long \
+            or x.dim() == 0:
+        raise Unhandled
+    return empty((*indices[0].shape, *x.shape[1:]), x.dtype)
+
+
 def safe_softmax(x: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """softmax that gives zeros on fully masked rows, of a contiguous input: its shape, in `dtype` if given."""
     meta_operands((x,), contiguous=True)
@@ -357,6 +515,23 @@ RULES: dict[Any, Rule] = {
     aten.scalar_tensor.default: scalar_tensor,
     aten._safe_softmax.default: safe_softmax,
     aten._unsafe_view.default: unsafe_view,
+    aten.div.Tensor: true_division,
+    aten.floor_divide.default: floor_division,
+    aten.sum.default: total,
+    aten.sum.dim_IntList: summed,
+    aten.cumsum.default: cumulative_sum,
+    aten._softmax.default: softmax,
+    aten.topk.default: top,
+    aten.sort.stable: stable_sort,
+    aten.gather.default: gather,
+    aten.index_select.default: index_select,
+    aten.index_add_.default: index_add,
+    aten.scatter_add_.default: scatter_add,
+    aten.zeros_like.default: filled_like,
+    aten.ones_like.default: filled_like,
+    aten.stack.default: stack,
+    aten._grouped_mm.default: grouped_mm,
+    aten.index.Tensor: index_rows,
     aten.clone.default: clone,
 }
 
