@@ -448,11 +448,12 @@ def filled_like(x: torch.Tensor, *, dtype: torch.dtype | None = None, layout: An
 
 
 def stack(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    """Contiguous tensors of one shape stacked along a new dim, in their promoted dtype: contiguous."""
-    meta_operands(tuple(tensors), contiguous=True)
+    """Tensors of one shape stacked along a new dim (torch joins them unsqueezed), in their promoted dtype: contiguous
+    unless one unsqueezed looks channels-last."""
+    meta_operands(tuple(tensors))
     first = tensors[0]
     dim = in_range(dim, first.dim() + 1)
-    if any(t.shape != first.shape for t in tensors):
+    if any(t.shape != first.shape for t in tensors) or any(t.dim() in (3, 4) and channels_last_like(t.unsqueeze(dim)) for t in tensors):
         raise Unhandled
     dtype = first.dtype
     for t in tensors[1:]:
@@ -479,6 +480,52 @@ def index_rows(x: torch.Tensor, indices: list[torch.Tensor | None]) -> torch.Ten
             or x.dim() == 0:
         raise Unhandled
     return empty((*indices[0].shape, *x.shape[1:]), x.dtype)
+
+
+def logical_not(x: torch.Tensor) -> torch.Tensor:
+    """bitwise_not of a bool or integer tensor: its shape and dtype."""
+    meta_operands((x,))
+    if x.is_floating_point() or x.is_complex():
+        raise Unhandled
+    return pointwise(tuple(x.shape), x.dtype, [x], x.dtype)
+
+
+def masked_fill(x: torch.Tensor, mask: torch.Tensor, value: Any) -> torch.Tensor:
+    """A contiguous floating-point tensor with a number where a bool mask (broadcast to it) is set: contiguous."""
+    meta_operands((x, mask), contiguous=True)
+    if not x.is_floating_point() or mask.dtype != torch.bool or broadcast(tuple(x.shape), tuple(mask.shape)) != tuple(x.shape) \
+            or not isinstance(value, (int, float)):
+        raise Unhandled
+    return empty(x.shape, x.dtype)
+
+
+def scatter(x: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """A copy of a contiguous x with source's values at int64 indices along a dim: contiguous."""
+    meta_operands((x, index, source))
+    dim = in_range(dim, x.dim())
+    fits = index.dim() == x.dim() == source.dim() and all(
+        index.shape[d] <= source.shape[d] and (d == dim or index.shape[d] <= x.shape[d]) for d in range(x.dim()))
+    if not x.is_contiguous() or index.dtype != torch.long or source.dtype != x.dtype or not fits:
+        raise Unhandled
+    return empty(x.shape, x.dtype)
+
+
+def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: Any = 1, alpha: Any = 1) -> torch.Tensor:
+    """bias + a @ b, floating-point: (n, m), contiguous."""
+    meta_operands((bias, a, b))
+    product = mm(a, b)
+    if not a.is_floating_point() or bias.dtype != a.dtype or broadcast(tuple(product.shape), tuple(bias.shape)) != tuple(product.shape):
+        raise Unhandled
+    return product
+
+
+def clamp(x: torch.Tensor, low: Any = None, high: Any = None) -> torch.Tensor:
+    """A floating-point tensor clamped between numbers: its shape and dtype."""
+    meta_operands((x,))
+    bounds = [bound for bound in (low, high) if bound is not None]
+    if not x.is_floating_point() or not bounds or any(not isinstance(bound, (int, float)) for bound in bounds):
+        raise Unhandled
+    return pointwise(tuple(x.shape), x.dtype, [x], x.dtype)
 
 
 def safe_softmax(x: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -532,6 +579,11 @@ RULES: dict[Any, Rule] = {
     aten.stack.default: stack,
     aten._grouped_mm.default: grouped_mm,
     aten.index.Tensor: index_rows,
+    aten.bitwise_not.default: logical_not,
+    aten.masked_fill.Scalar: masked_fill,
+    aten.scatter.src: scatter,
+    aten.addmm.default: addmm,
+    aten.clamp.default: clamp,
     aten.clone.default: clone,
 }
 

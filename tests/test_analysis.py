@@ -276,6 +276,14 @@ SHAPE_CASES = {
     "grouped matmul": (aten._grouped_mm.default, lambda: (meta(10, 8, dtype=torch.bfloat16), meta(4, 8, 6, dtype=torch.bfloat16).transpose(1, 2)
                                                          .contiguous().transpose(1, 2), meta(4, dtype=torch.int32)), {}),
     "rows by an index": (aten.index.Tensor, lambda: (meta(6, 8), [meta(2, 5, dtype=torch.long)]), {}),
+    "stack of transposed matrices": (aten.stack.default, lambda: ([meta(3, 4).t(), meta(3, 4).t()], 1), {}),
+    "stack of slices of heads": (aten.stack.default, lambda: ([meta(1, 5, 3, 8)[..., 1::2], meta(1, 5, 3, 8)[..., 0::2]], -1), {}),
+    "not of a transposed mask": (aten.bitwise_not.default, lambda: (meta(4, 6, dtype=torch.bool).t(),), {}),
+    "masked fill by a broadcast mask": (aten.masked_fill.Scalar, lambda: (meta(2, 5, 5), meta(5, 5, dtype=torch.bool), float("-inf")), {}),
+    "scatter": (aten.scatter.src, lambda: (meta(6, 8), 1, meta(6, 3, dtype=torch.long), meta(6, 3)), {}),
+    "addmm by a transposed weight": (aten.addmm.default, lambda: (meta(5), meta(6, 4), meta(5, 4).t()), {}),
+    "clamp of a slice": (aten.clamp.default, lambda: (meta(4, 6)[:, 1:3], -1.0, 1.0), {}),
+    "clamp from below of bf16": (aten.clamp.default, lambda: (meta(4, 6, dtype=torch.bfloat16), 0), {}),
 }
 
 
