@@ -5,7 +5,8 @@ from, input shapes): identical layers are traced once. What a module was built f
 (its IR call and the settings), so no module has to describe itself for the memo to be right. fvcore counts multiply-accumulates; everything reported here is
 FLOPs = 2 x MACs, the convention of C = 6ND. Components register handles for ops fvcore lacks
 (attention counts only the (query, key) pairs really attended; grouped expert matmuls count only
-the routed rows).
+the routed rows). Every pass runs under nanollm.shapes.MetaShapes, which gives the common ops their meta outputs
+without torch's Python meta kernels (and the sympy and torch._dynamo imports they make).
 """
 from __future__ import annotations
 
@@ -281,9 +282,9 @@ def analysis_key(arch: Arch, model: fx.GraphModule, seq_len: int) -> str | None:
 def stored_analysis(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
     """`analyze`, kept in nanollm's cache folder: an architecture analysed before, by the same code, is read back.
 
-    The first analysis in a process imports sympy and torch._dynamo (torch's meta kernels check shapes with
-    torch._check and are wrapped in _disable_dynamo): over a second, where the command itself takes a fraction of one.
-    Set NANOLLM_ANALYSIS_CACHE=0 to always count afresh.
+    Reading back spares the pass over the graph, fvcore's import and its traces (and, for a model with an op
+    nanollm.shapes has no rule for, the imports torch's Python meta kernels make). Set NANOLLM_ANALYSIS_CACHE=0 to
+    always count afresh.
     """
     key = None if os.environ.get("NANOLLM_ANALYSIS_CACHE") == "0" else analysis_key(arch, model, seq_len)
     if key is None:

@@ -10,6 +10,7 @@ own kernel as before. tests/test_analysis.py holds every rule to torch's kernels
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -242,9 +243,7 @@ def cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
         raise Unhandled  # empty legacy tensors and scalars: torch's special cases
     if any(t.shape[:dim] != first.shape[:dim] or t.shape[dim + 1:] != first.shape[dim + 1:] for t in tensors):
         raise Unhandled
-    dtype = first.dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
     return empty((*first.shape[:dim], sum(t.shape[dim] for t in tensors), *first.shape[dim + 1:]), dtype)
 
 
@@ -426,12 +425,17 @@ def index_add(x: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tens
     return x
 
 
+def scatter_fits(x: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether scatter's index is within source, and within x but along `dim`, all three of one rank."""
+    return index.dim() == x.dim() == source.dim() and all(
+        index.shape[d] <= source.shape[d] and (d == dim or index.shape[d] <= x.shape[d]) for d in range(x.dim()))
+
+
 def scatter_add(x: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """x with source's values added at int64 indices along a dim, in place: x itself."""
     meta_operands((x, index, source))
     dim = in_range(dim, x.dim())
-    fits = index.dim() == x.dim() == source.dim() and all(
-        index.shape[d] <= source.shape[d] and (d == dim or index.shape[d] <= x.shape[d]) for d in range(x.dim()))
+    fits = scatter_fits(x, dim, index, source)
     if index.dtype != torch.long or source.dtype != x.dtype or not fits or not dense(x):
         raise Unhandled
     return x
@@ -455,9 +459,7 @@ def stack(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
     dim = in_range(dim, first.dim() + 1)
     if any(t.shape != first.shape for t in tensors) or any(t.dim() in (3, 4) and channels_last_like(t.unsqueeze(dim)) for t in tensors):
         raise Unhandled
-    dtype = first.dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
     return empty((*first.shape[:dim], len(tensors), *first.shape[dim:]), dtype)
 
 
@@ -503,8 +505,7 @@ def scatter(x: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tensor
     """A copy of a contiguous x with source's values at int64 indices along a dim: contiguous."""
     meta_operands((x, index, source))
     dim = in_range(dim, x.dim())
-    fits = index.dim() == x.dim() == source.dim() and all(
-        index.shape[d] <= source.shape[d] and (d == dim or index.shape[d] <= x.shape[d]) for d in range(x.dim()))
+    fits = scatter_fits(x, dim, index, source)
     if not x.is_contiguous() or index.dtype != torch.long or source.dtype != x.dtype or not fits:
         raise Unhandled
     return empty(x.shape, x.dtype)
