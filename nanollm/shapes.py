@@ -204,8 +204,8 @@ def in_range(dim: int, ndim: int) -> int:
 
 
 def mean(x: torch.Tensor, dim: list[int] | None, keepdim: bool = False, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """mean over dims of floating-point input: a contiguous result."""
-    meta_operands((x,), contiguous=True)
+    """mean over dims of floating-point input: a contiguous result, whatever the input's layout."""
+    meta_operands((x,))
     if not (dtype or x.dtype).is_floating_point or not dim:
         raise Unhandled
     dims = {in_range(d, x.dim()) for d in dim}
@@ -332,7 +332,7 @@ def true_division(a: Any, b: Any) -> torch.Tensor:
 
 
 def floor_division(a: Any, b: Any) -> torch.Tensor:
-    """a // b of numbers (not bools): the broadcast shape, in the promoted dtype."""
+    """a // b or a % b of numbers (not bools): the broadcast shape, in the promoted dtype."""
     operands = meta_operands((a, b), scalars=True)
     dtype = torch.result_type(a, b)
     if dtype == torch.bool or dtype.is_complex:
@@ -365,8 +365,8 @@ def summed(x: torch.Tensor, dim: list[int] | None, keepdim: bool = False, *, dty
 
 
 def cumulative_sum(x: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """cumsum along a dim of a contiguous tensor: its shape, contiguous."""
-    meta_operands((x,), contiguous=True)
+    """cumsum along a dim: its shape, contiguous whatever the input's layout."""
+    meta_operands((x,))
     in_range(dim, x.dim())
     return empty(x.shape, accumulated(x, dtype))
 
@@ -529,6 +529,35 @@ def clamp(x: torch.Tensor, low: Any = None, high: Any = None) -> torch.Tensor:
     return pointwise(tuple(x.shape), x.dtype, [x], x.dtype)
 
 
+def number_power(base: Any, exponent: torch.Tensor) -> torch.Tensor:
+    """A number to a floating-point tensor's power: the tensor's shape and dtype."""
+    operands = meta_operands((exponent,))
+    dtype = torch.result_type(base, exponent)
+    if not exponent.is_floating_point() or dtype != exponent.dtype or not isinstance(base, (int, float)):
+        raise Unhandled
+    return pointwise(tuple(exponent.shape), dtype, operands, dtype)
+
+
+def padded(x: torch.Tensor, pad: list[int], value: Any = 0) -> torch.Tensor:
+    """x padded with a number by non-negative (before, after) pairs from the last dim back: contiguous."""
+    meta_operands((x,))
+    if len(pad) % 2 or len(pad) // 2 > x.dim() or any(p < 0 for p in pad) or not isinstance(value, (int, float)):
+        raise Unhandled
+    shape = list(x.shape)
+    for i in range(len(pad) // 2):
+        shape[-1 - i] += pad[2 * i] + pad[2 * i + 1]
+    return empty(shape, x.dtype)
+
+
+def any_along(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """Whether any of a bool tensor is set along a dim: contiguous bools."""
+    meta_operands((x,))
+    dim = in_range(dim, x.dim())
+    if x.dtype != torch.bool or x.dim() == 0:
+        raise Unhandled
+    return empty([1 if i == dim else n for i, n in enumerate(x.shape) if keepdim or i != dim], torch.bool)
+
+
 def safe_softmax(x: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """softmax that gives zeros on fully masked rows, of a contiguous input: its shape, in `dtype` if given."""
     meta_operands((x,), contiguous=True)
@@ -585,6 +614,12 @@ RULES: dict[Any, Rule] = {
     aten.scatter.src: scatter,
     aten.addmm.default: addmm,
     aten.clamp.default: clamp,
+    aten.clamp_min.default: clamp,
+    aten.remainder.Scalar: floor_division,
+    aten.remainder.Tensor: floor_division,
+    aten.pow.Scalar: number_power,
+    aten.constant_pad_nd.default: padded,
+    aten.any.dim: any_along,
     aten.clone.default: clone,
 }
 

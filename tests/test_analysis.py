@@ -284,6 +284,15 @@ SHAPE_CASES = {
     "addmm by a transposed weight": (aten.addmm.default, lambda: (meta(5), meta(6, 4), meta(5, 4).t()), {}),
     "clamp of a slice": (aten.clamp.default, lambda: (meta(4, 6)[:, 1:3], -1.0, 1.0), {}),
     "clamp from below of bf16": (aten.clamp.default, lambda: (meta(4, 6, dtype=torch.bfloat16), 0), {}),
+    "clamp_min of a transposed matrix": (aten.clamp_min.default, lambda: (meta(4, 6).t(), 1e-6), {}),
+    "remainder by a number": (aten.remainder.Scalar, lambda: (meta(6, dtype=torch.long), 4), {}),
+    "remainder by a tensor": (aten.remainder.Tensor, lambda: (meta(6, 1, dtype=torch.long), meta(3, dtype=torch.long)), {}),
+    "a number to a tensor's power": (aten.pow.Scalar, lambda: (2.0, meta(4, 6).t()), {}),
+    "padding of a transposed matrix": (aten.constant_pad_nd.default, lambda: (meta(2, 4, 3).transpose(1, 2), [1, 2]), {}),
+    "padding two dims with a value": (aten.constant_pad_nd.default, lambda: (meta(2, 3, 4), [1, 0, 0, 2], 1.0), {}),
+    "any along a dim of a transposed mask": (aten.any.dim, lambda: (meta(3, 4, dtype=torch.bool).t(), 1), {}),
+    "mean of transposed bf16 heads": (aten.mean.dim, lambda: (meta(2, 4, 3, dtype=torch.bfloat16).transpose(1, 2), [-1], True), {}),
+    "cumsum of a transposed tensor": (aten.cumsum.default, lambda: (meta(2, 4, 3).transpose(1, 2), 1), {}),
 }
 
 
