@@ -239,8 +239,8 @@ def cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
         raise Unhandled
     first = tensors[0]
     dim = in_range(dim, first.dim())
-    if any(t.dim() != first.dim() or t.numel() == 0 for t in tensors) or first.dim() == 0:
-        raise Unhandled  # empty legacy tensors and scalars: torch's special cases
+    if any(t.dim() != first.dim() or t.dim() == 1 and t.numel() == 0 for t in tensors) or first.dim() == 0:
+        raise Unhandled  # legacy empty tensors (shape (0,)), skipped by torch, and scalars
     if any(t.shape[:dim] != first.shape[:dim] or t.shape[dim + 1:] != first.shape[dim + 1:] for t in tensors):
         raise Unhandled
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
@@ -493,8 +493,9 @@ def logical_not(x: torch.Tensor) -> torch.Tensor:
 
 
 def masked_fill(x: torch.Tensor, mask: torch.Tensor, value: Any) -> torch.Tensor:
-    """A contiguous floating-point tensor with a number where a bool mask (broadcast to it) is set: contiguous."""
-    meta_operands((x, mask), contiguous=True)
+    """A floating-point tensor with a number where a bool mask (broadcast to it) is set: contiguous, whatever x's layout
+    (torch's kernel makes it so)."""
+    meta_operands((x, mask))
     if not x.is_floating_point() or mask.dtype != torch.bool or broadcast(tuple(x.shape), tuple(mask.shape)) != tuple(x.shape) \
             or not isinstance(value, (int, float)):
         raise Unhandled
@@ -530,10 +531,10 @@ def clamp(x: torch.Tensor, low: Any = None, high: Any = None) -> torch.Tensor:
 
 
 def number_power(base: Any, exponent: torch.Tensor) -> torch.Tensor:
-    """A number to a floating-point tensor's power: the tensor's shape and dtype."""
+    """A number to a tensor's power, of floating-point result: the tensor's shape, in the promoted dtype."""
     operands = meta_operands((exponent,))
     dtype = torch.result_type(base, exponent)
-    if not exponent.is_floating_point() or dtype != exponent.dtype or not isinstance(base, (int, float)):
+    if not dtype.is_floating_point or not isinstance(base, (int, float)):
         raise Unhandled
     return pointwise(tuple(exponent.shape), dtype, operands, dtype)
 

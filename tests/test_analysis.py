@@ -293,6 +293,9 @@ SHAPE_CASES = {
     "any along a dim of a transposed mask": (aten.any.dim, lambda: (meta(3, 4, dtype=torch.bool).t(), 1), {}),
     "mean of transposed bf16 heads": (aten.mean.dim, lambda: (meta(2, 4, 3, dtype=torch.bfloat16).transpose(1, 2), [-1], True), {}),
     "cumsum of a transposed tensor": (aten.cumsum.default, lambda: (meta(2, 4, 3).transpose(1, 2), 1), {}),
+    "masked fill of a slice": (aten.masked_fill.Scalar, lambda: (meta(1, 16, 1, 64)[..., :1], meta(16, 1, 1, dtype=torch.bool), -1.0), {}),
+    "a number to an integer tensor's power": (aten.pow.Scalar, lambda: (0.5, meta(6, dtype=torch.long)), {}),
+    "cat with an empty part": (aten.cat.default, lambda: ([meta(1, 2, 8, 6)[..., :4], meta(1, 2, 8, 2), meta(1, 2, 8, 0)], -1), {}),
 }
 
 
