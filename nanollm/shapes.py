@@ -5,7 +5,7 @@ of most ops. They check shapes with torch._check, which imports sympy, and their
 _disable_dynamo, which imports torch._dynamo on its first call: the first analysis in a process would pay over
 a second for imports its figures never use. Under `MetaShapes`, the ops below get their empty meta outputs from
 these rules (shapes; dtypes by torch's own promotion, torch.result_type; the layout torch's kernels give); any
-other op, or a case a rule leaves out (a CPU operand, an integer result, an input torch would refuse), runs torch's
+other op, or a case a rule leaves out (a CPU operand but a 0-dim one, an input torch refuses or treats apart), runs torch's
 own kernel as before. tests/test_analysis.py holds every rule to torch's kernels, output by output.
 """
 from __future__ import annotations
