@@ -5,7 +5,8 @@ from, input shapes): identical layers are traced once. What a module was built f
 (its IR call and the settings), so no module has to describe itself for the memo to be right. fvcore counts multiply-accumulates; everything reported here is
 FLOPs = 2 x MACs, the convention of C = 6ND. Components register handles for ops fvcore lacks
 (attention counts only the (query, key) pairs really attended; grouped expert matmuls count only
-the routed rows).
+the routed rows). Every pass runs under nanollm.shapes.MetaShapes, which gives the common ops their meta outputs
+without torch's Python meta kernels (and the sympy and torch._dynamo imports they make).
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import inspect
 import json
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -26,6 +28,7 @@ from .cache import cache_dir
 from .compiler import layer_of
 from .components import Component
 from .ir import Arch
+from .shapes import MetaShapes
 
 CACHE_BYTES = 2  # bf16 cache entries
 _MACS: dict[tuple, int] = {}  # fvcore counts by call key, shared by every analysis in the process
@@ -193,7 +196,7 @@ def count_macs(module: nn.Module, args: tuple, handles: dict[str, Callable]) -> 
     # Imported here: an analysis read back from the cache never needs fvcore.
     from fvcore.nn import FlopCountAnalysis
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), MetaShapes():
         warnings.simplefilter("ignore")
         analysis = FlopCountAnalysis(module, args).set_op_handle(**handles)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
@@ -203,7 +206,7 @@ def count_macs(module: nn.Module, args: tuple, handles: dict[str, Callable]) -> 
 def analyze(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
     """Analyse a meta-device model built from `arch` for one sequence of `seq_len` tokens (batch 1)."""
     recorder = _Recorder(model, seq_len)
-    with torch.autograd.graph.saved_tensors_hooks(recorder.save, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(recorder.save, lambda t: t), MetaShapes():
         recorder.run(torch.zeros(1, seq_len, dtype=torch.long, device="meta"))
 
     node_macs: dict[str, int] = {}
@@ -279,9 +282,9 @@ def analysis_key(arch: Arch, model: fx.GraphModule, seq_len: int) -> str | None:
 def stored_analysis(arch: Arch, model: fx.GraphModule, seq_len: int) -> Analysis:
     """`analyze`, kept in nanollm's cache folder: an architecture analysed before, by the same code, is read back.
 
-    The first analysis in a process imports sympy and torch._dynamo (torch's meta kernels check shapes with
-    torch._check and are wrapped in _disable_dynamo): over a second, where the command itself takes a fraction of one.
-    Set NANOLLM_ANALYSIS_CACHE=0 to always count afresh.
+    Reading back spares the pass over the graph, fvcore's import and its traces (and, for a model with an op
+    nanollm.shapes has no rule for, the imports torch's Python meta kernels make). Set NANOLLM_ANALYSIS_CACHE=0 to
+    always count afresh.
     """
     key = None if os.environ.get("NANOLLM_ANALYSIS_CACHE") == "0" else analysis_key(arch, model, seq_len)
     if key is None:

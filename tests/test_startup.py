@@ -52,16 +52,19 @@ def test_analysis_cache_zero_counts_afresh(tmp_path, monkeypatch):
     assert not (tmp_path / "analyses").exists()
 
 
-def test_compile_json_imports_none_of_dynamo_dtensor_fvcore_sympy_once_its_analysis_is_stored(tmp_path):
+def test_compile_json_counting_afresh_imports_neither_sympy_nor_dynamo_and_reading_back_imports_nothing_heavy(tmp_path):
+    """The issue's command, `nanollm compile archs/qwen3_0_6b.arch --json`: its first run counts (fvcore's trace on meta
+    tensors, under nanollm.shapes' rules, so no Python meta kernel of torch's runs to import sympy or torch._dynamo);
+    the second reads that analysis back."""
     code = ("import sys, contextlib, io; from nanollm.cli import main\n"
-            f"with contextlib.redirect_stdout(io.StringIO()): main(['compile', {str(ROOT / 'archs/qwen3_tiny.arch')!r}, '--json'])\n"
+            f"with contextlib.redirect_stdout(io.StringIO()): main(['compile', {str(ROOT / 'archs/qwen3_0_6b.arch')!r}, '--json'])\n"
             "print(json.dumps(sorted(m for m in ('torch._dynamo', 'torch.distributed.tensor', 'fvcore', 'sympy') if m in sys.modules)))")
     env = {**os.environ, "NANOLLM_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT)}
     first, second = (json.loads(subprocess.run([sys.executable, "-c", "import json\n" + code], env=env, capture_output=True, text=True,
                                                check=True).stdout) for _ in range(2))
-    # Counting runs the graph on meta tensors: torch's meta kernels import sympy and torch._dynamo (and, with it, DTensor).
-    assert {"fvcore", "sympy", "torch._dynamo"} <= set(first)
-    assert second == []  # the second command reads the first's analysis back
+    assert list((tmp_path / "analyses").glob("*.json"))  # the first run counted, and kept what it counted
+    assert first == ["fvcore"]
+    assert second == []
 
 
 def test_a_model_with_a_class_that_has_no_source_file_is_counted_not_stored(tmp_path, monkeypatch):
