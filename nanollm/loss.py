@@ -5,6 +5,36 @@ import torch
 import torch.nn.functional as F
 
 
+class CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits (N, V) against targets (N,), F.cross_entropy's value and gradient, for eager runs.
+
+    The gradient, softmax - one-hot, is written over the log-probabilities the forward saved: eager PyTorch's own
+    backward allocates and zero-fills one logits-sized tensor and writes another (on the bench's CPU model that
+    halves the loss's time). The saved tensor is spent, so a second backward through the same graph raises.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_probabilities = torch.log_softmax(logits, dim=-1)
+        ctx.save_for_backward(log_probabilities, targets)
+        return -log_probabilities.gather(1, targets[:, None]).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        log_probabilities, targets = ctx.saved_tensors
+        gradient = log_probabilities.exp_()
+        gradient[torch.arange(len(targets), device=targets.device), targets] -= 1
+        return gradient.mul_(grad / len(targets)), None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (N, V) against targets (N,): F.cross_entropy under torch.compile (inductor fuses its
+    own), `CrossEntropy` in eager runs."""
+    if torch.compiler.is_compiling():
+        return F.cross_entropy(logits, targets)
+    return CrossEntropy.apply(logits, targets)
+
+
 class NextTokenLoss(torch.nn.Module):
     """The training objective as a module, so DDP wraps it and torch.compile fuses the loss into the model's graph.
 
@@ -19,4 +49,4 @@ class NextTokenLoss(torch.nn.Module):
 
     def forward(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, aux_loss = self.model(rows[:, :-1])
-        return F.cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten()), aux_loss
+        return cross_entropy(logits.float().flatten(0, 1), rows[:, 1:].flatten()), aux_loss

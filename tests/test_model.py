@@ -1,6 +1,7 @@
 """The compiled GraphModule as a model: materialisation, outputs, causality and training on CPU."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -88,3 +89,15 @@ def test_next_token_loss_is_the_mean_log_loss_of_each_next_token_with_the_models
     assert aux_loss.item() == expected_aux.item() > 0  # the MoE layers' balance loss passes through
     loss.backward()
     assert model.embed.weight.grad is not None  # the loss reaches the (tied) embedding
+
+
+def test_eager_cross_entropy_equals_torchs_in_value_and_gradient_and_refuses_a_second_backward():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(24, 50, dtype=torch.float64, requires_grad=True), torch.randint(0, 50, (24,))
+    reference = F.cross_entropy(logits, targets)
+    (expected,) = torch.autograd.grad(reference, logits)
+    loss = nanollm.loss.CrossEntropy.apply(logits * 1.0, targets)
+    (gradient,) = torch.autograd.grad(loss * 3.0, logits, retain_graph=True)
+    assert torch.allclose(loss, reference, rtol=1e-12) and torch.allclose(gradient, 3.0 * expected, rtol=1e-12)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # the gradient was written over its saved tensor
+        torch.autograd.grad(loss, logits)
