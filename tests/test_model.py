@@ -101,3 +101,5 @@ def test_eager_cross_entropy_equals_torchs_in_value_and_gradient_and_refuses_a_s
     assert torch.allclose(loss, reference, rtol=1e-12) and torch.allclose(gradient, 3.0 * expected, rtol=1e-12)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # the gradient was written over its saved tensor
         torch.autograd.grad(loss, logits)
+    single = torch.randn(300, 1000) * 3, torch.randint(0, 1000, (300,))  # fp32: the value bit for bit (resumed runs log the same losses)
+    assert torch.equal(nanollm.loss.CrossEntropy.apply(*single), F.cross_entropy(*single))
