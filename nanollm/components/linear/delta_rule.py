@@ -77,6 +77,7 @@ def next_power_of_two(size: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
+@torch.inference_mode(False)  # kept across calls: a tensor first made while generating must still serve training
 def halving_layout(size: int) -> torch.Tensor:
     """Where each entry of a (size, size) lower-triangular matrix sits in the flat buffer `decayed_scores` builds:
     [the diagonal | each halving level's blocks, as they come out of the matmul | one zero for the rest]."""

@@ -95,12 +95,6 @@ class Rope(Position):
         padding = (self.span.stop - self.span.start) // 2 - pairs  # proportional: the pairs past the fraction stay put
         return torch.cat((inv_freq, torch.zeros(padding))), 1.0
 
-    @torch.compiler.assume_constant_result
-    def constant_frequencies(self) -> tuple[torch.Tensor, float]:
-        """`frequencies()`, which depend on the encoding's arguments only: a constant to torch.compile, which would otherwise
-        recompute theta ** (2i / d) (a vectorised pow) for every element it rotates, in the forward and the backward."""
-        return self.frequencies()
-
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin, fp32, of shape (T, rotated dimensions), for positions of shape (T,)."""
         width = self.span.stop - self.span.start
@@ -108,7 +102,7 @@ class Rope(Position):
             return (positions.new_empty((positions.shape[-1], width), dtype=torch.float32),) * 2
         # The frequency table is made on the CPU: scalar division on meta goes through torch._refs, whose
         # first use imports torch._dynamo (~2 s). Recomputed on each call: no buffer to lose when materialising.
-        inv_freq, factor = self.constant_frequencies()
+        inv_freq, factor = self.frequencies()
         freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
         angles = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat((freqs, freqs), dim=-1)
         return angles.cos() * factor, angles.sin() * factor
