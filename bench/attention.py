@@ -10,11 +10,12 @@ attention takes tens of seconds a step there:
 - `mla`: `mla` (training form, query latent) against transformers' DeepseekV3Attention, eager;
 - `dsa`: `dsa` keeping 1/8 of the keys (topk = T/8; its indexer's KL loss included) against full causal attention of the
   same shape: `mla(absorb=true)`, the same latent attention over every earlier key (and, for information, MLA's training
-  form). Beside its ratio it prints the floor the machine sets: every part of the work exact DSA must do, forward and
+  form). Beside its ratio it prints the floor of DSA's gathered form: every part of the work it does, forward and
   backward (the gathers of each query's chosen latents and index keys, their gradients added back, the products over the
   kept keys at their own narrow batched shapes, the softmax's exponentials, the indexer's causal scoring and each row's
   top-k, its KL loss), each timed in the same run on one block at its shape and scaled to the sequence, summed, over full
-  attention's measured time.
+  attention's measured time; and its attention products at the square matmul rate, what a form that ran them as
+  square GEMMs would need instead.
 
 Cases are a list (`CASES`): a case builds its ways for a length and names the ratio it reports with its target, so
 other components' cases sit beside these. The ways of a case run round-robin, so machine load hits them alike; ratios
@@ -208,8 +209,8 @@ def dsa_floor(length: int) -> dict[str, float]:
 
 
 def dsa_bound(length: int, seconds: dict[str, list[float]], matmul: float) -> str:
-    """The floor the machine sets DSA: every part of its exact work (`dsa_floor`) at the speed measured here, in turn, over full
-    attention's measured time; the parts listed."""
+    """The floor of DSA's gathered form: every part of its exact work (`dsa_floor`) at the speed measured here, in turn, over
+    full attention's measured time; the parts listed."""
     parts = dsa_floor(length)
     floor, full = sum(parts.values()), statistics.median(seconds["full: mla(absorb=true)"])
     dsa_time = statistics.median(next(times for name, times in seconds.items() if name.startswith("nanollm dsa")))
@@ -217,8 +218,8 @@ def dsa_bound(length: int, seconds: dict[str, list[float]], matmul: float) -> st
     products = 2 * length * topk * HEADS * (5 * width + 2 * values)  # forward H (W + V), backward H (2 W + V) and 2H W per kept pair
     listed = "".join(f"\n  {name}: {part:.3f} s" for name, part in sorted(parts.items(), key=lambda item: -item[1]))
     return (f"bound: DSA's exact work timed part by part here sums to {floor:.2f} s (DSA measured {dsa_time:.2f} s, full attention "
-            f"{full:.2f} s): DSA can be no faster than {floor / full:.2f}x full attention on this machine; its attention products, "
-            f"{products / 1e9:.0f} GFLOP, would take {products / matmul:.2f} s at the square matmul rate{listed}")
+            f"{full:.2f} s): in this form DSA can be no faster than {floor / full:.2f}x full attention on this machine; its attention "
+            f"products, {products / 1e9:.0f} GFLOP, would take {products / matmul:.2f} s at the square matmul rate{listed}")
 
 
 CASES = [

@@ -127,6 +127,15 @@ def test_mixer_parameter_gradients_of_the_chunked_form_equal_the_naive_forms(nam
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
+def assert_same_values_and_gradients(mixer: torch.nn.Module, x: torch.Tensor, out: torch.Tensor, reference: torch.Tensor) -> None:
+    """`out` equals `reference` in value, and in the gradients of a random weighting of it for x and every parameter."""
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+    grads = [torch.autograd.grad((y * weights).sum(), [x, *mixer.parameters()]) for y in (out, reference)]
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["mamba2", "mamba2_one_group"])
 def test_mamba2_training_forward_in_segments_equals_one_naive_pass(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     mixer = built(MIXERS[name]())
@@ -134,12 +143,7 @@ def test_mamba2_training_forward_in_segments_equals_one_naive_pass(name: str, mo
     reference = mixer.scan(x, mixer.conv1d, scalar_decay.naive, None)[0]
     monkeypatch.setattr(ssm, "LAYER_SEGMENT_BYTES", 1)  # one chunk per segment: 45 tokens in 3 to 6 segments
     assert ssm.segment_length(x, mixer.in_proj.out_features, mixer.chunk) == mixer.chunk
-    out = mixer(x)
-    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
-    grads = [torch.autograd.grad((y * weights).sum(), [x, *mixer.parameters()]) for y in (out, reference)]
-    for ours, theirs in zip(*grads, strict=True):
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert_same_values_and_gradients(mixer, x, mixer(x), reference)
 
 
 @pytest.mark.parametrize("kernel", [4, 1])
@@ -148,12 +152,7 @@ def test_short_conv_training_forward_in_segments_equals_one_naive_pass(kernel: i
     x = torch.randn(2, 13, CONFIG.d_model, generator=torch.Generator().manual_seed(7), requires_grad=True)
     reference = mixer.mix(x, lambda gated: shortconv.naive(gated, mixer.conv.weight, mixer.conv.bias))
     monkeypatch.setattr(ssm, "LAYER_SEGMENT_BYTES", 1)  # one token per segment, shorter than the kernel's reach
-    out = mixer(x)
-    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
-    grads = [torch.autograd.grad((y * weights).sum(), [x, *mixer.parameters()]) for y in (out, reference)]
-    for ours, theirs in zip(*grads, strict=True):
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert_same_values_and_gradients(mixer, x, mixer(x), reference)
 
 
 @pytest.mark.parametrize("kernel, bias", [(3, False), (4, True), (1, True)])
