@@ -299,6 +299,13 @@ def arange(end: Any, *, dtype: torch.dtype | None = None, layout: Any = None, de
     return factory([end], dtype=dtype or torch.long, layout=layout, device=device)
 
 
+def identity(n: Any, *, dtype: torch.dtype | None = None, layout: Any = None, device: Any = None, pin_memory: Any = None) -> torch.Tensor:
+    """eye(n) of a non-negative integer n: (n, n), the default dtype unless given."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise Unhandled
+    return factory([n, n], dtype=dtype, layout=layout, device=device)
+
+
 def scalar_tensor(value: Any, *, dtype: torch.dtype | None = None, layout: Any = None, device: Any = None,
                   pin_memory: Any = None) -> torch.Tensor:
     """A 0-dim tensor of a real number (the default dtype unless given, integer or not)."""
@@ -590,6 +597,7 @@ RULES: dict[Any, Rule] = {
     aten.new_zeros.default: new_factory,
     aten.new_empty.default: new_factory,
     aten.arange.default: arange,
+    aten.eye.default: identity,
     aten.scalar_tensor.default: scalar_tensor,
     aten._safe_softmax.default: safe_softmax,
     aten._unsafe_view.default: unsafe_view,

@@ -242,6 +242,7 @@ SHAPE_CASES = {
     "new zeros": (aten.new_zeros.default, lambda: (meta(2, dtype=torch.bfloat16), [3, 1]), {}),
     "new empty of a dtype": (aten.new_empty.default, lambda: (meta(2), [5]), {"dtype": torch.float32}),
     "arange": (aten.arange.default, lambda: (7,), {"device": torch.device("meta")}),
+    "identity": (aten.eye.default, lambda: (5,), {"device": torch.device("meta"), "dtype": torch.float32}),
     "scalar tensor": (aten.scalar_tensor.default, lambda: (3,), {"device": torch.device("meta")}),
     "safe softmax": (aten._safe_softmax.default, lambda: (meta(2, 4, 4), -1), {}),
     "unsafe view": (aten._unsafe_view.default, lambda: (meta(2, 3, 4), [6, 4]), {}),

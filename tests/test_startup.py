@@ -67,6 +67,16 @@ def test_compile_json_counting_afresh_imports_neither_sympy_nor_dynamo_and_readi
     assert second == []
 
 
+def test_no_shipped_architectures_first_analysis_imports_sympy_or_dynamo():
+    """Every file in archs/ analysed afresh in one fresh process: every op its components run on meta has a nanollm.shapes
+    rule, or a C++ meta kernel (a new op without either brings torch's Python kernels, and their imports, back)."""
+    code = ("import json, sys; from pathlib import Path; import nanollm\n"
+            f"for path in sorted(Path({str(ROOT / 'archs')!r}).glob('*.arch')): nanollm.compile(path).analyze(256)\n"
+            "print(json.dumps(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules)))")
+    env = {**os.environ, "NANOLLM_ANALYSIS_CACHE": "0", "PYTHONPATH": str(ROOT)}
+    assert json.loads(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout) == []
+
+
 def test_a_model_with_a_class_that_has_no_source_file_is_counted_not_stored(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOLLM_CACHE", str(tmp_path))
     compiled = nanollm.compile(TINY)

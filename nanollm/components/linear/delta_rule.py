@@ -152,7 +152,7 @@ def unit_lower_inverse(lower: torch.Tensor) -> torch.Tensor:
         below = tiles.diagonal(offset=-1, dim1=-4, dim2=-2)[..., 0::2].movedim(-1, -3)  # block 2i + 1's rows, block 2i's columns
         first, second = inverse[..., 0::2, :, :], inverse[..., 1::2, :, :]
         joined_below = -(second @ below @ first)
-        inverse = torch.cat([torch.cat([first, torch.zeros_like(first)], dim=-1), torch.cat([joined_below, second], dim=-1)], dim=-2)
+        inverse = torch.cat([torch.cat([first, first.new_zeros(first.shape)], dim=-1), torch.cat([joined_below, second], dim=-1)], dim=-2)
         size_now *= 2
     return inverse[..., 0, :size, :size]
 
