@@ -38,12 +38,17 @@ def test_elementwise_gate_matches_qwen3_next_attention(n_kv_heads):
     assert (mix(ungated, x) - expected).abs().max() > 1e-2  # the gate does something at this size
 
 
+def gated_and_plain(name: str, config, gate: str):
+    """A layer with the gate and its ungated twin holding the same weights otherwise."""
+    gated, plain = build(name, config, gate=gate), build(name, config)
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate_proj.weight"})
+    return gated, plain
+
+
 @pytest.mark.parametrize("name", ["global", "sliding"])
 def test_head_gate_follows_its_equation(name):
     """out = o_proj(attention_h(x) * sigmoid(x W_gate)_h), one gate per head, from the layer input."""
-    gated = build(name, CONFIG, gate="head")
-    plain = build(name, CONFIG)
-    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate_proj.weight"})
+    gated, plain = gated_and_plain(name, CONFIG, "head")
     with torch.no_grad():
         plain.o_proj.weight.copy_(torch.eye(64))  # the heads' concatenated outputs, before o_proj
     x = torch.randn(2, 9, 64)
@@ -67,9 +72,7 @@ class GatedProjection(torch.nn.Module):
 def test_value_gate_scales_each_value_channel_before_attention(name):
     """G2: attention over values v_proj(x) * sigmoid(x W_gate), one gate per value channel of each key token."""
     config = settings(n_kv_heads=2)
-    gated = build(name, config, gate="value")
-    plain = build(name, config)
-    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate_proj.weight"})
+    gated, plain = gated_and_plain(name, config, "value")
     plain.v_proj = GatedProjection(plain.v_proj, gated.gate_proj)
     x = torch.randn(2, 9, 64)
     close(mix(gated, x), mix(plain, x))
@@ -82,9 +85,7 @@ def test_key_and_query_gates_scale_each_projection_channel_before_the_norm_and_r
     """G3 / G4: attention with keys k_proj(x) * sigmoid(x W_gate) (queries q_proj(x) * ...), gated per channel of the projection,
     then per-head QK-norm'd and rotated as ever."""
     config = settings(n_kv_heads=2)
-    gated = build(name, config, gate=gate)
-    plain = build(name, config)
-    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate_proj.weight"})
+    gated, plain = gated_and_plain(name, config, gate)
     x = torch.randn(2, 9, 64)
     ungated = mix(plain, x)
     setattr(plain, projection, GatedProjection(getattr(plain, projection), gated.gate_proj))
@@ -96,9 +97,7 @@ def test_key_and_query_gates_scale_each_projection_channel_before_the_norm_and_r
 @pytest.mark.parametrize("name", ["global", "sliding"])
 def test_output_gate_scales_the_projected_output(name):
     """G5: o_proj(attention(x)) * sigmoid(x W_gate), one gate per model channel."""
-    gated = build(name, CONFIG, gate="output")
-    plain = build(name, CONFIG)
-    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate_proj.weight"})
+    gated, plain = gated_and_plain(name, CONFIG, "output")
     x = torch.randn(2, 9, 64)
     close(mix(gated, x), mix(plain, x) * torch.sigmoid(x @ gated.gate_proj.weight.T))
 

@@ -39,9 +39,14 @@ def factor(log_decay: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return log_decay.masked_fill(log_decay < -FLUSHED, float("-inf")).exp().to(dtype)
 
 
+def tokens_within(budget: int, bytes_per_token: int, multiple: int = 1) -> int:
+    """The most tokens, a multiple of `multiple` and at least one multiple, whose tensors of `bytes_per_token` fit `budget`."""
+    return multiple * max(1, budget // (bytes_per_token * multiple))
+
+
 def segment_length(heads: int, chunk: int, itemsize: int) -> int:
     """Tokens per segment of the chunked form: the most whole chunks whose (heads, n, C, C) tensors fit SEGMENT_BYTES."""
-    return chunk * max(1, SEGMENT_BYTES // (heads * chunk * chunk * itemsize))
+    return tokens_within(SEGMENT_BYTES, heads * chunk * itemsize, chunk)
 
 
 def decay_matrix(cumulative: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
